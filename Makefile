@@ -1,0 +1,57 @@
+# hyper2kvm: `make test` and `make demo` set up everything they need on a
+# fresh Debian/Ubuntu machine (system packages, the virtual environment, the
+# project), idempotently, then run.
+SHELL      := /bin/bash
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+APT_LIST   := packaging/apt-packages.txt
+STAMPS     := .stamps
+JOBS       ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: setup system venv test demo bench clean help
+
+help:
+	@echo "make test   - install what is needed, then run the whole test suite"
+	@echo "make demo   - install what is needed, then run the end-to-end demo on the test bed"
+	@echo "make bench  - run the benchmarks (ratios against baselines measured in the same run)"
+
+# System packages: only missing ones are installed, so a second run is quick.
+$(STAMPS)/system: $(APT_LIST)
+	@mkdir -p $(STAMPS)
+	@pkgs="$$(grep -v '^\s*#' $(APT_LIST) | grep -v '^\s*$$' | tr '\n' ' ')"; \
+	missing=""; for p in $$pkgs; do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "system packages: all present"; fi
+	@touch $@
+
+system: $(STAMPS)/system
+
+# The venv uses Debian's interpreter so the libguestfs/hivex/libvirt bindings are visible.
+$(STAMPS)/venv: pyproject.toml $(STAMPS)/system
+	@mkdir -p $(STAMPS)
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@$(PY) -c "import guestfs, hivex, libvirt" || { echo "libguestfs/hivex/libvirt bindings not importable from $(PY)"; exit 1; }
+	@touch $@
+
+venv: $(STAMPS)/venv
+setup: venv
+
+test: setup
+	$(PY) -m pytest -n $(JOBS) --dist loadgroup $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/h2k demo
+
+bench: setup
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(STAMPS) .cache build *.egg-info

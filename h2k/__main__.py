@@ -1,0 +1,3 @@
+from h2k.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""The ``h2k`` command: argparse subcommands, each registered by its own module.
+
+A command module exposes ``register(subparsers)`` which adds its parser and
+sets ``func`` (taking the parsed args, returning an exit code). Modules are
+imported lazily so ``h2k --help`` stays fast and a broken optional part
+(e.g. libvirt bindings missing) cannot take down unrelated commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from h2k import __version__
+from h2k.errors import H2KError
+
+# Order is the order shown in --help.
+COMMAND_MODULES = [
+    "h2k.commands.accel_cmd",
+    "lab.testbed.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="h2k",
+        description=(
+            "hyper2kvm: make VM disks from VMware, Hyper-V, clouds or raw dumps boot on "
+            "KVM/QEMU with VirtIO storage and network, and prove it by booting them."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"hyper2kvm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:  # keep the rest of the tool usable
+            logging.getLogger("h2k").debug("command module %s unavailable: %s", name, exc)
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="h2k: %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except H2KError as exc:
+        print(f"h2k: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("h2k: interrupted", file=sys.stderr)
+        return 130
