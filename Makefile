@@ -51,7 +51,7 @@ demo: setup
 	$(VENV)/bin/h2k demo
 
 bench: setup
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH)
 
 clean:
 	rm -rf $(STAMPS) .cache build *.egg-info
