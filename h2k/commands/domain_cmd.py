@@ -1,0 +1,106 @@
+"""``h2k domain``: write libvirt domain XML for a converted disk (bootstrap or final machine)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from h2k import domain, libvirt_xml
+from h2k.errors import CheckFailed, InputError
+from h2k.facts import WindowsFacts
+from h2k.profile import FIRMWARES, NIC_MODELS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "domain",
+        help="write libvirt domain XML (bootstrap or final machine) for a converted disk",
+        description=(
+            "Write libvirt domain XML for IMAGE. 'bootstrap' is the first boot on hardware the guest "
+            "already drives (disk on SATA, or IDE on i440fx; the VirtIO driver ISO as a CD-ROM; an "
+            "e1000e NIC); 'final' is the VirtIO machine (virtio-blk or virtio-scsi; virtio-net). The "
+            "firmware is kept from the inspection (--facts) or given with --firmware; Windows 11 on "
+            "UEFI gets Secure Boot and a TPM 2.0. Load the result with 'virsh define' or 'virsh create'."
+        ),
+    )
+    p.add_argument("image", help="the converted disk (qcow2 or raw)")
+    p.add_argument("--stage", choices=("bootstrap", "final"), default="final", help="which machine (default: final)")
+    p.add_argument("--bus", help="disk bus: sata|ide (bootstrap, default sata) or virtio-blk|virtio-scsi (final, default virtio-blk)")
+    p.add_argument("--nic", choices=NIC_MODELS, help="NIC model (default: e1000e at bootstrap, virtio-net final)")
+    p.add_argument("--facts", metavar="JSON", help="inspection facts (WindowsFacts JSON) to take the firmware and OS from")
+    p.add_argument("--os", choices=domain.OS_TYPES, help="guest OS when no --facts are given (default: windows)")
+    p.add_argument("--firmware", choices=FIRMWARES, help="firmware when no --facts are given (default: bios); overrides the facts")
+    p.add_argument("--name", help="domain name prefix (default: from the image file name)")
+    p.add_argument("--mac", help="MAC address to keep from the source VM")
+    p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
+    p.add_argument("--cpus", type=int, help="virtual CPUs")
+    p.add_argument("--virtio-iso", metavar="ISO", help="VirtIO driver ISO to attach as a CD-ROM (bootstrap)")
+    p.add_argument("--nvram", metavar="FILE", help="the VM's UEFI VARS file (made from the template if missing; keep it from bootstrap to final)")
+    p.add_argument("--domain-type", choices=("kvm", "qemu"), help="override the KVM/TCG decision of 'h2k accel'")
+    p.add_argument("--lab", action="store_true", help="lab machine: a reboot or crash stops the VM instead of restarting it")
+    p.add_argument("--no-validate", action="store_true", help="do not check the XML with virt-xml-validate")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the XML here (default: stdout)")
+    p.set_defaults(func=run)
+
+
+def _source(args: argparse.Namespace) -> WindowsFacts | dict:
+    if args.facts:
+        try:
+            with open(args.facts) as fh:
+                data = json.load(fh)
+            facts = WindowsFacts.from_dict(data.get("facts", data) if isinstance(data, dict) else data)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise InputError(f"cannot read facts from {args.facts}: {exc}") from None
+        if args.firmware:
+            facts.firmware = args.firmware
+        return facts
+    return {"os": args.os or "windows", "firmware": args.firmware or "bios"}
+
+
+def run(args: argparse.Namespace) -> int:
+    image = os.path.abspath(args.image)
+    if not os.path.isfile(image):
+        raise InputError(f"{args.image}: no such disk image")
+    name = args.name or domain._safe_name(os.path.splitext(os.path.basename(image))[0]) or "guest"
+    source = _source(args)
+    common = dict(name=name, mac=args.mac, memory_mb=args.memory, cpus=args.cpus)
+    if args.stage == "bootstrap":
+        profile = domain.bootstrap_profile(source, bus=args.bus or "sata", nic=args.nic or "e1000e", virtio_iso=args.virtio_iso and os.path.abspath(args.virtio_iso), **common)
+    else:
+        if args.virtio_iso:
+            raise InputError("--virtio-iso belongs to the bootstrap stage")
+        profile = domain.final_profile(source, bus=args.bus or "virtio-blk", nic=args.nic or "virtio-net", **common)
+    files = libvirt_xml.DomainFiles(
+        disk=image,
+        disk_format=libvirt_xml.disk_format_of(image),
+        nvram=args.nvram and os.path.abspath(args.nvram),
+    )
+    xml = libvirt_xml.domain_xml(profile, files, libvirt_xml.XmlOptions(domain_type=args.domain_type, lab=args.lab))
+    if not args.no_validate:
+        validate(xml)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(xml)
+        print(f"h2k: wrote {args.stage} domain {profile.name} ({profile.firmware}, {profile.disk_bus}, {profile.nic_model}) to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(xml)
+    return 0
+
+
+def validate(xml: str) -> None:
+    """Check XML against libvirt's schema with virt-xml-validate; CheckFailed with its message."""
+    tool = shutil.which("virt-xml-validate")
+    if not tool:
+        raise CheckFailed("virt-xml-validate not found (install libvirt-clients) or pass --no-validate")
+    with tempfile.NamedTemporaryFile("w", suffix=".xml", prefix="h2k-domain-") as fh:
+        fh.write(xml)
+        fh.flush()
+        r = subprocess.run([tool, fh.name, "domain"], capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = (r.stderr or r.stdout).strip().splitlines()
+        raise CheckFailed(f"libvirt rejects the generated XML: {msg[0] if msg else r.returncode}")
