@@ -53,6 +53,7 @@ class InfService:
     service_binary: str | None = None
     load_order_group: str | None = None
     display_name: str | None = None
+    addreg_sections: list[str] = field(default_factory=list)  # AddReg of the service-install section
 
     @property
     def binary_name(self) -> str | None:
@@ -165,6 +166,56 @@ class InfFile:
         return self.services[0] if self.services else None
 
 
+@dataclass
+class AddRegEntry:
+    """One line of an AddReg section: ``root, [subkey], [value name], [flags], [value...]``."""
+
+    root: str  # HKR, HKLM, ...
+    subkey: str
+    name: str | None  # None: the key itself (no value name given)
+    flags: int
+    values: list[str]
+
+    # FLG_ADDREG_TYPE_* (setupapi.h); the registry type written for each.
+    _TYPES = {0x00000000: 1, 0x00020000: 2, 0x00000001: 3, 0x00010001: 4, 0x00010000: 7}
+
+    @property
+    def key_only(self) -> bool:
+        return bool(self.flags & 0x10)  # FLG_ADDREG_KEYONLY
+
+    @property
+    def reg_type(self) -> int | None:
+        """The REG_* type, or None for types we do not translate (NONE, DWORD big-endian...)."""
+        return self._TYPES.get(self.flags & 0xFFFF0001)
+
+    def data(self) -> object:
+        t = self.reg_type
+        if t == 4:
+            return int(self.values[0], 0) if self.values and self.values[0] else 0
+        if t == 7:
+            return [v for v in self.values]
+        if t == 3:
+            return "".join(f"{int(v, 16):02x}" for v in self.values if v)
+        return self.values[0] if self.values else ""
+
+
+def addreg(inf: "InfFile", section: str) -> list[AddRegEntry]:
+    """Parse an AddReg section into entries (missing fields are empty)."""
+    out = []
+    for e in inf.section(section):
+        if e.key is not None:  # an '=' outside quotes: not an AddReg line
+            continue
+        fields = e.fields + [""] * max(0, 4 - len(e.fields))
+        root, subkey, name, flags = fields[0], fields[1], fields[2], fields[3]
+        try:
+            flag = int(flags, 0) if flags else 0
+        except ValueError:
+            flag = 0
+        out.append(AddRegEntry(root.upper(), subkey, name if len(e.fields) > 2 and name != "" else None,
+                               flag, fields[4:]))
+    return out
+
+
 _ARCH_DECOR = {"amd64": "ntamd64", "x86": "ntx86", "arm64": "ntarm64", "ia64": "ntia64"}
 
 
@@ -224,11 +275,31 @@ def _logical_lines(text: str) -> list[tuple[int, str]]:
 
 
 def _split_fields(text: str) -> list[tuple[str, bool]]:
-    """Split at commas outside quotes; return (raw field, was_quoted), quotes removed."""
+    """Split at commas outside quotes; return (field, was_quoted) with quotes removed.
+
+    Whitespace outside the quotes is dropped, whitespace inside them is kept.
+    """
     fields: list[tuple[str, bool]] = []
+    segs: list[tuple[str, bool]] = []  # (text, inside quotes)
     buf: list[str] = []
-    quoted = False
     in_quote = False
+    quoted = False
+
+    def flush_seg() -> None:
+        if buf:
+            segs.append(("".join(buf), in_quote))
+            buf.clear()
+
+    def flush_field() -> None:
+        flush_seg()
+        parts = list(segs)
+        if parts and not parts[0][1]:
+            parts[0] = (parts[0][0].lstrip(), False)
+        if parts and not parts[-1][1]:
+            parts[-1] = (parts[-1][0].rstrip(), False)
+        fields.append(("".join(p for p, _ in parts), quoted))
+        segs.clear()
+
     i = 0
     while i < len(text):
         ch = text[i]
@@ -237,17 +308,17 @@ def _split_fields(text: str) -> list[tuple[str, bool]]:
                 buf.append('"')  # "" inside quotes is a literal quote
                 i += 2
                 continue
+            flush_seg()
             in_quote = not in_quote
             quoted = True
         elif ch == "," and not in_quote:
-            fields.append(("".join(buf).strip() if not quoted else "".join(buf), quoted))
-            buf, quoted = [], False
+            flush_field()
+            quoted = False
         else:
             buf.append(ch)
         i += 1
-    fields.append(("".join(buf).strip() if not quoted else "".join(buf), quoted))
-    # Whitespace around a quoted field is outside the quotes: strip what was not quoted.
-    return [(f.strip() if not q else f, q) for f, q in fields]
+    flush_field()
+    return fields
 
 
 def _split_key(line: str) -> tuple[str | None, str]:
@@ -402,5 +473,6 @@ def _services(inf: InfFile) -> list[InfService]:
                     service_binary=inf.value(svc_sec, "ServiceBinary"),
                     load_order_group=inf.value(svc_sec, "LoadOrderGroup"),
                     display_name=inf.value(svc_sec, "DisplayName"),
+                    addreg_sections=[n for f in inf.values(svc_sec, "AddReg") for n in f if n],
                 ))
     return services
