@@ -19,6 +19,7 @@ from h2k.errors import H2KError
 # Order is the order shown in --help.
 COMMAND_MODULES = [
     "h2k.commands.accel_cmd",
+    "h2k.commands.engine_cmd",
     "lab.testbed.cli",
     "h2k.commands.domain_cmd",
 ]

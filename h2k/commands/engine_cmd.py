@@ -1,0 +1,178 @@
+"""``h2k inspect | fix | verify | rollback``: the Windows engine (Linux disks go to h2k.linux).
+
+Exit codes: 0 ok; 1 verify found a FAIL; 2 engine error; 3 bad input (unreadable
+image, no OS, corrupt hive, bad pack); 4 blocker (hibernated, Fast Startup,
+BitLocker, dynamic disk). Every failure prints one line ``h2k: error: <cause>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any
+
+from h2k.errors import CheckFailed, InputError
+from h2k.inspect import NotWindows, blocker_error, load_metadata
+
+
+def _linux(func: str, exc: NotWindows):
+    """The h2k.linux function for a non-Windows disk, or re-raise the NotWindows error."""
+    try:
+        mod = importlib.import_module("h2k.linux")
+    except ImportError:
+        raise exc from None
+    fn = getattr(mod, func, None)
+    if fn is None or exc.os_type != "linux":
+        raise exc
+    return fn
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True, default=lambda o: getattr(o, "__dict__", str(o)))
+    sys.stdout.write("\n")
+
+
+def _as_dict(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    return getattr(obj, "__dict__", obj)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from h2k.inspect import inspect_image, summary
+
+    try:
+        facts = inspect_image(args.image, load_metadata(args.metadata))
+    except NotWindows as exc:
+        result = _linux("inspect_image", exc)(args.image)
+        _print_json(_as_dict(result)) if args.json else print(getattr(result, "summary", lambda: result)())
+        return 0
+    if args.json:
+        _print_json(facts.to_dict())
+    else:
+        print(summary(facts))
+    err = blocker_error(facts)
+    if err is not None:
+        raise err
+    return 0
+
+
+def _planner(args: argparse.Namespace):
+    """facts -> Plan, with the driver pack opened once (errors are InputError from the planner)."""
+    from h2k.driverpack import open_pack
+    from h2k.plan import build_plan
+
+    pack = open_pack(args.drivers)
+
+    def plan(facts):
+        return build_plan(facts, pack, args.bus)
+
+    return plan
+
+
+def cmd_fix(args: argparse.Namespace) -> int:
+    from h2k.fix import fix_image
+
+    if args.in_place and args.output:
+        raise InputError("--in-place and -o/--output exclude each other")
+    try:
+        report = fix_image(
+            args.image, _planner(args), output=args.output, in_place=args.in_place, ems=args.ems,
+            metadata=load_metadata(args.metadata),
+        )
+    except NotWindows as exc:
+        fn = _linux("fix_image", exc)
+        result = fn(args.image, output=args.output, in_place=args.in_place)
+        _print_json(_as_dict(result)) if args.json else print(getattr(result, "summary", lambda: result)())
+        return 0
+    _print_json(report.to_dict()) if args.json else print(report.summary())
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from h2k.verify import verify_image
+
+    try:
+        report = verify_image(args.image, args.bus, load_metadata(args.metadata))
+    except NotWindows as exc:
+        result = _linux("verify_image", exc)(args.image, args.bus)
+        _print_json(_as_dict(result)) if args.json else print(getattr(result, "summary", lambda: result)())
+        passed = getattr(result, "passed", True)
+        if not passed:
+            raise CheckFailed(f"{args.image}: not boot-ready on {args.bus}") from None
+        return 0
+    _print_json(report.to_dict()) if args.json else print(report.summary())
+    if not report.passed:
+        failed = [f"{r.rule}/{r.subject}" for r in report.results if not r.passed]
+        raise CheckFailed(f"{args.image}: not boot-ready on {args.bus}: {', '.join(failed)} failed")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from h2k.rollback import rollback_image
+
+    report = rollback_image(args.image)
+    _print_json(report.to_dict()) if args.json else print(report.summary())
+    return 0
+
+
+BUS_HELP = "target disk bus: virtio-blk (viostor), virtio-scsi (vioscsi), or virtio-blk+virtio-scsi"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect", help="inspect a disk (one read-only libguestfs launch)",
+        description="Print what the engine sees in a disk image: product, build, arch, control set, firmware, "
+        "BCD location, storage/network drivers, other hypervisors' tools, static IPs and blockers. "
+        "Exits 4 when a blocker (hibernation, Fast Startup, BitLocker, dynamic disk) is found, 3 on bad input.",
+    )
+    p.add_argument("image", help="disk image (qcow2, raw, vmdk, vhdx ...); opened read-only")
+    p.add_argument("--metadata", help="source metadata (.vmx, or JSON like {\"firmware\": \"uefi\"}); wins over guessing")
+    p.add_argument("--json", action="store_true", help="print the facts as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "fix", help="make a Windows disk boot on VirtIO (offline, on an overlay by default)",
+        description="Inspect, plan and apply in ONE libguestfs launch: copy the storage driver, write its "
+        "service as boot-start, bind the VirtIO PCI IDs in the live control set, stage the driver packages, "
+        "CrashControl\\AutoReboot=0, check the BCD (and enable EMS with --ems). By default the source is "
+        "untouched and the result is a qcow2 overlay IMAGE.h2k.qcow2; -o makes a standalone copy. Every hive "
+        "and the BCD are backed up in the guest and every change is journalled (h2k rollback undoes it). "
+        "A second run reports 'nothing to do'.",
+    )
+    p.add_argument("image", help="disk image to fix")
+    p.add_argument("--drivers", required=True, help="virtio-win directory, ISO, or JSON/YAML manifest")
+    p.add_argument("--bus", required=True, help=BUS_HELP)
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("-o", "--output", help="write a standalone copy here (qcow2, or raw for .raw/.img)")
+    out.add_argument("--in-place", action="store_true", help="write the image itself (no overlay, no copy)")
+    p.add_argument("--ems", action="store_true", help="enable the EMS serial console on COM1 at 115200 in the BCD")
+    p.add_argument("--metadata", help="source metadata (.vmx or JSON); firmware from it wins")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_fix)
+
+    p = sub.add_parser(
+        "verify", help="static boot-readiness rules for a VirtIO bus (PASS/FAIL each)",
+        description="Check, in one read-only launch, that the disk can boot on the given VirtIO bus: the "
+        "driver's .sys is present, its service is boot-start (Type=1, Start=0, ErrorControl, ImagePath) in the "
+        "LIVE control set, no StartOverride, the VirtIO PCI IDs are bound with the SCSIAdapter class "
+        "(CriticalDeviceDatabase / DriverDatabase), and the BCD's default loader is consistent. "
+        "Exits 1 if any rule FAILs.",
+    )
+    p.add_argument("image")
+    p.add_argument("--bus", required=True, help=BUS_HELP)
+    p.add_argument("--metadata", help="source metadata (.vmx or JSON)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "rollback", help="undo h2k fix runs on a disk from the journals inside it",
+        description="Restore every hive and BCD the fixes changed from their in-guest backups (checked "
+        "byte-identical by SHA-256), remove or restore the files written, and remove backups and journals. "
+        "The image is changed in place.",
+    )
+    p.add_argument("image", help="a disk written by h2k fix (the overlay, the copy, or an --in-place image)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rollback)

@@ -1,0 +1,348 @@
+"""Apply a plan to a Windows disk offline, in ONE libguestfs launch, journalled and read back.
+
+``fix_image(image, plan)``:
+
+1. picks the target: a temporary qcow2 overlay over the source (renamed to
+   ``<image>.h2k.qcow2``, or converted to ``-o OUT``), or the source itself
+   with ``in_place=True``;
+2. launches libguestfs once, inspects (:func:`h2k.inspect.inspect_handle`),
+   refuses on blockers (the temporary overlay is removed: nothing is left);
+3. builds the plan from the facts when ``plan`` is a callable (the CLI passes
+   ``build_plan`` so inspection and fix share the launch);
+4. writes files (backing up any file it replaces), then the hives through
+   :mod:`h2k.registry` (each hive backed up inside the guest before its first
+   change, uploaded, and checked by SHA-256 after upload), then the BCD (check,
+   repair only what is clearly broken, EMS on request);
+5. writes the journal into the guest (``/hyper2kvm/journal/<run>.json``) and
+   next to the output.
+
+A run that finds everything already in place changes nothing and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from h2k import bcd as bcdlib
+from h2k import overlay, registry
+from h2k.changes import REG_DWORD, FileCopy, FileWrite, Plan, RegDeleteKey, RegValue
+from h2k.errors import H2KError, InputError
+from h2k.facts import WindowsFacts
+from h2k.inspect import Inspection, blocker_error, guest_path, inspect_handle, open_guest, resolve_new_path
+from h2k.journal import GUEST_JOURNAL_DIR, FileRecord, HiveRecord, Journal, host_journal_path
+from h2k.progress import Progress
+
+log = logging.getLogger("h2k.fix")
+
+GUEST_BACKUP_DIR = "/hyper2kvm/backup"
+
+# Engine-level changes every fix makes (not driver-specific, so not the planner's job).
+ENGINE_CHANGES = [
+    RegValue("SYSTEM", r"{CCS}\Control\CrashControl", "AutoReboot", REG_DWORD, 0,
+             why="keep a bugcheck on screen / in the QMP event instead of rebooting"),
+]
+
+PlanSource = Plan | Callable[[WindowsFacts], Plan]
+
+
+@dataclass
+class FixReport:
+    image: str
+    output: str  # the disk that was written (overlay, copy, or the image itself)
+    in_place: bool
+    run_id: str
+    facts: dict[str, Any]
+    nothing_to_do: bool
+    registry_changes: int = 0
+    files_written: list[str] = field(default_factory=list)
+    hives_changed: list[str] = field(default_factory=list)
+    bcd_problems: list[str] = field(default_factory=list)
+    bcd_repairs: list[str] = field(default_factory=list)
+    bcd_left_alone: list[str] = field(default_factory=list)
+    ems: bool = False
+    journal: str | None = None  # host path
+    guest_journal: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        if self.nothing_to_do:
+            head = f"nothing to do: {self.image} is already fixed (no byte of any hive changed)"
+        else:
+            head = (
+                f"fixed {self.output}: {self.registry_changes} registry change(s) in "
+                f"{', '.join(self.hives_changed) or 'no hive'}, {len(self.files_written)} file(s) written"
+            )
+        lines = [head]
+        lines += [f"  BCD problem: {p}" for p in self.bcd_problems]
+        lines += [f"  BCD repaired: {p}" for p in self.bcd_repairs]
+        lines += [f"  BCD left alone: {p}" for p in self.bcd_left_alone]
+        if self.ems:
+            lines.append("  EMS serial console on COM1 @ 115200")
+        if self.journal:
+            lines.append(f"  journal: {self.journal} (in the guest: {self.guest_journal})")
+        lines.append(f"  took {self.seconds:.1f}s")
+        return "\n".join(lines)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _Session:
+    """The state of one fix inside the launched appliance."""
+
+    def __init__(self, g, insp: Inspection, journal: Journal, tmp: Path) -> None:
+        self.g = g
+        self.insp = insp
+        self.facts = insp.facts
+        self.journal = journal
+        self.tmp = tmp
+        self.mounted: str | None = None
+
+    # Only one filesystem is mounted at a time, at "/": simple, and the BCD may live elsewhere.
+    def mount(self, device: str) -> None:
+        if self.mounted == device:
+            return
+        self.g.umount_all()
+        self.g.mount(device, "/")
+        self.mounted = device
+
+    def mkdirs(self, path: str) -> None:
+        """mkdir -p that records the directories it creates (for rollback)."""
+        g = self.g
+        parts = [p for p in path.split("/") if p]
+        cur = ""
+        for part in parts:
+            nxt = guest_path(g, f"{cur}/{part}")
+            if nxt is None:
+                nxt = f"{cur}/{part}"
+                g.mkdir(nxt)
+                self.journal.created_dirs.append([self.mounted or "", nxt])
+            cur = nxt
+
+    def backup_file(self, real: str) -> str:
+        dest = f"{GUEST_BACKUP_DIR}/{self.journal.run_id}{real}"
+        self.mkdirs(dest.rsplit("/", 1)[0])
+        self.g.cp(real, dest)
+        return dest
+
+    # ---------------------------------------------------------- files
+
+    def write_file(self, change: FileCopy | FileWrite) -> str | None:
+        g = self.g
+        if isinstance(change, FileCopy):
+            try:
+                content = Path(change.source).read_bytes()
+            except OSError as exc:
+                raise InputError(f"driver pack file {change.source}: {exc.strerror}") from exc
+        else:
+            content = change.content
+        want = _sha(content)
+        real = resolve_new_path(g, change.dest)
+        before = None
+        backup = None
+        if g.is_file(real):
+            before = g.checksum("sha256", real)
+            if before == want:
+                return None  # already there: idempotence
+            backup = self.backup_file(real)
+        self.mkdirs(real.rsplit("/", 1)[0] or "/")
+        g.write(real, content)
+        after = g.checksum("sha256", real)
+        if after != want:
+            raise H2KError(f"read-back mismatch for {real}: wrote {want[:12]}, read {after[:12]}")
+        self.journal.files.append(
+            FileRecord(device=self.mounted or "", path=real, sha256_after=after, sha256_before=before, backup_path=backup)
+        )
+        return real
+
+    # ---------------------------------------------------------- hives
+
+    def commit_hive(self, name: str, device: str, real: str, local: Path, original_sha: str) -> None:
+        """Back up the guest's hive, upload the edited copy, and check it arrived byte for byte."""
+        g = self.g
+        self.mount(device)
+        if g.checksum("sha256", real) != original_sha:
+            raise H2KError(f"{name} hive changed in the guest while it was being edited: {real}")
+        backup = f"{real}.h2k-backup-{self.journal.run_id}"
+        g.cp(real, backup)
+        if g.checksum("sha256", backup) != original_sha:
+            raise H2KError(f"backup of {real} does not match the original")
+        g.upload(str(local), real)
+        after = overlay.sha256_file(local)
+        if g.checksum("sha256", real) != after:
+            raise H2KError(f"read-back mismatch after uploading {real}")
+        self.journal.hives.append(
+            HiveRecord(name=name, device=device, path=real, backup_path=backup, sha256_before=original_sha, sha256_after=after)
+        )
+
+
+def fix_image(
+    image: str | Path,
+    plan: PlanSource,
+    *,
+    output: str | Path | None = None,
+    in_place: bool = False,
+    ems: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> FixReport:
+    """Fix ``image`` per ``plan`` (a Plan, or a callable building one from the facts)."""
+    t0 = time.monotonic()
+    image = Path(image)
+    overlay.image_format(image)  # unreadable image -> InputError before anything is created
+    if in_place and output is not None:
+        raise InputError("--in-place and -o/--output exclude each other")
+    if in_place:
+        final, work = image, image
+    else:
+        final = Path(output) if output is not None else overlay.default_overlay(image)
+        if final.exists():
+            raise InputError(f"{final} already exists; remove it or choose another -o")
+        if final.resolve() == image.resolve():
+            raise InputError("the output must differ from the image (or use --in-place)")
+        work = final.with_name(f".{final.name}.h2k-tmp-{os.getpid()}.qcow2")
+        overlay.create_overlay(image, work)
+    try:
+        report = _fix_on(work, image, final, plan, ems=ems, metadata=metadata, in_place=in_place)
+        if not in_place:
+            if output is not None:
+                overlay.convert(work, final)
+            else:
+                os.replace(work, final)
+                work = final
+    finally:
+        if not in_place and work != final:
+            overlay.remove(work)
+    if report.journal is not None:
+        Journal.from_json(Path(report.journal).read_text())  # it parses
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool, metadata, in_place: bool) -> FixReport:
+    progress = Progress(f"fix {image.name}", 6)
+    g = open_guest(work, readonly=False)
+    try:
+        with tempfile.TemporaryDirectory(prefix="h2k-fix-") as tmpdir:
+            tmp = Path(tmpdir)
+            progress.step("launched; inspecting")
+            insp = inspect_handle(g, str(image), tmp, metadata)
+            facts = insp.facts
+            err = blocker_error(facts)
+            if err is not None:
+                raise err
+            the_plan = plan(facts) if callable(plan) else plan
+            changes = list(the_plan.changes) + [c for c in ENGINE_CHANGES if not _planned(the_plan, c)]
+            journal = Journal(run_id=Journal.new_run_id(), image=str(final), control_set=facts.current_control_set)
+            sess = _Session(g, insp, journal, tmp)
+            report = FixReport(
+                image=str(image), output=str(final), in_place=in_place, run_id=journal.run_id,
+                facts=facts.to_dict(), nothing_to_do=False, ems=ems,
+            )
+            sess.mounted = None
+            sess.mount(facts.root)
+
+            progress.step("files")
+            for change in changes:
+                if isinstance(change, (FileCopy, FileWrite)):
+                    written = sess.write_file(change)
+                    if written:
+                        report.files_written.append(written)
+
+            progress.step("registry")
+            originals = {n: overlay.sha256_file(p) for n, p in insp.local_hives.items()}
+            for name, local in insp.local_hives.items():
+                res = registry.apply_changes(local, name, [c for c in changes if isinstance(c, (RegValue, RegDeleteKey))])
+                if res.changed:
+                    sess.commit_hive(name, facts.root, insp.hive_paths[name], local, originals[name])
+                    journal.registry += res.changes
+                    report.hives_changed.append(name)
+
+            progress.step("BCD")
+            _fix_bcd(sess, report, [c for c in changes if isinstance(c, RegValue) and c.hive.upper() == "BCD"], ems)
+
+            report.registry_changes = len(journal.registry)
+            progress.step("journal")
+            if journal.empty:
+                report.nothing_to_do = True
+            else:
+                sess.mount(facts.root)
+                sess.mkdirs(GUEST_JOURNAL_DIR)
+                gpath = f"{guest_path(g, GUEST_JOURNAL_DIR)}/{journal.run_id}.json"
+                # the journal file itself is not a journalled change; it is removed by rollback
+                g.write(gpath, journal.to_json().encode())
+                report.guest_journal = gpath
+                report.journal = str(journal.save(host_journal_path(final, journal.run_id)))
+            g.umount_all()
+            g.shutdown()  # flushes; errors here mean the writes may not be on disk
+            progress.step("done")
+    finally:
+        g.close()
+    return report
+
+
+def _planned(plan: Plan, change: RegValue) -> bool:
+    return any(
+        isinstance(c, RegValue) and c.hive == change.hive and c.key.lower() == change.key.lower()
+        and c.name.lower() == change.name.lower()
+        for c in plan.changes
+    )
+
+
+def _fix_bcd(sess: _Session, report: FixReport, planned: list[RegValue], ems: bool) -> None:
+    """Check the store; repair only what is clearly broken; EMS on request."""
+    facts = sess.facts
+    if facts.bcd_device is None or facts.bcd_path is None:
+        report.bcd_problems.append("no BCD store found (expected on the ESP or the active partition)")
+        if ems or planned:
+            raise InputError("cannot change the BCD: no store found")
+        return
+    g = sess.g
+    sess.mount(facts.root)
+
+    def on_root(path: str) -> bool:
+        return guest_path(g, path.replace("\\", "/")) is not None
+
+    winloads = {p: on_root(p) for p in ("\\Windows\\system32\\winload.exe", "\\Windows\\system32\\winload.efi")}
+    sess.mount(facts.bcd_device)
+    local = sess.tmp / "BCD"
+    g.download(facts.bcd_path, str(local))
+    original_sha = overlay.sha256_file(local)
+    store = bcdlib.read_store(local)
+    sess.mount(facts.root)
+    check = bcdlib.check_store(store, on_root, lambda ref: sess.insp.layout.find_ref(ref) is not None)
+    if not check.ok:
+        report.bcd_problems += check.problems
+    cache = dict(winloads)
+
+    def exists(path: str) -> bool:
+        if path not in cache:
+            cache[path] = on_root(path)
+        return cache[path]
+
+    repairs, left = bcdlib.repair_changes(store, check, facts.firmware, exists)
+    report.bcd_left_alone += left
+    report.bcd_repairs += [c.why for c in repairs]
+    changes: list[RegValue] = list(planned) + repairs
+    if ems:
+        loader = check.default_loader
+        if repairs and any(c.key.endswith(bcdlib.EL_DEFAULT) for c in repairs):
+            loader = next(str(c.data) for c in repairs if c.key.endswith(bcdlib.EL_DEFAULT))
+        if loader is None or store.get(loader) is None:
+            raise InputError("cannot enable EMS: the BCD has no usable default loader")
+        changes += bcdlib.ems_changes(store, store.get(loader).guid)
+    res = registry.apply_changes(local, "BCD", changes)
+    if res.changed:
+        sess.commit_hive("BCD", facts.bcd_device, facts.bcd_path, local, original_sha)
+        sess.journal.registry += res.changes
+        report.hives_changed.append("BCD")

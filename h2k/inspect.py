@@ -1,0 +1,549 @@
+"""Inspect a Windows disk in one read-only libguestfs launch: facts for the planner, and blockers.
+
+:func:`inspect_image` opens the image read-only (``add_drive_opts readonly=1``),
+launches once, and returns :class:`~h2k.facts.WindowsFacts`. The work is done
+by :func:`inspect_handle` on an already launched handle, so ``h2k fix`` can
+inspect and fix in the same launch.
+
+What comes from where:
+
+* libguestfs inspection: product, major/minor, arch, system root, drive mappings;
+* the SYSTEM and SOFTWARE hives (downloaded, read with hivex): EditionID,
+  CurrentBuildNumber, InstallationType, ``Select\\Current``, ``DriverDatabase``,
+  storage/network services with start types and ``StartOverride``, other
+  hypervisors' services, static IPs in ``Tcpip\\Parameters\\Interfaces``;
+* the partition table: firmware (GPT + ESP -> uefi, MBR -> bios; metadata
+  wins), where the BCD is, dynamic disks (MBR 0x42, LDM GPT types);
+* volume boot sectors: BitLocker (``-FVE-FS-``); ``hiberfil.sys``: hibernation
+  and Fast Startup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hivex
+
+from h2k import accel
+from h2k import bcd as bcdlib
+from h2k.errors import BlockerError, InputError
+from h2k.facts import Blocker, NicConfig, ServiceInfo, WindowsFacts
+from h2k.registry import current_control_set, decode, find_key, find_value
+
+log = logging.getLogger("h2k.inspect")
+
+ESP_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+LDM_GPT_TYPES = {"5808C8AA-7E8F-42E0-85D2-E1E90434CFB3", "AF9B60A0-1431-4F62-BC68-3311714A69AD"}
+MBR_DYNAMIC = 0x42
+FVE_SIGNATURE = b"-FVE-FS-"
+
+STORAGE_SERVICES = [
+    "viostor", "vioscsi", "pvscsi", "LSI_SAS", "LSI_SAS2", "LSI_SCSI", "megasas", "storvsc",
+    "storahci", "msahci", "iaStorV", "atapi", "intelide", "pciide", "xenvbd", "vmscsi", "stornvme",
+]
+NETWORK_SERVICES = ["netkvm", "vmxnet3ndis6", "vmxnet", "E1G60", "e1iexpress", "e1express", "netvsc", "xennet"]
+HYPERVISOR_SERVICES = {
+    "vmware": ["VMTools", "vmci", "vmhgfs", "vmmemctl", "vmrawdsk", "vm3dmp", "vmusbmouse", "pvscsi", "vmxnet3ndis6"],
+    "hyperv": ["storvsc", "netvsc", "vmicheartbeat"],
+    "xen": ["xenbus", "xenfilt", "xeniface", "xenvbd", "xennet"],
+}
+
+
+class NotWindows(InputError):
+    """The disk holds another OS (``os_type``); the caller may hand it to the Linux pipeline."""
+
+    def __init__(self, message: str, os_type: str, root: str | None = None) -> None:
+        super().__init__(message)
+        self.os_type = os_type
+        self.root = root
+
+
+# ---------------------------------------------------------------- guest helpers
+
+
+def open_guest(image: str | Path, *, readonly: bool, fmt: str | None = None):
+    """A launched libguestfs handle on ``image`` (the one launch of an operation)."""
+    import guestfs
+
+    accel.apply_libguestfs_env()
+    g = guestfs.GuestFS(python_return_dict=True)
+    opts: dict[str, Any] = {"readonly": 1 if readonly else 0}
+    if fmt:
+        opts["format"] = fmt
+    g.add_drive_opts(str(image), **opts)
+    g.launch()
+    return g
+
+
+def guest_path(g, path: str) -> str | None:
+    """The real spelling of a case-insensitive guest path (NTFS/FAT), or None if it does not exist."""
+    try:
+        real = g.case_sensitive_path(path)
+    except RuntimeError:
+        return None
+    return real if g.exists(real) else None
+
+
+def resolve_new_path(g, path: str) -> str:
+    """Real spelling of the existing parents of ``path``; the missing tail kept as given."""
+    parts = [p for p in path.split("/") if p]
+    done = ""
+    for i, part in enumerate(parts):
+        cand = guest_path(g, f"{done}/{part}")
+        if cand is None:
+            return done + "/" + "/".join(parts[i:])
+        done = cand
+    return done or "/"
+
+
+def read_head(g, path: str, n: int) -> bytes:
+    try:
+        return g.pread(path, n, 0)
+    except RuntimeError:
+        return b""
+
+
+# ---------------------------------------------------------------- partitions
+
+
+@dataclass
+class Partition:
+    device: str
+    disk: str
+    number: int
+    table: str  # gpt or msdos
+    gpt_type: str | None = None
+    mbr_id: int | None = None
+    bootable: bool = False
+    fstype: str | None = None
+    bitlocker: bool = False
+    start: int = 0  # byte offset on the disk
+    disk_id: str = ""  # MBR: signature as 8 hex digits; GPT: disk GUID (upper case)
+    part_guid: str = ""  # GPT partition GUID (upper case)
+
+
+@dataclass
+class Layout:
+    partitions: list[Partition] = field(default_factory=list)
+
+    def on_disk(self, disk: str) -> list[Partition]:
+        return [p for p in self.partitions if p.disk == disk]
+
+    def by_device(self, dev: str) -> Partition | None:
+        return next((p for p in self.partitions if p.device == dev), None)
+
+    def find_ref(self, ref: "bcdlib.PartitionRef") -> Partition | None:
+        """The partition a BCD device element points at, if it is on this disk set."""
+        for p in self.partitions:
+            if ref.style == "mbr" and p.table == "msdos":
+                if p.disk_id == f"{ref.disk_signature:08x}" and p.start == ref.partition_offset:
+                    return p
+            elif ref.style == "gpt" and p.table == "gpt":
+                if p.disk_id == ref.disk_guid.strip("{}").upper() and p.part_guid == ref.partition_guid.strip("{}").upper():
+                    return p
+        return None
+
+
+def read_layout(g) -> Layout:
+    layout = Layout()
+    fstypes = g.list_filesystems()
+    disks: dict[str, tuple[str, dict[int, int]]] = {}
+    for dev in g.list_partitions():
+        disk = g.part_to_dev(dev)
+        num = g.part_to_partnum(dev)
+        if disk not in disks:
+            table = g.part_get_parttype(disk)
+            starts = {p["part_num"]: p["part_start"] for p in g.part_list(disk)}
+            disks[disk] = (table, starts)
+        table, starts = disks[disk]
+        part = Partition(device=dev, disk=disk, number=num, table=table, fstype=fstypes.get(dev), start=starts.get(num, 0))
+        if table == "gpt":
+            part.gpt_type = g.part_get_gpt_type(disk, num).upper()
+            part.disk_id = g.part_get_disk_guid(disk).upper()
+            part.part_guid = g.part_get_gpt_guid(disk, num).upper()
+        else:
+            part.disk_id = "%08x" % struct.unpack("<I", g.pread_device(disk, 4, 440))[0]
+            try:
+                part.mbr_id = g.part_get_mbr_id(disk, num)
+                part.bootable = bool(g.part_get_bootable(disk, num))
+            except RuntimeError:  # extended/logical oddities: no id
+                pass
+        try:
+            part.bitlocker = g.pread_device(dev, 11, 0)[3:11] == FVE_SIGNATURE
+        except RuntimeError:
+            pass
+        layout.partitions.append(part)
+    return layout
+
+
+def firmware_of(layout: Layout, disk: str, metadata: dict[str, Any] | None) -> tuple[str, str]:
+    """(firmware, source): metadata wins; else GPT + ESP -> uefi, otherwise bios."""
+    fw = (metadata or {}).get("firmware")
+    if fw:
+        fw = str(fw).lower()
+        return ("uefi" if fw in ("efi", "uefi", "2") else "bios"), "metadata"
+    parts = layout.on_disk(disk)
+    if any(p.gpt_type == ESP_GUID for p in parts):
+        return "uefi", "partition-table"
+    return "bios", "partition-table"
+
+
+def load_metadata(path: str | Path | None) -> dict[str, Any] | None:
+    """Source metadata: JSON ({"firmware": "uefi"}), a VMware .vmx (firmware = "efi") or a Hyper-V generation."""
+    if path is None:
+        return None
+    p = Path(path)
+    try:
+        text = p.read_text(errors="replace")
+    except OSError as exc:
+        raise InputError(f"cannot read metadata {p}: {exc.strerror}") from exc
+    if p.suffix.lower() == ".vmx":
+        m = re.search(r'^\s*firmware\s*=\s*"([^"]*)"', text, re.M | re.I)
+        return {"firmware": "uefi" if m and m.group(1).lower() == "efi" else "bios"}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"metadata {p} is neither JSON nor .vmx: {exc.msg}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"metadata {p} must be a JSON object")
+    if "generation" in data and "firmware" not in data:  # Hyper-V: generation 2 is UEFI
+        data["firmware"] = "uefi" if int(data["generation"]) == 2 else "bios"
+    return data
+
+
+# ---------------------------------------------------------------- hives
+
+
+def _str(h, key: str, name: str) -> str | None:
+    node = find_key(h, key)
+    got = None if node is None else find_value(h, node, name)
+    if got is None:
+        return None
+    val = decode(*got)
+    return val if isinstance(val, str) else None
+
+
+def _int(h, key: str, name: str) -> int | None:
+    node = find_key(h, key)
+    got = None if node is None else find_value(h, node, name)
+    if got is None:
+        return None
+    val = decode(*got)
+    return val if isinstance(val, int) else None
+
+
+def _multi(h, key: str, name: str) -> list[str]:
+    node = find_key(h, key)
+    got = None if node is None else find_value(h, node, name)
+    if got is None:
+        return []
+    val = decode(*got)
+    if isinstance(val, list):
+        return val
+    return [s.strip() for s in str(val).replace(";", ",").split(",") if s.strip()] if isinstance(val, str) else []
+
+
+def sys_guest_path(system_root: str, image_path: str | None, service: str) -> str:
+    """Guest path of a driver's .sys from its ImagePath (default System32\\drivers\\<svc>.sys)."""
+    ip = (image_path or f"system32\\drivers\\{service}.sys").replace("\\??\\", "")
+    ip = re.sub(r"^\\?systemroot\\", "", ip, flags=re.I)
+    ip = re.sub(r"^[a-z]:\\windows\\", "", ip, flags=re.I)
+    return f"{system_root}/{ip.lstrip(chr(92))}".replace("\\", "/")
+
+
+def read_service(h, ccs: int, name: str, file_exists, system_root: str) -> ServiceInfo | None:
+    key = f"ControlSet{ccs:03d}\\Services\\{name}"
+    node = find_key(h, key)
+    if node is None:
+        return None
+    info = ServiceInfo(
+        name=h.node_name(node),
+        start=_int(h, key, "Start"),
+        type=_int(h, key, "Type"),
+        image_path=_str(h, key, "ImagePath"),
+        group=_str(h, key, "Group"),
+        has_start_override=h.node_get_child(node, "StartOverride") is not None,
+    )
+    info.file_present = bool(file_exists(sys_guest_path(system_root, info.image_path, name)))
+    return info
+
+
+def read_nics(h, ccs: int) -> list[NicConfig]:
+    base = f"ControlSet{ccs:03d}\\Services\\Tcpip\\Parameters\\Interfaces"
+    node = find_key(h, base)
+    nics = []
+    for child in h.node_children(node) if node is not None else []:
+        key = f"{base}\\{h.node_name(child)}"
+        addresses = [a for a in _multi(h, key, "IPAddress") if a and a != "0.0.0.0"]
+        dhcp = _int(h, key, "EnableDHCP") == 1
+        if not addresses and not dhcp:
+            continue
+        nics.append(
+            NicConfig(
+                interface_guid=h.node_name(child),
+                dhcp=dhcp,
+                addresses=addresses,
+                subnet_masks=_multi(h, key, "SubnetMask"),
+                gateways=[a for a in _multi(h, key, "DefaultGateway") if a],
+                dns=_multi(h, key, "NameServer"),
+            )
+        )
+    return nics
+
+
+# ---------------------------------------------------------------- the inspection
+
+
+@dataclass
+class Inspection:
+    """Facts plus the working state ``fix`` needs in the same launch."""
+
+    facts: WindowsFacts
+    layout: Layout
+    hive_paths: dict[str, str] = field(default_factory=dict)  # SYSTEM/SOFTWARE -> real guest path on root
+    local_hives: dict[str, Path] = field(default_factory=dict)  # downloaded copies (in tmpdir)
+
+
+def _find_windows_root(g, layout: Layout) -> tuple[str | None, str | None]:
+    """(root, os_type) from libguestfs inspection, or a Windows-looking NTFS when inspection fails."""
+    roots = g.inspect_os()
+    for root in roots:
+        if g.inspect_get_type(root) == "windows":
+            return root, "windows"
+    if roots:
+        return roots[0], g.inspect_get_type(roots[0])
+    # Inspection can fail on a broken hive: look for \Windows\System32\config ourselves.
+    for part in layout.partitions:
+        if part.fstype != "ntfs":
+            continue
+        try:
+            g.mount_ro(part.device, "/")
+            if guest_path(g, "/Windows/System32/config/SYSTEM"):
+                return part.device, "windows-uninspectable"
+        except RuntimeError:
+            pass
+        finally:
+            g.umount_all()
+    return None, None
+
+
+def inspect_handle(g, image: str, workdir: str | Path, metadata: dict[str, Any] | None = None) -> Inspection:
+    """Inspect on a launched handle. Leaves the Windows root mounted read-only at ``/``."""
+    layout = read_layout(g)
+    root, os_type = _find_windows_root(g, layout)
+    if root is None:
+        if any(p.bitlocker for p in layout.partitions):
+            raise BlockerError(f"{image}: the system volume is BitLocker-encrypted (-FVE-FS-); decrypt or suspend it first")
+        if not layout.partitions:
+            raise InputError(f"{image}: no partitions and no operating system found")
+        raise InputError(f"{image}: no operating system found on any partition")
+    if os_type not in ("windows", "windows-uninspectable"):
+        raise NotWindows(f"{image}: not a Windows disk (libguestfs found {os_type})", os_type or "unknown", root)
+
+    blockers: list[Blocker] = []
+    inspected = os_type == "windows"
+    g.mount_ro(root, "/")
+    system_root = g.inspect_get_windows_systemroot(root) if inspected else (guest_path(g, "/Windows") or "/Windows")
+    part = layout.by_device(root)
+    disk = part.disk if part else g.part_to_dev(root)
+
+    facts = WindowsFacts(
+        root=root,
+        product_name=g.inspect_get_product_name(root) if inspected else "unknown",
+        edition=None,
+        major=g.inspect_get_major_version(root) if inspected else 0,
+        minor=g.inspect_get_minor_version(root) if inspected else 0,
+        build=0,
+        arch=g.inspect_get_arch(root) if inspected else "unknown",
+        system_root=system_root,
+        current_control_set=0,
+        firmware="bios",
+        firmware_source="partition-table",
+        bcd_device=None,
+        bcd_path=None,
+        drive_mappings=dict(g.inspect_get_drive_mappings(root)) if inspected else {},
+    )
+    facts.firmware, facts.firmware_source = firmware_of(layout, disk, metadata)
+    insp = Inspection(facts=facts, layout=layout)
+
+    # Blockers from the partition table and boot sectors.
+    for p in layout.on_disk(disk):
+        if p.mbr_id == MBR_DYNAMIC or (p.gpt_type in LDM_GPT_TYPES):
+            blockers.append(Blocker("dynamic-disk", f"{p.device} is a dynamic (LDM) disk partition; convert the system disk to basic first"))
+            break
+    for p in layout.partitions:
+        if p.bitlocker:
+            blockers.append(Blocker("bitlocker", f"{p.device} is BitLocker-encrypted (-FVE-FS-); decrypt or suspend BitLocker first"))
+
+    # Hives.
+    workdir = Path(workdir)
+    for name in ("SYSTEM", "SOFTWARE"):
+        real = guest_path(g, f"{system_root}/System32/config/{name}")
+        if real is None:
+            blockers.append(Blocker("corrupt-hive", f"{name} hive missing from {system_root}\\System32\\config"))
+            continue
+        local = workdir / name
+        g.download(real, str(local))
+        insp.hive_paths[name] = real
+        insp.local_hives[name] = local
+
+    def file_exists(path: str) -> bool:
+        return guest_path(g, path) is not None
+
+    sys_h = _open_hive(insp, "SYSTEM", blockers)
+    soft_h = _open_hive(insp, "SOFTWARE", blockers)
+    if soft_h is not None:
+        cv = "Microsoft\\Windows NT\\CurrentVersion"
+        facts.edition = _str(soft_h, cv, "EditionID")
+        build = _str(soft_h, cv, "CurrentBuildNumber") or _str(soft_h, cv, "CurrentBuild")
+        facts.build = int(build) if build and build.isdigit() else 0
+        facts.is_server = (_str(soft_h, cv, "InstallationType") or "").lower().startswith("server") or (
+            "server" in (facts.edition or "").lower()
+        )
+        if facts.product_name == "unknown":
+            facts.product_name = _str(soft_h, cv, "ProductName") or "unknown"
+    if sys_h is not None:
+        try:
+            ccs = current_control_set(sys_h)
+        except InputError as exc:
+            blockers.append(Blocker("corrupt-hive", str(exc)))
+            ccs = 0
+        facts.current_control_set = ccs
+        facts.has_driver_database = find_key(sys_h, "DriverDatabase") is not None
+        if ccs and find_key(sys_h, f"ControlSet{ccs:03d}") is None:
+            blockers.append(Blocker("corrupt-hive", f"SYSTEM\\Select\\Current is {ccs} but ControlSet{ccs:03d} does not exist"))
+        elif ccs:
+            for name in STORAGE_SERVICES:
+                svc = read_service(sys_h, ccs, name, file_exists, system_root)
+                if svc:
+                    facts.storage_drivers.append(svc)
+            for name in NETWORK_SERVICES:
+                svc = read_service(sys_h, ccs, name, file_exists, system_root)
+                if svc:
+                    facts.network_drivers.append(svc)
+            for family, names in HYPERVISOR_SERVICES.items():
+                if any(find_key(sys_h, f"ControlSet{ccs:03d}\\Services\\{n}") is not None for n in names):
+                    facts.hypervisor_tools.append(family)
+            facts.nics = read_nics(sys_h, ccs)
+            blockers += _hibernation(g, sys_h, ccs)
+
+    if not inspected and not any(b.kind == "corrupt-hive" for b in blockers):
+        blockers.append(Blocker("corrupt-hive", "libguestfs could not inspect this Windows installation"))
+
+    facts.bcd_device, facts.bcd_path = _locate_bcd(g, layout, disk, facts.firmware, root)
+    facts.blockers = blockers
+    return insp
+
+
+def _open_hive(insp: Inspection, name: str, blockers: list[Blocker]):
+    local = insp.local_hives.get(name)
+    if local is None:
+        return None
+    try:
+        h = hivex.Hivex(str(local))
+        h.root()
+        return h
+    except RuntimeError as exc:
+        blockers.append(Blocker("corrupt-hive", f"the {name} hive is corrupt (hivex: {exc or 'unreadable'})"))
+        return None
+
+
+def _hibernation(g, sys_h, ccs: int) -> list[Blocker]:
+    hiber = guest_path(g, "/hiberfil.sys")
+    if hiber is None:
+        return []
+    sig = read_head(g, hiber, 4).lower()
+    hiberboot = _int(sys_h, f"ControlSet{ccs:03d}\\Control\\Session Manager\\Power", "HiberbootEnabled") == 1
+    if sig == b"hibr" and not hiberboot:
+        return [Blocker("hibernated", "Windows is hibernated (hiberfil.sys has a HIBR signature); boot it and shut down fully first")]
+    if hiberboot:
+        return [Blocker("fast-startup", "Fast Startup is on (HiberbootEnabled=1, hiberfil.sys present): the volume may hold a "
+                        "hibernated kernel session; boot Windows and run 'shutdown /s /f /t 0' or disable Fast Startup")]
+    return []
+
+
+def _locate_bcd(g, layout: Layout, disk: str, firmware: str, root: str) -> tuple[str | None, str | None]:
+    """Where the BCD store is: the ESP for UEFI; the active/System Reserved partition (or C:) for BIOS."""
+    parts = layout.on_disk(disk)
+    if firmware == "uefi":
+        cands = [(p.device, "/EFI/Microsoft/Boot/BCD") for p in parts if p.gpt_type == ESP_GUID]
+        cands += [(p.device, "/EFI/Microsoft/Boot/BCD") for p in parts if p.fstype == "vfat" and p.gpt_type != ESP_GUID]
+    else:
+        cands = [(p.device, "/Boot/BCD") for p in parts if p.bootable]
+        cands += [(p.device, "/Boot/BCD") for p in parts if not p.bootable and p.fstype in ("ntfs", "vfat")]
+    g.umount_all()
+    found = (None, None)
+    for dev, path in cands:
+        try:
+            g.mount_ro(dev, "/")
+        except RuntimeError:
+            continue
+        real = guest_path(g, path)
+        g.umount_all()
+        if real:
+            found = (dev, real)
+            break
+    g.mount_ro(root, "/")
+    return found
+
+
+def inspect_image(image: str | Path, metadata: dict[str, Any] | None = None) -> WindowsFacts:
+    """Facts about a Windows disk, in one read-only libguestfs launch. Blockers are in ``facts.blockers``.
+
+    Raises :class:`NotWindows` for another OS, InputError when no OS is found,
+    BlockerError when the system volume cannot even be read (BitLocker).
+    """
+    image = str(image)
+    if not os.path.exists(image):
+        raise InputError(f"{image}: no such file")
+    g = open_guest(image, readonly=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="h2k-inspect-") as tmp:
+            return inspect_handle(g, image, tmp, metadata).facts
+    finally:
+        g.close()
+
+
+def summary(facts: WindowsFacts) -> str:
+    """A readable multi-line summary for ``h2k inspect``."""
+    lines = [
+        f"product        {facts.product_name} ({facts.edition or 'edition unknown'})",
+        f"version        {facts.major}.{facts.minor} build {facts.build}  arch {facts.arch}  "
+        f"{'server' if facts.is_server else 'client'}",
+        f"system root    {facts.root} {facts.system_root}  control set ControlSet{facts.current_control_set:03d}",
+        f"firmware       {facts.firmware} (from {facts.firmware_source})",
+        f"BCD            {facts.bcd_device or '-'} {facts.bcd_path or '(not found)'}",
+        f"drives         {', '.join(f'{k} {v}' for k, v in sorted(facts.drive_mappings.items())) or '-'}",
+        f"binding        {'DriverDatabase' if facts.has_driver_database else 'CriticalDeviceDatabase'}",
+    ]
+    for label, svcs in (("storage", facts.storage_drivers), ("network", facts.network_drivers)):
+        for s in svcs:
+            lines.append(
+                f"{label:<14} {s.name:<14} start={s.start} type={s.type} sys={'yes' if s.file_present else 'NO'}"
+                f"{' StartOverride' if s.has_start_override else ''}"
+            )
+    lines.append(f"other tools    {', '.join(facts.hypervisor_tools) or '-'}")
+    for nic in facts.nics:
+        lines.append(f"nic            {nic.interface_guid} {'dhcp' if nic.dhcp else 'static'} {' '.join(nic.addresses)}")
+    for b in facts.blockers:
+        lines.append(f"BLOCKER        {b.kind}: {b.detail}")
+    return "\n".join(lines)
+
+
+def blocker_error(facts: WindowsFacts) -> BlockerError | InputError | None:
+    """The error ``fix`` raises for these facts (first blocker wins), or None."""
+    if not facts.blockers:
+        return None
+    b = facts.blockers[0]
+    more = f" (+{len(facts.blockers) - 1} more)" if len(facts.blockers) > 1 else ""
+    if b.kind == "corrupt-hive":
+        return InputError(f"corrupt hive: {b.detail}{more}")
+    return BlockerError(f"{b.kind}: {b.detail}{more}")
