@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "h2k.commands.accel_cmd",
     "h2k.commands.engine_cmd",
     "lab.testbed.cli",
+    "matrix.cli",
     "h2k.commands.domain_cmd",
 ]
 
