@@ -1,0 +1,271 @@
+"""Watch a serial console (or the firmware debug port): strip noise, match patterns
+incrementally, parse Windows EMS/SAC XML.
+
+``ConsoleScanner`` is pure logic: feed it bytes as they arrive, it returns the
+events found so far. Matches work across reads (an EMS block split over many
+reads, an escape sequence cut in half). ``SocketWatcher`` reads a UNIX socket
+(QEMU's chardev, libvirt's console socket) in a thread, optionally tees the raw
+bytes to a log, and hands events to a callback. Backend-independent.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from lab import stopcodes
+from lab.verdict import Expect, Pattern
+
+# CSI (ESC [ ... final), OSC (ESC ] ... BEL/ST), two-byte ESC sequences, and charset selects.
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Za-z]|\x1b[@-Z\\-_=>]")
+# An escape sequence that may still be incomplete at the end of a chunk.
+_ANSI_TAIL = re.compile(r"\x1b(?:\[[0-?]*[ -/]*|\][^\x07\x1b]*|[()])?$")
+# Control characters other than newline and tab (incl. NUL fill, bell, backspace).
+_CTRL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+_MACHINE_INFO = re.compile(r"<machine-info>(?P<body>.*?)</machine-info>", re.S)
+_BP_OPEN = re.compile(r"<BP>")
+_BP_INSTANCE = re.compile(r'<INSTANCE CLASSNAME="BLUESCREEN">(?P<body>.*?)</INSTANCE>', re.S)
+_PROPERTY = re.compile(r'<PROPERTY NAME="(?P<name>[^"]+)"[^>]*>\s*<VALUE>(?P<value>.*?)</VALUE>', re.S)
+_TAG = re.compile(r"<(?P<tag>[a-z-]+)>(?P<value>[^<]*)</(?P=tag)>")
+
+WINDOW = 16384  # the longest stretch a pattern may span (an EMS block is < 2 KiB)
+KEEP = 65536  # text kept for matching
+
+
+def clean(text: str) -> str:
+    """Remove ANSI escapes, carriage returns and other control garbage."""
+    text = _ANSI.sub("", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _CTRL.sub("", text)
+
+
+@dataclass
+class ConsoleEvent:
+    kind: str  # "success" | "failure" | "ems-machine-info" | "ems-bluescreen"
+    name: str
+    text: str
+    verdict: str | None = None  # for failures: "failed" | "softfailed"
+    source: str = "console"
+    data: dict[str, Any] = field(default_factory=dict)
+    t: float = field(default_factory=time.monotonic)
+
+
+def parse_machine_info(body: str) -> dict[str, str]:
+    return {m.group("tag"): m.group("value").strip() for m in _TAG.finditer(body)}
+
+
+def parse_bluescreen(body: str) -> dict[str, Any]:
+    """Properties of an EMS BLUESCREEN instance; STOPCODE parsed to an int."""
+    props = {m.group("name"): m.group("value").strip().strip('"') for m in _PROPERTY.finditer(body)}
+    out: dict[str, Any] = {"properties": props}
+    raw = props.get("STOPCODE")
+    if raw:
+        try:
+            code = stopcodes.normalize(int(raw, 16) if raw.lower().startswith("0x") else int(raw, 16))
+            out["stop_code"] = code
+            out["stop_name"] = stopcodes.name_of(code)
+        except ValueError:
+            out["stop_code_raw"] = raw
+    params = [props.get(f"BUGCHECKPARAM{i}") for i in range(1, 5)]
+    if any(params):
+        out["params"] = params
+    mi = _MACHINE_INFO.search(body)
+    if mi:
+        out["machine_info"] = parse_machine_info(mi.group("body"))
+    return out
+
+
+class ConsoleScanner:
+    """Incremental matcher over one byte stream."""
+
+    def __init__(self, expect: Expect | None = None, source: str = "console") -> None:
+        expect = expect or Expect()
+        self.source = source
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""  # raw text held back (a possibly incomplete escape)
+        self.text = ""  # cleaned text, the last KEEP characters
+        self._base = 0  # absolute offset of self.text[0]
+        self._success = [re.compile(p, re.M) for p in expect.success_patterns] if source == "console" else []
+        self._ems = expect.ems_machine_info_is_success and source == "console"
+        self._failures = [(p, p.compiled()) for p in expect.all_failure_patterns() if p.applies_to(source)]
+        # Per pattern: the absolute offset from which to search next.
+        self._pos: dict[int, int] = {}
+        self._ems_pos = 0
+        self._bp_pos = 0
+        self.events: list[ConsoleEvent] = []
+
+    def feed(self, data: bytes) -> list[ConsoleEvent]:
+        raw = self._pending + self._decoder.decode(data)
+        tail = _ANSI_TAIL.search(raw)
+        if tail and len(raw) - tail.start() < 64:
+            raw, self._pending = raw[: tail.start()], raw[tail.start():]
+        else:
+            self._pending = ""
+        # A lone CR at the end may be the first half of CRLF: hold it back too.
+        if raw.endswith("\r"):
+            raw, self._pending = raw[:-1], "\r" + self._pending
+        self.text += clean(raw)
+        if len(self.text) > KEEP * 2:
+            drop = len(self.text) - KEEP
+            self.text = self.text[drop:]
+            self._base += drop
+        found = self._scan()
+        self.events.extend(found)
+        return found
+
+    # -- matching ------------------------------------------------------------
+    def _search(self, key: int, rx: re.Pattern[str]) -> list[re.Match[str]]:
+        end = self._base + len(self.text)
+        start = max(self._pos.get(key, 0), self._base, end - len(self.text))
+        matches = []
+        rel = start - self._base
+        while True:
+            m = rx.search(self.text, rel)
+            if not m or m.end() == m.start():
+                break
+            matches.append(m)
+            rel = m.end()
+        if matches:
+            self._pos[key] = self._base + matches[-1].end()
+        else:
+            # Keep a window so a match still in the making is found later.
+            self._pos[key] = max(start, end - WINDOW)
+        return matches
+
+    def _scan(self) -> list[ConsoleEvent]:
+        out: list[ConsoleEvent] = []
+        if self.source == "console":
+            out += self._scan_ems()
+        for i, (pat, rx) in enumerate(self._failures):
+            for m in self._search(1000 + i, rx):
+                detail = m.groupdict().get("detail")
+                out.append(ConsoleEvent("failure", pat.name, _line(m.group(0)), pat.verdict, self.source,
+                                        {"detail": detail.strip()} if detail else {}))
+        for i, rx in enumerate(self._success):
+            for m in self._search(i, rx):
+                out.append(ConsoleEvent("success", rx.pattern, _line(m.group(0)), source=self.source))
+        return out
+
+    def _scan_ems(self) -> list[ConsoleEvent]:
+        out: list[ConsoleEvent] = []
+        # Bugchecks first: a <BP> block also carries a <machine-info>.
+        rel = max(0, self._bp_pos - self._base)
+        while True:
+            m = _BP_INSTANCE.search(self.text, rel)
+            if not m:
+                break
+            info = parse_bluescreen(m.group("body"))
+            code = info.get("stop_code")
+            text = stopcodes.describe(code) if code is not None else "unknown stop code"
+            out.append(ConsoleEvent("ems-bluescreen", "bluescreen", text, "failed", self.source, info))
+            rel = m.end()
+        self._bp_pos = self._base + rel
+        if self._ems:
+            rel = max(0, self._ems_pos - self._base)
+            while True:
+                m = _MACHINE_INFO.search(self.text, rel)
+                if not m:
+                    break
+                rel = m.end()
+                if self._inside_bp(m.start()):
+                    continue
+                info = parse_machine_info(m.group("body"))
+                out.append(ConsoleEvent("ems-machine-info", "machine-info", info.get("os-product", "machine-info"),
+                                        source=self.source, data=info))
+            self._ems_pos = self._base + rel
+        return out
+
+    def _inside_bp(self, rel: int) -> bool:
+        opened = self.text.rfind("<BP>", 0, rel)
+        if opened < 0:
+            return False
+        return self.text.rfind("</BP>", opened, rel) < 0
+
+
+def _line(s: str) -> str:
+    s = s.strip()
+    return s if len(s) <= 300 else s[:297] + "..."
+
+
+EventCallback = Callable[[ConsoleEvent], None]
+
+
+class SocketWatcher:
+    """Read a UNIX stream socket in a thread; scan, optionally tee, report.
+
+    The socket must already be listening (the lab pre-opens QEMU's sockets, so
+    connecting never races QEMU's start-up).
+    """
+
+    def __init__(self, path: str | Path, scanner: ConsoleScanner, on_event: EventCallback,
+                 tee: Path | None = None, name: str = "console",
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.path = str(path)
+        self.scanner = scanner
+        self.on_event = on_event
+        self.on_close = on_close
+        self.tee = tee
+        self.name = name
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self.bytes_read = 0
+
+    def start(self, connect_timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)  # only if the socket was not pre-opened
+        self._sock = sock
+        self._thread = threading.Thread(target=self._loop, name=f"watch-{self.name}", daemon=True)
+        self._thread.start()
+
+    def send(self, data: bytes) -> None:
+        if self._sock is not None:
+            self._sock.sendall(data)
+
+    def _loop(self) -> None:
+        assert self._sock is not None
+        fh = open(self.tee, "ab") if self.tee else None
+        try:
+            while True:
+                try:
+                    chunk = self._sock.recv(65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                self.bytes_read += len(chunk)
+                if fh:
+                    fh.write(chunk)
+                    fh.flush()
+                for ev in self.scanner.feed(chunk):
+                    self.on_event(ev)
+        finally:
+            if fh:
+                fh.close()
+            if self.on_close:
+                self.on_close()
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)

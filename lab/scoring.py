@@ -1,0 +1,329 @@
+"""Score a boot from its signals: the first conclusive signal decides.
+
+Backend-independent. Watchers (QMP events, the console, the firmware debug
+port, the guest agent, the QEMU process) put ``Signal``s on one ``SignalBus``;
+``Scorer.handle`` turns them into a ``Decision`` as soon as one is conclusive;
+``score`` runs that loop against a deadline (no sleeps: it blocks on the bus).
+
+Order of strength (DESIGN.md "Scoring a boot"): GUEST_PANICKED with hyper-v
+info (stop code) > pvpanic GUEST_PANICKED > EMS BLUESCREEN > console failure
+patterns > SHUTDOWN(guest-reset) before success = reboot loop > success on the
+console (+ agent and network checks when required). Known issues turn a pass
+into softfailed. QEMU dying on its own = incomplete; the deadline = timeout.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from lab import agent as agentmod
+from lab import stopcodes
+from lab.console import ConsoleEvent
+from lab.verdict import Expect
+
+
+@dataclass
+class Signal:
+    source: str  # "qmp" | "console" | "firmware" | "agent" | "process" | "lab"
+    name: str  # QMP event name, console event kind, "exited", "ok", "failed", ...
+    data: dict[str, Any] = field(default_factory=dict)
+    t: float = field(default_factory=time.monotonic)
+
+
+class SignalBus:
+    """One queue for all watchers; callbacks are thread-safe."""
+
+    def __init__(self) -> None:
+        self._q: "queue.Queue[Signal]" = queue.Queue()
+        self.history: list[Signal] = []
+
+    def put(self, sig: Signal) -> None:
+        self._q.put(sig)
+
+    def get(self, timeout: float) -> Signal | None:
+        try:
+            sig = self._q.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+        self.history.append(sig)
+        return sig
+
+    # Adapters for the watchers.
+    def qmp_listener(self, event: dict[str, Any]) -> None:
+        name = event.get("event", "?")
+        self.put(Signal("qmp", "closed" if name == "__closed__" else name, event.get("data", {}) or {}))
+
+    def console_listener(self, source: str) -> Callable[[ConsoleEvent], None]:
+        def on_event(ev: ConsoleEvent) -> None:
+            self.put(Signal(source, ev.kind, {"event": ev}, ev.t))
+        return on_event
+
+
+@dataclass
+class Decision:
+    verdict: str
+    reason: str
+    signal: str
+    stop_code: int | None = None
+    stop_name: str | None = None
+    known_issues: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    signal_t: float | None = None  # when the deciding signal was observed (monotonic)
+    decided_t: float = field(default_factory=time.monotonic)
+
+
+class Scorer:
+    def __init__(self, expect: Expect, *, console_expected: bool = True, agent_expected: bool | None = None) -> None:
+        self.expect = expect
+        # With no console (or no success pattern), the agent alone can pass a boot.
+        self.console_expected = console_expected and bool(expect.success_patterns or expect.ems_machine_info_is_success)
+        self.agent_expected = expect.require_agent or expect.require_network if agent_expected is None else agent_expected
+        self.console_ok: Signal | None = None
+        self.agent_ok: Signal | None = None
+        self.known: list[str] = []
+        self.machine_info: dict[str, Any] | None = None
+        self.agent_port_open = threading.Event()
+        self.decision: Decision | None = None
+
+    @property
+    def booted(self) -> bool:
+        return self.console_ok is not None or self.agent_ok is not None
+
+    def handle(self, sig: Signal) -> Decision | None:
+        if self.decision is not None:
+            return self.decision
+        d = self._handle(sig)
+        if d is not None:
+            d.signal_t = sig.t
+            self.decision = d
+        return d
+
+    def _fail(self, reason: str, signal: str, **kw: Any) -> Decision:
+        return Decision("failed", reason, signal, known_issues=list(self.known), **kw)
+
+    def _handle(self, sig: Signal) -> Decision | None:
+        if sig.source == "qmp":
+            return self._qmp(sig)
+        if sig.source in ("console", "firmware"):
+            return self._console(sig)
+        if sig.source == "agent":
+            if sig.name == "ok":
+                self.agent_ok = sig
+                return self._maybe_pass()
+            return self._fail(sig.data.get("reason", "guest agent check failed"), "agent", data=sig.data)
+        if sig.source == "process" and sig.name == "exited":
+            return Decision("incomplete", f"QEMU exited unexpectedly (status {sig.data.get('returncode')})"
+                            + _tail(sig.data.get("log_tail")), "process", known_issues=list(self.known))
+        if sig.source == "lab" and sig.name == "error":
+            return Decision("incomplete", sig.data.get("reason", "lab error"), "lab", known_issues=list(self.known))
+        return None
+
+    def _qmp(self, sig: Signal) -> Decision | None:
+        data = sig.data
+        if sig.name == "GUEST_PANICKED":
+            info = data.get("info") or {}
+            if info.get("type") == "hyper-v" and "arg1" in info:
+                code = stopcodes.normalize(info["arg1"])
+                name = stopcodes.name_of(code)
+                args = [info.get(f"arg{i}") for i in range(2, 6)]
+                hint = stopcodes.hint(code)
+                reason = f"bugcheck {stopcodes.describe(code)}" + (f" ({hint})" if hint else "")
+                return self._fail(reason, "qmp-panic-hyperv", stop_code=code, stop_name=name,
+                                  data={"params": [f"0x{int(a):016X}" for a in args if a is not None]})
+            if info:
+                return self._fail(f"guest panicked ({info.get('type', 'unknown')} info: {info})", "qmp-panic")
+            return self._fail("guest panicked (pvpanic GUEST_PANICKED, no crash info)", "qmp-panic")
+        if sig.name == "SHUTDOWN":
+            reason = data.get("reason", "")
+            if reason == "guest-reset":
+                when = "after reaching success, during agent checks" if self.booted else "before reaching success"
+                return self._fail(f"reboot loop: the guest reset {when}", "qmp-reset")
+            if reason == "guest-panic":
+                return self._fail("guest panicked (SHUTDOWN reason guest-panic)", "qmp-panic")
+            if reason == "guest-shutdown" and not self.booted:
+                return self._fail("the guest powered off before reaching success", "qmp-shutdown")
+            return None
+        if sig.name == "VSERPORT_CHANGE":
+            if data.get("open"):
+                self.agent_port_open.set()
+            else:
+                self.agent_port_open.clear()
+            return None
+        if sig.name == "closed":
+            return Decision("incomplete", "the QMP connection closed: QEMU went away", "qmp-closed",
+                            known_issues=list(self.known))
+        return None
+
+    def _console(self, sig: Signal) -> Decision | None:
+        ev: ConsoleEvent = sig.data["event"]
+        where = "firmware" if sig.source == "firmware" else "console"
+        if ev.kind == "ems-bluescreen":
+            code = ev.data.get("stop_code")
+            name = ev.data.get("stop_name")
+            reason = f"bugcheck {stopcodes.describe(code)} (EMS console)" if code is not None else "bugcheck (EMS console, no stop code)"
+            return self._fail(reason, "console-bluescreen", stop_code=code, stop_name=name, data=ev.data)
+        if ev.kind == "failure":
+            if ev.verdict == "softfailed":
+                self.known.append(f"{ev.name}: {ev.text}")
+                return None
+            if ev.name == "no-bootable-device":
+                return self._fail(f"no bootable device ({where}: {ev.text!r})", f"{where}-failure")
+            detail = ev.data.get("detail")
+            return self._fail(f"{ev.name}: {detail or ev.text}", f"{where}-failure", data={"line": ev.text})
+        if ev.kind == "ems-machine-info":
+            self.machine_info = ev.data
+            if self.console_ok is None:
+                self.console_ok = sig
+            return self._maybe_pass()
+        if ev.kind == "success":
+            if self.console_ok is None:
+                self.console_ok = sig
+            return self._maybe_pass()
+        return None
+
+    def _maybe_pass(self) -> Decision | None:
+        if self.console_expected and self.console_ok is None:
+            return None
+        if self.agent_expected and self.agent_ok is None:
+            return None
+        what = []
+        if self.console_ok is not None:
+            ev = self.console_ok.data["event"]
+            what.append("Windows kernel up (EMS machine-info)" if ev.kind == "ems-machine-info" else f"console marker {ev.text!r}")
+        if self.agent_ok is not None:
+            what.append(self.agent_ok.data.get("summary", "guest agent answered"))
+        data: dict[str, Any] = {}
+        if self.machine_info:
+            data["machine_info"] = self.machine_info
+        if self.known:
+            return Decision("softfailed", "booted with known issues: " + "; ".join(self.known), "success",
+                            known_issues=list(self.known), data=data)
+        return Decision("passed", "; ".join(what) or "booted", "success", data=data)
+
+
+def _tail(text: str | None) -> str:
+    if not text:
+        return ""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return (": " + " | ".join(lines[-3:]))[:400] if lines else ""
+
+
+def score(bus: SignalBus, scorer: Scorer, deadline: float,
+          on_signal: Callable[[Signal], None] | None = None) -> Decision:
+    """Block on the bus until a decision or the deadline (monotonic)."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            got = []
+            if scorer.console_ok is not None:
+                got.append("console success seen, agent checks unfinished")
+            d = Decision("timeout", "no conclusive signal before the deadline" + (f" ({got[0]})" if got else ""),
+                         "deadline", known_issues=list(scorer.known))
+            scorer.decision = d
+            return d
+        sig = bus.get(remaining)
+        if sig is None:
+            continue
+        if on_signal:
+            on_signal(sig)
+        d = scorer.handle(sig)
+        if d is not None:
+            return d
+
+
+class AgentChecker:
+    """Runs the guest-agent checks in a thread and reports one Signal("agent", ok|failed).
+
+    Waits for the agent's virtio-serial port to open (QMP VSERPORT_CHANGE) when
+    told by ``port_open``; then sync, ping, OS info, and, when required, an IPv4
+    address on a NIC and a ping of the gateway run by the agent inside the guest.
+    """
+
+    def __init__(self, path: str, expect: Expect, bus: SignalBus, deadline: float,
+                 port_open: threading.Event | None = None, log_path: Any = None) -> None:
+        self.path = path
+        self.expect = expect
+        self.bus = bus
+        self.deadline = deadline
+        self.port_open = port_open
+        self.log_path = log_path
+        self.result: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="agent-checker", daemon=True)
+        self.client: agentmod.AgentClient | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=3)
+
+    def _left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def _run(self) -> None:
+        try:
+            self._check()
+        except agentmod.AgentError as exc:
+            if not self._stop.is_set() and self._left() > 0:
+                self.bus.put(Signal("agent", "failed", {"reason": f"guest agent: {exc}", **self.result}))
+        except OSError as exc:
+            if not self._stop.is_set():
+                self.bus.put(Signal("agent", "failed", {"reason": f"guest agent channel error: {exc}"}))
+
+    def _check(self) -> None:
+        if self.port_open is not None:
+            while not self.port_open.wait(timeout=0.5):
+                if self._stop.is_set() or self._left() <= 0:
+                    return
+        client = agentmod.AgentClient(self.path, self.log_path)
+        self.client = client
+        client.connect(timeout=min(5.0, max(0.1, self._left())))
+        # The port may open before the agent reads; retry the handshake until the deadline.
+        while True:
+            if self._stop.is_set():
+                return
+            try:
+                client.sync(timeout=min(3.0, max(0.1, self._left())))
+                break
+            except agentmod.AgentTimeout:
+                if self._left() <= 0:
+                    return
+        client.ping()
+        self.result["osinfo"] = client.osinfo()
+        summary = [f"agent up ({self.result['osinfo'].get('pretty-name') or self.result['osinfo'].get('name', '?')})"]
+        if self.expect.require_network:
+            addrs: dict[str, list[str]] = {}
+            delay = 0.25
+            while not addrs:
+                self.result["interfaces"] = client.interfaces()
+                addrs = agentmod.ipv4_addresses(self.result["interfaces"])
+                if addrs or self._stop.is_set():
+                    break
+                if self._left() <= delay + 1:
+                    self.bus.put(Signal("agent", "failed", {"reason": "no IPv4 address on any NIC (guest-network-get-interfaces)", **self.result}))
+                    return
+                # DHCP has no event we can see from outside: poll with back-off.
+                self._stop.wait(delay)
+                delay = min(delay * 2, 2.0)
+            self.result["ipv4"] = addrs
+            path, args = agentmod.ping_command(self.result["osinfo"], self.expect.gateway)
+            res = client.exec(path, args, timeout=min(20.0, max(1.0, self._left())))
+            self.result["gateway_ping"] = res
+            if res.get("exitcode") != 0:
+                self.bus.put(Signal("agent", "failed", {"reason": f"ping of the gateway {self.expect.gateway} failed "
+                                                       f"(exit {res.get('exitcode')}): {res.get('out', '').strip()[-200:]}", **self.result}))
+                return
+            nic = ", ".join(f"{k}={'/'.join(v)}" for k, v in addrs.items())
+            summary.append(f"IPv4 {nic}, gateway {self.expect.gateway} answers ping")
+        if self.expect.collect_devices:
+            try:
+                self.result["devices"] = client.devices()
+            except agentmod.AgentError as exc:
+                self.result["devices_error"] = str(exc)
+        self.bus.put(Signal("agent", "ok", {"summary": "; ".join(summary), **self.result}))
