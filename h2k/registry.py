@@ -216,7 +216,7 @@ class HiveResult:
 def apply_changes(path: str | Path, hive: str, changes: Iterable[RegValue | RegDeleteKey]) -> HiveResult:
     """Apply the changes meant for ``hive`` to the hive file at ``path``; commit only if needed."""
     path = str(path)
-    mine = [c for c in changes if c.hive.upper() == hive.upper()]
+    mine = [c for c in changes if isinstance(c, (RegValue, RegDeleteKey)) and c.hive.upper() == hive.upper()]
     try:
         h = hivex.Hivex(path, write=True)
     except RuntimeError as exc:
