@@ -85,7 +85,7 @@ class DomainFiles:
     it does not exist yet, and keeps it when it does (bootstrap -> final).
     """
 
-    disk: str
+    disk: str | None  # None: no disk (a direct-kernel-boot test guest)
     disk_format: str = "qcow2"
     serial_socket: str | None = None
     serial_log: str | None = None
@@ -98,6 +98,10 @@ class XmlOptions:
     domain_type: str | None = None  # kvm | qemu; None: ask h2k.accel
     lab: bool = False  # lab boots: reboot/crash stop the VM for evidence instead of restarting
     disable_netboot: bool = True  # no PXE/HTTP boot fall-back (OVMF spends minutes on it)
+    # The lab's libvirt backend runs QEMU as root, like its direct backend, so QEMU can
+    # reach the lab's private (0700) per-boot directory and the build cache; libvirt then
+    # leaves file ownership alone (relabel='no').
+    qemu_as_root: bool = False
 
 
 def disk_format_of(path: str) -> str:
@@ -135,7 +139,7 @@ def domain_element(profile: MachineProfile, files: DomainFiles, opts: XmlOptions
         for key in ("IPv4PXESupport", "IPv6PXESupport"):
             _text(sysinfo, "entry", "n", name=f"opt/org.tianocore/{key}")
     _os(dom, profile, files)
-    _features(dom, profile)
+    _features(dom, profile, dtype)
     if dtype == "kvm":
         ET.SubElement(dom, "cpu", mode="host-passthrough", check="none", migratable="on")
     else:
@@ -149,6 +153,9 @@ def domain_element(profile: MachineProfile, files: DomainFiles, opts: XmlOptions
     ET.SubElement(pm, "suspend-to-mem", enabled="no")
     ET.SubElement(pm, "suspend-to-disk", enabled="no")
     _devices(dom, profile, files, opts)
+    if opts.qemu_as_root:
+        sec = ET.SubElement(dom, "seclabel", type="static", model="dac", relabel="no")
+        _text(sec, "label", "+0:+0")
     return dom
 
 
@@ -188,7 +195,7 @@ def _os(dom: ET.Element, p: MachineProfile, files: DomainFiles) -> None:
         ET.SubElement(os_el, "bios", useserial="yes")
 
 
-def _features(dom: ET.Element, p: MachineProfile) -> None:
+def _features(dom: ET.Element, p: MachineProfile, dtype: str) -> None:
     feats = ET.SubElement(dom, "features")
     ET.SubElement(feats, "acpi")
     ET.SubElement(feats, "apic")
@@ -197,7 +204,10 @@ def _features(dom: ET.Element, p: MachineProfile) -> None:
         for name in ("relaxed", "vapic"):
             ET.SubElement(hv, name, state="on")
         ET.SubElement(hv, "spinlocks", state="on", retries="8191")
-        for name in ("vpindex", "runtime", "synic", "stimer", "reset", "frequencies"):
+        # TCG refuses hv-vpindex ("kernel doesn't allow setting HyperV VP_INDEX"), and
+        # synic/stimer need it: those three only under KVM.
+        names = ("vpindex", "runtime", "synic", "stimer", "reset", "frequencies") if dtype == "kvm" else ("runtime", "reset", "frequencies")
+        for name in names:
             ET.SubElement(hv, name, state="on")
     if p.firmware == "uefi-secureboot":
         ET.SubElement(feats, "smm", state="on")
@@ -219,16 +229,17 @@ def _devices(dom: ET.Element, p: MachineProfile, files: DomainFiles, opts: XmlOp
     if controller:
         ET.SubElement(dev, "controller", type="scsi", index="0", model=controller)
 
-    disk = ET.SubElement(dev, "disk", type="file", device="disk")
-    ET.SubElement(disk, "driver", name="qemu", type=files.disk_format, discard="unmap")
-    ET.SubElement(disk, "source", file=files.disk)
-    ET.SubElement(disk, "target", dev=f"{prefix}a", bus=tbus)
-    if not p.kernel:
-        ET.SubElement(disk, "boot", order="1")
+    if files.disk:
+        disk = ET.SubElement(dev, "disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type=files.disk_format, discard="unmap")
+        ET.SubElement(disk, "source", file=files.disk)
+        ET.SubElement(disk, "target", dev=f"{prefix}a", bus=tbus)
+        if not p.kernel:
+            ET.SubElement(disk, "boot", order="1")
 
     # CD-ROMs go on the machine's own ATA bus: AHCI on q35, IDE on i440fx.
     cd_bus, cd_prefix = ("ide", "hd") if p.machine_type == "pc" else ("sata", "sd")
-    used = {f"{prefix}a"} if prefix == cd_prefix else set()
+    used = {f"{prefix}a"} if prefix == cd_prefix and files.disk else set()
     letters = (chr(c) for c in range(ord("a"), ord("z") + 1))
     for iso in p.cdroms:
         name = next(f"{cd_prefix}{x}" for x in letters if f"{cd_prefix}{x}" not in used and not (cd_bus == "ide" and x == "b"))
