@@ -486,3 +486,53 @@ def read_hive(hive_path: str | Path, under: str = "") -> dict[str, dict[str, Reg
 
     walk(node, "\\".join(parts))
     return out
+
+
+# ---------------------------------------------------------------------- templates
+
+_VAR = re.compile(r"\$\{(\w+)\}")
+_MACRO = re.compile(r"<<(expand_sz|multi_sz|qword):(.*?)>>", re.S)
+
+
+def format_data(value: RegData) -> str:
+    """Just the data part of a value line (after ``=``), as regedit 5 writes it."""
+    return format_value("x", value)[4:]
+
+
+def expand_template(text: str, variables: dict[str, object]) -> str:
+    """Render a .reg template into plain .reg text.
+
+    ``${name}`` is replaced by ``str(variables[name])`` (a missing name is an
+    error). Then ``<<expand_sz:text>>``, ``<<multi_sz:a|b|c>>`` and
+    ``<<qword:n>>`` become ``hex(2):``/``hex(7):``/``hex(b):`` data, so
+    templates stay readable while the output is standard .reg text.
+    """
+
+    def var(m: re.Match) -> str:
+        if m.group(1) not in variables:
+            raise KeyError(f"template variable ${{{m.group(1)}}} has no value")
+        return str(variables[m.group(1)])
+
+    text = _VAR.sub(var, text)
+
+    def macro(m: re.Match) -> str:
+        kind, arg = m.group(1), m.group(2)
+        if kind == "expand_sz":
+            return format_data(expand_sz(arg))
+        if kind == "multi_sz":
+            return format_data(multi_sz([a for a in arg.split("|") if a]))
+        return format_data(qword(int(arg, 0)))
+
+    return _MACRO.sub(macro, text)
+
+
+def join_reg(texts: list[str]) -> str:
+    """Concatenate regedit 5 texts into one (keeping the first header, dropping the others)."""
+    out = [HEADER_V5, ""]
+    for t in texts:
+        t = t.lstrip("\ufeff")
+        head, _, body = t.lstrip().partition("\n")
+        if head.strip() != HEADER_V5:
+            raise RegParseError(f"can only join {HEADER_V5!r} texts, got {head.strip()[:40]!r}")
+        out.append(body)
+    return "\n".join(out)

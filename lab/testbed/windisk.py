@@ -1,0 +1,661 @@
+"""Phony Windows disks (and a few bad disks) for testing the engine without Windows.
+
+``build(name)`` returns a cached qcow2 for a variant in :data:`VARIANTS`. A
+Windows variant is built in ONE libguestfs launch: real partition table (MBR
+with an active "System Reserved" NTFS, or GPT with ESP + MSR + basic data),
+real NTFS made in the appliance, SYSTEM/SOFTWARE hives rendered from the
+``windows_recipes/*.reg`` templates and merged into empty hives, a real BCD in
+the firmware's place, PE ``cmd.exe``/``winload``/``bootmgfw.efi``, and
+``System32\\drivers`` with the VMware drivers the hives register. Everything
+that refers to the disk (MountedDevices, BCD device elements) is computed from
+the same layout, so libguestfs maps ``C:`` and the BCD points at real partitions.
+
+The recipe dataclasses double as the expected facts: tests (and the engine's
+tests) assert inspection results against ``VARIANTS[name]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Union
+
+from h2k.progress import Progress
+from lab.testbed import bcd as bcd_mod
+from lab.testbed import hive as hive_mod
+from lab.testbed import pe as pe_mod
+from lab.testbed import regtext
+from lab.testbed.cache import cached_build
+
+RECIPES_DIR = Path(__file__).with_name("windows_recipes")
+SECTOR = 512
+MiB = 1024 * 1024
+
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+MSR_TYPE = "E3C9E316-0B5C-4DB8-817D-F92DF00215AE"
+BASIC_DATA_TYPE = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
+
+SCSI_ADAPTER_CLASS = "{4D36E97B-E325-11CE-BFC1-08002BE10318}"
+NET_CLASS = "{4D36E972-E325-11CE-BFC1-08002BE10318}"
+
+# Drivers written to System32\drivers: name -> description (recognisable text in the .sys).
+VMWARE_DRIVERS = {
+    "pvscsi": "VMware PVSCSI Controller driver",
+    "vmxnet3": "VMware vmxnet3 Ethernet Adapter NDIS 6.30 driver",
+    "vm3dmp": "VMware SVGA 3D miniport driver",
+    "vmci": "VMware VMCI bus driver",
+    "vmmemctl": "VMware memory control (balloon) driver",
+    "vmmouse": "VMware pointing device driver",
+    "vmhgfs": "VMware host-guest file system driver",
+}
+INBOX_DRIVERS = ["lsi_sas", "atapi", "disk", "ntfs", "tcpip", "classpnp", "storport"]
+INBOX_DRIVERS_WIN8 = ["storahci", "stornvme"]
+INBOX_DRIVERS_WIN7 = ["msahci", "intelide"]
+
+
+@dataclass(frozen=True)
+class WindowsRecipe:
+    """One phony Windows disk; the fields are also what inspection must find."""
+
+    name: str
+    product_name: str
+    edition_id: str
+    installation_type: str  # Server or Client
+    major: int
+    minor: int
+    build: int
+    current_version: str  # SOFTWARE CurrentVersion ("6.3" on 8.1 and later, "6.1" on 7)
+    firmware: str  # bios or uefi
+    arch: str = "x86_64"
+    ubr: int | None = None  # update build revision (10+)
+    display_version: str | None = None  # "21H2" ... (or ReleaseId "1809" on older 10)
+    release_id: str | None = None
+    csd_version: str | None = None  # "Service Pack 1" (7)
+    build_lab: str = "amd64fre.rs5_release.180914-1434"
+    current_control_set: int = 1
+    stale_control_sets: tuple[int, ...] = ()  # other ControlSet00n that exist but are not live
+    driver_database: bool = True  # SYSTEM\DriverDatabase (Windows 8+)
+    critical_device_database: bool = False  # Windows 7 binding
+    hiberboot: int | None = 0  # Session Manager\Power\HiberbootEnabled (None: key absent)
+    hostname: str = "WIN-H2K"
+    nic_guid: str = "{a1b2c3d4-1111-4e2f-9a3b-5c6d7e8f9012}"
+    ip_address: str = "192.168.122.50"
+    subnet_mask: str = "255.255.255.0"
+    gateway: str = "192.168.122.1"
+    dns: str = "192.168.122.1,8.8.8.8"
+    nic_service: str = "vmxnet3ndis6"  # the service vmxnet3.sys is registered as
+    storage_service: str = "pvscsi"
+    disk_signature: int = 0x5A3C9E11  # MBR
+    disk_guid: str = "{6f3c2b1a-0d9e-4c8b-a7f6-e5d4c3b2a190}"  # GPT
+    loader_guid: str = "{b7e5a3c1-9d2f-11e9-8a34-000c29aa0b17}"
+    disk_gib: int = 1
+    defect: str | None = None  # None, "hibernated" or "truncated-hive"
+    kind: str = "windows"
+
+    @property
+    def product_type(self) -> str:
+        return "ServerNT" if self.installation_type == "Server" else "WinNT"
+
+    @property
+    def control_set(self) -> str:
+        return "ControlSet%03d" % self.current_control_set
+
+
+@dataclass(frozen=True)
+class LinuxRecipe:
+    """A small disk with a Linux root file system: not Windows."""
+
+    name: str
+    distro: str = "debian"
+    version_id: str = "12"
+    pretty_name: str = "Debian GNU/Linux 12 (bookworm)"
+    hostname: str = "not-windows"
+    disk_gib: int = 1
+    kind: str = "linux"
+
+
+@dataclass(frozen=True)
+class EmptyRecipe:
+    """A blank disk: no partition table, no file system."""
+
+    name: str
+    disk_gib: int = 1
+    kind: str = "empty"
+
+
+Recipe = Union[WindowsRecipe, LinuxRecipe, EmptyRecipe]
+
+WIN2019 = WindowsRecipe(
+    name="win2019-bios",
+    product_name="Windows Server 2019 Standard",
+    edition_id="ServerStandard",
+    installation_type="Server",
+    major=10,
+    minor=0,
+    build=17763,
+    ubr=5458,
+    release_id="1809",
+    current_version="6.3",
+    firmware="bios",
+    hostname="WIN2019-H2K",
+)
+
+VARIANTS: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        WIN2019,
+        WindowsRecipe(
+            name="win2022-uefi",
+            product_name="Windows Server 2022 Datacenter",
+            edition_id="ServerDatacenter",
+            installation_type="Server",
+            major=10,
+            minor=0,
+            build=20348,
+            ubr=2113,
+            display_version="21H2",
+            release_id="2009",
+            current_version="6.3",
+            firmware="uefi",
+            build_lab="amd64fre.fe_release.210507-1500",
+            current_control_set=2,
+            stale_control_sets=(1,),
+            hostname="WIN2022-H2K",
+            ip_address="192.168.122.52",
+            nic_guid="{c4d5e6f7-2222-4a3b-8c9d-0e1f2a3b4c5d}",
+            disk_guid="{2e8f4a6c-3b1d-4f5e-9a7c-8d6b4e2f1a30}",
+            loader_guid="{c2f1e0d9-5b4a-11ec-9b7e-000c29bb1c22}",
+        ),
+        WindowsRecipe(
+            name="win11-uefi",
+            product_name="Windows 10 Pro",
+            edition_id="Professional",
+            installation_type="Client",
+            major=10,
+            minor=0,
+            build=22631,
+            ubr=3007,
+            display_version="23H2",
+            release_id="2009",
+            current_version="6.3",
+            firmware="uefi",
+            build_lab="amd64fre.ni_release.220506-1250",
+            hiberboot=1,
+            hostname="DESKTOP-H2K11",
+            ip_address="192.168.122.61",
+            nic_guid="{e7f8a9b0-3333-4c5d-8e9f-a0b1c2d3e4f5}",
+            disk_guid="{9a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d}",
+            loader_guid="{d3e2f1a0-6c5b-11ee-8c8f-000c29cc2d33}",
+        ),
+        WindowsRecipe(
+            name="win7-bios",
+            product_name="Windows 7 Professional",
+            edition_id="Professional",
+            installation_type="Client",
+            major=6,
+            minor=1,
+            build=7601,
+            current_version="6.1",
+            csd_version="Service Pack 1",
+            firmware="bios",
+            build_lab="win7sp1_ldr.170913-0600",
+            driver_database=False,
+            critical_device_database=True,
+            hiberboot=None,
+            hostname="WIN7-H2K",
+            ip_address="192.168.122.70",
+            nic_guid="{f1e2d3c4-4444-4b5a-9c8d-7e6f5a4b3c2d}",
+            disk_signature=0x1D7A0C33,
+            loader_guid="{e4d3c2b1-7a6f-11e0-9d9a-000c29dd3e44}",
+        ),
+        dataclasses.replace(WIN2019, name="bad-hibernated", defect="hibernated"),
+        dataclasses.replace(WIN2019, name="bad-truncated-hive", defect="truncated-hive"),
+        LinuxRecipe(name="bad-linux"),
+        EmptyRecipe(name="bad-empty"),
+    ]
+}
+
+
+# --------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class Part:
+    """One partition: its role, place and identity (the same numbers go into hives and BCD)."""
+
+    number: int
+    role: str  # system-reserved, esp, msr, windows, linux
+    start: int  # sector
+    end: int  # sector, inclusive
+    fstype: str | None  # ntfs, vfat, ext4 or None (MSR)
+    label: str = ""
+    gpt_type: str = ""
+    gpt_guid: str = ""  # partition GUID (GPT)
+    volume_guid: str = ""  # the \??\Volume{...} name Windows gave it
+
+    @property
+    def offset(self) -> int:
+        return self.start * SECTOR
+
+
+def _guid(seed: str) -> str:
+    """A stable GUID from a seed, so a recipe always makes the same disk."""
+    return "{%s}" % uuid.UUID(bytes=hashlib.sha256(seed.encode()).digest()[:16], version=4)
+
+
+def layout(r: WindowsRecipe) -> list[Part]:
+    total = r.disk_gib * 1024 * MiB // SECTOR
+    first = 2048
+    if r.firmware == "bios":
+        sr_end = first + 100 * MiB // SECTOR - 1
+        return [
+            Part(1, "system-reserved", first, sr_end, "ntfs", "System Reserved",
+                 volume_guid=_guid(r.name + "vol1")),
+            Part(2, "windows", sr_end + 1, total - 1, "ntfs", volume_guid=_guid(r.name + "vol2")),
+        ]
+    esp_end = first + 100 * MiB // SECTOR - 1
+    msr_end = esp_end + 16 * MiB // SECTOR
+    last_usable = total - 34
+    return [
+        Part(1, "esp", first, esp_end, "vfat", gpt_type=ESP_TYPE, gpt_guid=_guid(r.name + "esp"),
+             volume_guid=_guid(r.name + "vol1")),
+        Part(2, "msr", esp_end + 1, msr_end, None, gpt_type=MSR_TYPE, gpt_guid=_guid(r.name + "msr")),
+        Part(3, "windows", msr_end + 1, last_usable, "ntfs", gpt_type=BASIC_DATA_TYPE,
+             gpt_guid=_guid(r.name + "win"), volume_guid=_guid(r.name + "vol3")),
+    ]
+
+
+def _part(parts: list[Part], role: str) -> Part:
+    return next(p for p in parts if p.role == role)
+
+
+def partition_ref(r: WindowsRecipe, p: Part) -> bcd_mod.PartitionRef:
+    if r.firmware == "bios":
+        return bcd_mod.PartitionRef("mbr", disk_signature=r.disk_signature, partition_offset=p.offset)
+    return bcd_mod.PartitionRef("gpt", disk_guid=r.disk_guid, partition_guid=p.gpt_guid)
+
+
+def mounted_device_blob(r: WindowsRecipe, p: Part) -> bytes:
+    """MountedDevices data: MBR = disk signature + byte offset; GPT = "DMIO:ID:" + partition GUID."""
+    if r.firmware == "bios":
+        return struct.pack("<IQ", r.disk_signature, p.offset)
+    return b"DMIO:ID:" + uuid.UUID(p.gpt_guid).bytes_le
+
+
+# ---------------------------------------------------------------- registry text
+
+
+def _template(name: str) -> str:
+    return (RECIPES_DIR / name).read_text()
+
+
+def _pkg_hash(r: WindowsRecipe, inf: str) -> str:
+    return hashlib.sha256(f"{inf}{r.build}".encode()).hexdigest()[:16]
+
+
+def _controlset_vars(r: WindowsRecipe, n: int, stale: bool) -> dict[str, object]:
+    v: dict[str, object] = {
+        "CCS": "ControlSet%03d" % n,
+        "hostname": r.hostname,
+        "product_type": r.product_type,
+        "product_suite": "Terminal Server" if r.installation_type == "Server" else "",
+        "processor_architecture": "AMD64" if r.arch == "x86_64" else "x86",
+        "boot_partition": 2 if r.firmware == "bios" else 3,
+        "nic_guid": r.nic_guid,
+        "ip_address": r.ip_address,
+        "subnet_mask": r.subnet_mask,
+        "gateway": r.gateway,
+        "dns": r.dns,
+        "pvscsi_start": "00000000",
+        "hiberboot": "%08x" % (r.hiberboot or 0),
+    }
+    if stale:
+        # An older set: a different address and name, pvscsi not yet boot-start.
+        # Anything reading ControlSet001 instead of Select\Current sees these.
+        v.update(hostname="STALE-" + r.hostname[:8], ip_address="10.99.99.99", gateway="10.99.99.1",
+                 pvscsi_start="00000003")
+    return v
+
+
+def system_reg_text(r: WindowsRecipe) -> str:
+    """The SYSTEM hive as .reg text (HKEY_LOCAL_MACHINE\\SYSTEM)."""
+    parts = layout(r)
+    chunks = []
+    for n in sorted({r.current_control_set, *r.stale_control_sets}):
+        v = _controlset_vars(r, n, stale=n != r.current_control_set)
+        chunks.append(regtext.expand_template(_template("system-controlset.reg"), v))
+        if r.driver_database:  # Windows 8+
+            chunks.append(regtext.expand_template(_template("system-controlset-win8.reg"), v))
+        if r.critical_device_database:
+            chunks.append(regtext.expand_template(_template("system-controlset-win7.reg"), v))
+    if r.driver_database:
+        chunks.append(regtext.expand_template(_template("system-driverdatabase.reg"), {
+            "dd_arch": "00000009" if r.arch == "x86_64" else "00000000",
+            "arch_folder": "amd64" if r.arch == "x86_64" else "x86",
+            "pvscsi_pkg_hash": _pkg_hash(r, "pvscsi.inf"),
+            "vmxnet3_pkg_hash": _pkg_hash(r, "vmxnet3.inf"),
+        }))
+    root = "HKEY_LOCAL_MACHINE\\SYSTEM"
+    live = r.current_control_set
+    select = [
+        regtext.ValueOp("Current", regtext.dword(live)),
+        regtext.ValueOp("Default", regtext.dword(live)),
+        regtext.ValueOp("Failed", regtext.dword(0)),
+        regtext.ValueOp("LastKnownGood", regtext.dword(r.stale_control_sets[0] if r.stale_control_sets else live)),
+    ]
+    mounted = []
+    for p in parts:
+        if p.volume_guid:
+            mounted.append(regtext.ValueOp("\\??\\Volume%s" % p.volume_guid, regtext.binary(mounted_device_blob(r, p))))
+    win = _part(parts, "windows")
+    mounted.append(regtext.ValueOp("\\DosDevices\\C:", regtext.binary(mounted_device_blob(r, win))))
+    chunks.append(regtext.format_reg([
+        regtext.KeySection(root + "\\Select", values=select),
+        regtext.KeySection(root + "\\MountedDevices", values=mounted),
+        regtext.KeySection(root + "\\Setup", values=[regtext.ValueOp("SystemSetupInProgress", regtext.dword(0)),
+                                                     regtext.ValueOp("OOBEInProgress", regtext.dword(0))]),
+    ]))
+    return regtext.join_reg(chunks)
+
+
+def software_reg_text(r: WindowsRecipe) -> str:
+    """The SOFTWARE hive as .reg text (HKEY_LOCAL_MACHINE\\SOFTWARE)."""
+    text = regtext.expand_template(_template("software.reg"), {
+        "product_name": r.product_name,
+        "edition_id": r.edition_id,
+        "installation_type": r.installation_type,
+        "current_version": r.current_version,
+        "build": r.build,
+        "build_lab": r.build_lab,
+    })
+    extra: list[regtext.ValueOp] = []
+    if r.major >= 10:  # 10+ report the real version only in these two DWORDs
+        extra += [regtext.ValueOp("CurrentMajorVersionNumber", regtext.dword(r.major)),
+                  regtext.ValueOp("CurrentMinorVersionNumber", regtext.dword(r.minor))]
+    if r.ubr is not None:
+        extra.append(regtext.ValueOp("UBR", regtext.dword(r.ubr)))
+    if r.release_id:
+        extra.append(regtext.ValueOp("ReleaseId", regtext.sz(r.release_id)))
+    if r.display_version:
+        extra.append(regtext.ValueOp("DisplayVersion", regtext.sz(r.display_version)))
+    if r.csd_version:
+        extra += [regtext.ValueOp("CSDVersion", regtext.sz(r.csd_version)),
+                  regtext.ValueOp("CSDBuildNumber", regtext.sz("1130"))]
+    key = "HKEY_LOCAL_MACHINE\\SOFTWARE\\Microsoft\\Windows NT\\CurrentVersion"
+    return regtext.join_reg([text, regtext.format_reg([regtext.KeySection(key, values=extra)])])
+
+
+def bcd_spec(r: WindowsRecipe) -> bcd_mod.BcdSpec:
+    parts = layout(r)
+    system = _part(parts, "esp" if r.firmware == "uefi" else "system-reserved")
+    return bcd_mod.BcdSpec(
+        firmware=r.firmware,
+        loader_guid=r.loader_guid,
+        system_partition=partition_ref(r, system),
+        windows_partition=partition_ref(r, _part(parts, "windows")),
+        description=bcd_description(r),
+    )
+
+
+def bcd_description(r: WindowsRecipe) -> str:
+    """What Windows setup names its loader entry."""
+    if r.installation_type == "Server":
+        return "Windows Server"
+    if r.major >= 10:
+        return "Windows 11" if r.build >= 22000 else "Windows 10"
+    return "Windows 7"
+
+
+# ----------------------------------------------------------------------- files
+
+
+def _pe(r: WindowsRecipe, what: str, subsystem: int = pe_mod.SUBSYSTEM_CONSOLE) -> bytes:
+    return pe_mod.make_pe(r.arch, os_version=(r.major, r.minor), subsystem=subsystem,
+                          description=f"{what} (phony, hyper2kvm test bed, {r.product_name} {r.build})")
+
+
+def windows_files(r: WindowsRecipe) -> dict[str, bytes]:
+    """Small files on C: (guest path -> content). Hives and BCD are added separately."""
+    files: dict[str, bytes] = {}
+    s32 = "/Windows/System32"
+    files[f"{s32}/cmd.exe"] = _pe(r, "Windows Command Processor")
+    files[f"{s32}/ntoskrnl.exe"] = _pe(r, "NT kernel", pe_mod.SUBSYSTEM_NATIVE)
+    files[f"{s32}/hal.dll"] = _pe(r, "Hardware Abstraction Layer", pe_mod.SUBSYSTEM_NATIVE)
+    files[f"{s32}/winload.exe"] = _pe(r, "Windows boot loader (BIOS)", 16)  # boot application
+    files[f"{s32}/winload.efi"] = _pe(r, "Windows boot loader (UEFI)", pe_mod.SUBSYSTEM_EFI_APPLICATION)
+    files[f"{s32}/pnputil.exe"] = _pe(r, "PnP utility")
+    drivers = dict(VMWARE_DRIVERS)
+    inbox = INBOX_DRIVERS + (INBOX_DRIVERS_WIN8 if r.driver_database else INBOX_DRIVERS_WIN7)
+    drivers.update({d: f"Microsoft inbox driver {d}" for d in inbox})
+    for name, desc in drivers.items():
+        files[f"{s32}/drivers/{name}.sys"] = _pe(r, desc, pe_mod.SUBSYSTEM_NATIVE)
+    for inf, sys_name in (("oem2.inf", "pvscsi"), ("oem3.inf", "vmxnet3")):
+        files[f"/Windows/INF/{inf}"] = _inf_text(sys_name).encode("ascii")
+        if r.driver_database:
+            arch = "amd64" if r.arch == "x86_64" else "x86"
+            pkg = f"{s32}/DriverStore/FileRepository/{sys_name}.inf_{arch}_{_pkg_hash(r, sys_name + '.inf')}"
+            files[f"{pkg}/{sys_name}.inf"] = _inf_text(sys_name).encode("ascii")
+            files[f"{pkg}/{sys_name}.sys"] = files[f"{s32}/drivers/{sys_name}.sys"]
+    tools = "/Program Files/VMware/VMware Tools"
+    files[f"{tools}/vmtoolsd.exe"] = _pe(r, "VMware Tools daemon")
+    files[f"{tools}/VMwareToolboxCmd.exe"] = _pe(r, "VMware Tools toolbox")
+    files["/Windows/win.ini"] = b"; for 16-bit app support\r\n[fonts]\r\n[extensions]\r\n"
+    return files
+
+
+def _inf_text(name: str) -> str:
+    if name == "pvscsi":
+        return ("[Version]\r\nSignature=\"$WINDOWS NT$\"\r\nClass=SCSIAdapter\r\n"
+                f"ClassGUID={SCSI_ADAPTER_CLASS}\r\nProvider=%VMWARE%\r\nDriverVer=03/18/2022,1.3.26.0\r\n"
+                "\r\n[Manufacturer]\r\n%VMWARE%=VMWARE,NTamd64\r\n\r\n[VMWARE.NTamd64]\r\n"
+                "%pvscsi.DeviceDesc%=pvscsi_Inst, PCI\\VEN_15AD&DEV_07C0\r\n\r\n"
+                "[pvscsi_Service_Inst]\r\nServiceType=1\r\nStartType=0\r\nErrorControl=1\r\n"
+                "ServiceBinary=%12%\\pvscsi.sys\r\nLoadOrderGroup=SCSI miniport\r\n\r\n"
+                "[Strings]\r\nVMWARE=\"VMware, Inc.\"\r\npvscsi.DeviceDesc=\"VMware PVSCSI Controller\"\r\n")
+    return ("[Version]\r\nSignature=\"$WINDOWS NT$\"\r\nClass=Net\r\n"
+            f"ClassGUID={NET_CLASS}\r\nProvider=%VMWARE%\r\nDriverVer=05/10/2023,1.9.11.0\r\n"
+            "\r\n[Manufacturer]\r\n%VMWARE%=VMWARE,NTamd64\r\n\r\n[VMWARE.NTamd64]\r\n"
+            "%vmxnet3.DeviceDesc%=vmxnet3.ndis630.x64, PCI\\VEN_15AD&DEV_07B0\r\n\r\n"
+            "[vmxnet3.Service]\r\nServiceType=1\r\nStartType=3\r\nErrorControl=1\r\n"
+            "ServiceBinary=%12%\\vmxnet3.sys\r\nLoadOrderGroup=NDIS\r\n\r\n"
+            "[Strings]\r\nVMWARE=\"VMware, Inc.\"\r\nvmxnet3.DeviceDesc=\"vmxnet3 Ethernet Adapter\"\r\n")
+
+
+def hiberfil(size: int = 64 * 1024) -> bytes:
+    """A hiberfil.sys header as a hibernated (or Fast-Startup) Windows leaves it: ``HIBR``."""
+    head = b"HIBR" + struct.pack("<IIII", 0, 0x1000, 0, 0x1000)
+    return head + b"\0" * (size - len(head))
+
+
+# ----------------------------------------------------------------------- build
+
+
+def _guestfs():
+    import guestfs
+
+    from h2k import accel
+
+    accel.apply_libguestfs_env()
+    g = guestfs.GuestFS(python_return_dict=True)
+    return g
+
+
+def _qemu_img_create(path: Path, gib: int) -> None:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), f"{gib}G"], check=True)
+
+
+def _write_tree(g, files: dict[str, bytes], staging: Path) -> None:
+    """Put files in the mounted guest: small ones with write(), larger ones via upload()."""
+    dirs = sorted({os.path.dirname(p) for p in files})
+    for d in dirs:
+        g.mkdir_p(d)
+    for path, data in files.items():
+        if len(data) < 1 * MiB:
+            g.write(path, data)
+        else:
+            local = staging / hashlib.sha1(path.encode()).hexdigest()
+            local.write_bytes(data)
+            g.upload(str(local), path)
+
+
+def _build_windows(r: WindowsRecipe, out: Path) -> None:
+    parts = layout(r)
+    with Progress(f"build {r.name}", 6) as prog, tempfile.TemporaryDirectory(prefix="h2k-windisk-") as tmpd:
+        tmp = Path(tmpd)
+        prog.step("hives and BCD from .reg text")
+        system = hive_mod.make_hive(tmp / "SYSTEM", system_reg_text(r), "HKEY_LOCAL_MACHINE\\SYSTEM")
+        software = hive_mod.make_hive(tmp / "SOFTWARE", software_reg_text(r), "HKEY_LOCAL_MACHINE\\SOFTWARE")
+        if r.defect == "truncated-hive":
+            data = system.read_bytes()
+            # Cut inside the hive bins: the header still says regf, the bins are gone.
+            system.write_bytes(data[: 0x1000 + 0x1000 // 2])
+        bcd = bcd_mod.make_bcd(tmp / "BCD", bcd_spec(r))
+        empty = hive_mod.empty_hive()
+        _qemu_img_create(out, r.disk_gib)
+
+        prog.step("launch libguestfs")
+        g = _guestfs()
+        try:
+            g.add_drive_opts(str(out), format="qcow2", readonly=False)
+            g.launch()
+            dev = g.list_devices()[0]
+            prog.step("partition and make file systems")
+            g.part_init(dev, "msdos" if r.firmware == "bios" else "gpt")
+            for p in parts:
+                g.part_add(dev, "p", p.start, p.end)
+            for p in parts:
+                pdev = f"{dev}{p.number}"
+                if r.firmware == "bios":
+                    g.part_set_mbr_id(dev, p.number, 0x07)
+                else:
+                    g.part_set_gpt_type(dev, p.number, p.gpt_type)
+                    g.part_set_gpt_guid(dev, p.number, p.gpt_guid.strip("{}").upper())
+                    g.part_set_name(dev, p.number, {"esp": "EFI system partition",
+                                                    "msr": "Microsoft reserved partition",
+                                                    "windows": "Basic data partition"}[p.role])
+                if p.fstype:
+                    opts = {"label": p.label} if p.label else {}
+                    g.mkfs(p.fstype, pdev, **opts)
+            if r.firmware == "bios":
+                g.part_set_bootable(dev, 1, True)
+                g.pwrite_device(dev, struct.pack("<I", r.disk_signature), 440)
+            else:
+                g.part_set_disk_guid(dev, r.disk_guid.strip("{}").upper())
+
+            prog.step("write C: (hives, PE files, drivers)")
+            win = _part(parts, "windows")
+            g.mount(f"{dev}{win.number}", "/")
+            files = windows_files(r)
+            cfg = "/Windows/System32/config"
+            files[f"{cfg}/SYSTEM"] = system.read_bytes()
+            files[f"{cfg}/SOFTWARE"] = software.read_bytes()
+            for h in ("SAM", "SECURITY", "DEFAULT"):
+                files[f"{cfg}/{h}"] = empty
+            if r.defect == "hibernated":
+                files["/hiberfil.sys"] = hiberfil()
+            _write_tree(g, files, tmp)
+            for d in ("/Users/Public", "/ProgramData", "/Windows/Temp", "/Program Files (x86)"):
+                g.mkdir_p(d)
+            g.umount_all()
+
+            prog.step("write the boot files and BCD")
+            boot_files: dict[str, bytes] = {}
+            if r.firmware == "bios":
+                sysp = _part(parts, "system-reserved")
+                boot_files["/bootmgr"] = b"BOOTMGR phony (hyper2kvm test bed)\0" + b"\0" * 4000
+                boot_files["/Boot/BCD"] = bcd.read_bytes()
+            else:
+                sysp = _part(parts, "esp")
+                efi = _pe(r, "Windows Boot Manager", pe_mod.SUBSYSTEM_EFI_APPLICATION)
+                boot_files["/EFI/Microsoft/Boot/bootmgfw.efi"] = efi
+                boot_files["/EFI/Microsoft/Boot/BCD"] = bcd.read_bytes()
+                boot_files["/EFI/Boot/bootx64.efi"] = efi
+            g.mount(f"{dev}{sysp.number}", "/")
+            _write_tree(g, boot_files, tmp)
+            g.umount_all()
+            g.shutdown()
+        finally:
+            g.close()
+        prog.step("done")
+
+
+def _build_linux(r: LinuxRecipe, out: Path) -> None:
+    with Progress(f"build {r.name}", 3) as prog:
+        _qemu_img_create(out, r.disk_gib)
+        prog.step("launch libguestfs")
+        g = _guestfs()
+        try:
+            g.add_drive_opts(str(out), format="qcow2", readonly=False)
+            g.launch()
+            dev = g.list_devices()[0]
+            prog.step("partition, mkfs ext4, write /etc")
+            g.part_disk(dev, "mbr")
+            g.mkfs("ext4", f"{dev}1", label="rootfs")
+            g.mount(f"{dev}1", "/")
+            for d in ("/usr/bin", "/usr/lib", "/etc", "/var", "/home", "/root", "/tmp", "/boot"):
+                g.mkdir_p(d)
+            g.ln_s("usr/bin", "/bin")
+            g.ln_s("usr/lib", "/lib")
+            uuid_ = g.vfs_uuid(f"{dev}1")
+            g.write("/etc/os-release", (
+                f'PRETTY_NAME="{r.pretty_name}"\nNAME="Debian GNU/Linux"\nVERSION_ID="{r.version_id}"\n'
+                f'VERSION="{r.version_id} (bookworm)"\nVERSION_CODENAME=bookworm\nID={r.distro}\n'
+                'HOME_URL="https://www.debian.org/"\n').encode())
+            g.write("/etc/debian_version", f"{r.version_id}.5\n".encode())
+            g.write("/etc/hostname", f"{r.hostname}\n".encode())
+            g.write("/etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{r.hostname}\n".encode())
+            g.write("/etc/fstab", f"UUID={uuid_}\t/\text4\terrors=remount-ro\t0\t1\n".encode())
+            # A real ELF binary, so libguestfs can tell the architecture.
+            ls = shutil.which("ls") or "/usr/bin/ls"
+            g.upload(ls, "/usr/bin/ls")
+            g.chmod(0o755, "/usr/bin/ls")
+            g.umount_all()
+            g.shutdown()
+        finally:
+            g.close()
+        prog.step("done")
+
+
+def _build_empty(r: EmptyRecipe, out: Path) -> None:
+    with Progress(f"build {r.name}", 1) as prog:
+        _qemu_img_create(out, r.disk_gib)
+        prog.step("blank qcow2")
+
+
+def _recipe_data(r: Recipe) -> dict:
+    data = {"recipe": dataclasses.asdict(r), "kind": r.kind}
+    if r.kind == "windows":
+        data["templates"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(RECIPES_DIR.glob("*.reg"))}
+    return data
+
+
+def build(name: str) -> Path:
+    """The cached qcow2 for variant ``name`` (built on first use, ~30-60 s under TCG)."""
+    if name not in VARIANTS:
+        from h2k.errors import InputError
+
+        raise InputError(f"unknown phony disk {name!r} (known: {', '.join(sorted(VARIANTS))})")
+    r = VARIANTS[name]
+    fn: Callable[[Path], None]
+    if isinstance(r, WindowsRecipe):
+        fn = lambda out: _build_windows(r, out)  # noqa: E731
+    elif isinstance(r, LinuxRecipe):
+        fn = lambda out: _build_linux(r, out)  # noqa: E731
+    else:
+        fn = lambda out: _build_empty(r, out)  # noqa: E731
+    return cached_build(name, _recipe_data(r), fn, suffix=".qcow2",
+                        modules=[sys.modules[__name__], hive_mod, regtext, pe_mod, bcd_mod])
+
+
+def builders() -> dict[str, Callable[[], Path]]:
+    """For ``h2k testbed build``: one builder per variant."""
+    return {name: (lambda n=name: build(n)) for name in VARIANTS}
