@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "h2k.commands.engine_cmd",
     "h2k.commands.plan_cmd",
     "lab.testbed.cli",
+    "lab.commands_boot",
     "matrix.cli",
     "h2k.commands.domain_cmd",
 ]

@@ -165,7 +165,8 @@ class Scorer:
             code = ev.data.get("stop_code")
             name = ev.data.get("stop_name")
             reason = f"bugcheck {stopcodes.describe(code)} (EMS console)" if code is not None else "bugcheck (EMS console, no stop code)"
-            return self._fail(reason, "console-bluescreen", stop_code=code, stop_name=name, data=ev.data)
+            return self._fail(reason, "console-bluescreen", stop_code=code, stop_name=name,
+                              data={**ev.data, "crash": True})
         if ev.kind == "failure":
             if ev.verdict == "softfailed":
                 self.known.append(f"{ev.name}: {ev.text}")
@@ -173,7 +174,8 @@ class Scorer:
             if ev.name == "no-bootable-device":
                 return self._fail(f"no bootable device ({where}: {ev.text!r})", f"{where}-failure")
             detail = ev.data.get("detail")
-            return self._fail(f"{ev.name}: {detail or ev.text}", f"{where}-failure", data={"line": ev.text})
+            return self._fail(f"{ev.name}: {detail or ev.text}", f"{where}-failure",
+                              data={"line": ev.text, "crash": ev.name in CRASH_PATTERNS})
         if ev.kind == "ems-machine-info":
             self.machine_info = ev.data
             if self.console_ok is None:
@@ -205,6 +207,12 @@ class Scorer:
         return Decision("passed", "; ".join(what) or "booted", "success", data=data)
 
 
+# Console failures that announce a crash QMP may still report with more detail.
+CRASH_PATTERNS = {"kernel-panic"}
+# How long a console crash waits for the stronger QMP GUEST_PANICKED (same crash, ms apart).
+CORROBORATE_SECONDS = 0.5
+
+
 def _tail(text: str | None) -> str:
     if not text:
         return ""
@@ -213,8 +221,15 @@ def _tail(text: str | None) -> str:
 
 
 def score(bus: SignalBus, scorer: Scorer, deadline: float,
-          on_signal: Callable[[Signal], None] | None = None) -> Decision:
-    """Block on the bus until a decision or the deadline (monotonic)."""
+          on_signal: Callable[[Signal], None] | None = None,
+          corroborate: float = CORROBORATE_SECONDS) -> Decision:
+    """Block on the bus until a decision or the deadline (monotonic).
+
+    A crash seen on the console first (Linux prints its panic line just before
+    the panic notifiers run pvpanic; Windows EMS writes BLUESCREEN around the
+    hv-crash report) waits up to ``corroborate`` seconds for QMP GUEST_PANICKED,
+    the stronger signal, so the verdict names it and its stop code.
+    """
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -232,6 +247,29 @@ def score(bus: SignalBus, scorer: Scorer, deadline: float,
             on_signal(sig)
         d = scorer.handle(sig)
         if d is not None:
+            if d.data.get("crash") and corroborate > 0:
+                return _corroborate(bus, scorer, d, min(deadline, time.monotonic() + corroborate), on_signal)
+            return d
+
+
+def _corroborate(bus: SignalBus, scorer: Scorer, first: Decision, until: float,
+                 on_signal: Callable[[Signal], None] | None) -> Decision:
+    while True:
+        sig = bus.get(until - time.monotonic())
+        if sig is None:
+            return first
+        if on_signal:
+            on_signal(sig)
+        if sig.source == "qmp" and sig.name == "GUEST_PANICKED":
+            d = scorer._qmp(sig)
+            assert d is not None
+            if d.stop_code is None and first.stop_code is not None:  # pvpanic + EMS stop code
+                d.stop_code, d.stop_name = first.stop_code, first.stop_name
+            d.reason += f"; console: {first.reason}"
+            d.signal_t = first.signal_t
+            d.known_issues = first.known_issues
+            d.data = {**first.data, **d.data}
+            scorer.decision = d
             return d
 
 

@@ -58,10 +58,12 @@ BUILTIN_FAILURES: tuple[Pattern, ...] = (
     # Boot loaders
     Pattern("grub-rescue", r"^grub rescue> ?$"),
     Pattern("grub-no-device", r"error: (?:no such device|unknown filesystem)[^\n]*"),
-    # Firmware: SeaBIOS (debug port; also the console with sercon) and OVMF
+    # Firmware: SeaBIOS (debug port; also the console with sercon) and OVMF.
+    # (SeaBIOS' per-device "Boot failed: ..." is not conclusive: it tries the next device.)
     Pattern("no-bootable-device", r"No bootable device\.?", source="any"),
     Pattern("no-bootable-device", r"No bootable option or device was found", source="any"),
-    Pattern("no-bootable-device", r"Boot failed: not a bootable disk", source="any"),
+    # OVMF with a shell falls back to it once every boot option failed (Debian's non-secboot build).
+    Pattern("no-bootable-device", r'BdsDxe: (?:loading|starting) Boot[0-9A-F]{4} "EFI Internal Shell"', source="any"),
     # Windows boot manager text on the EMS console
     Pattern("windows-boot-failure", r"Windows failed to start\.[^\n]*"),
 )
