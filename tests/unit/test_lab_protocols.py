@@ -1,0 +1,142 @@
+"""QMP and guest-agent protocol logic against small fake socket servers.
+
+(The same clients run against real QEMU and a real qemu-ga in tests/boot.)
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from lab.agent import AgentClient, AgentError, ipv4_addresses, ping_command
+from lab.qmp import QMPClient, QMPClosed, QMPError
+
+
+def serve_once(path: Path, handler):
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def run():
+        conn, _ = srv.accept()
+        try:
+            handler(conn, conn.makefile("rwb", buffering=0))
+        finally:
+            conn.close()
+            srv.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def fake_qemu(conn, fh):
+    fh.write(b'{"QMP": {"version": {"qemu": {"major": 7}}, "capabilities": ["oob"]}}\r\n')
+    for line in fh:
+        msg = json.loads(line)
+        cid = msg.get("id")
+        if msg["execute"] == "qmp_capabilities":
+            fh.write(json.dumps({"return": {}, "id": cid}).encode() + b"\r\n")
+        elif msg["execute"] == "cont":
+            # An event may arrive before the reply it relates to.
+            fh.write(b'{"timestamp": {"seconds": 1, "microseconds": 0}, "event": "RESUME"}\r\n')
+            fh.write(json.dumps({"return": {}, "id": cid}).encode() + b"\r\n")
+            fh.write(b'{"timestamp": {"seconds": 2, "microseconds": 0}, "event": "GUEST_PANICKED", '
+                     b'"data": {"action": "pause", "info": {"type": "hyper-v", "arg1": 123, "arg2": 0, '
+                     b'"arg3": 0, "arg4": 0, "arg5": 0}}}\r\n')
+        elif msg["execute"] == "nope":
+            fh.write(json.dumps({"error": {"class": "CommandNotFound", "desc": "no"}, "id": cid}).encode() + b"\r\n")
+        elif msg["execute"] == "quit":
+            fh.write(json.dumps({"return": {}, "id": cid}).encode() + b"\r\n")
+            return
+
+
+def test_qmp_client_commands_events_log(tmp_path):
+    sock = tmp_path / "qmp.sock"
+    t = serve_once(sock, fake_qemu)
+    seen = []
+    c = QMPClient(sock, tmp_path / "qmp.jsonl")
+    c.add_listener(seen.append)
+    c.connect(timeout=5)
+    assert c.greeting["QMP"]["version"]["qemu"]["major"] == 7
+    assert c.execute("cont") == {}
+    ev = c.wait_event("GUEST_PANICKED", timeout=5)
+    assert ev["data"]["info"]["arg1"] == 123
+    with pytest.raises(QMPError, match="CommandNotFound"):
+        c.execute("nope")
+    c.execute("quit")
+    t.join(5)
+    with pytest.raises(QMPClosed):
+        c.wait_event("SHUTDOWN", timeout=5)
+    c.close()
+    assert [e["event"] for e in seen] == ["RESUME", "GUEST_PANICKED", "__closed__"]
+    log = [json.loads(x) for x in (tmp_path / "qmp.jsonl").read_text().splitlines()]
+    dirs = [r["dir"] for r in log]
+    assert dirs[0] == "in" and "out" in dirs and all("t" in r for r in log)
+    assert any(r["msg"].get("execute") == "cont" for r in log)
+
+
+def test_qmp_connect_fails_cleanly(tmp_path):
+    with pytest.raises(QMPError, match="cannot connect"):
+        QMPClient(tmp_path / "missing.sock").connect(timeout=0.2)
+
+
+def fake_agent(conn, fh):
+    # Stale bytes from an earlier session sit in the channel before the handshake.
+    fh.write(b'{"return": 99}\n garbage')
+    buf = b""
+    while True:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            line = line.lstrip(b"\xff")
+            msg = json.loads(line)
+            cmd = msg["execute"]
+            if cmd == "guest-sync-delimited":
+                fh.write(b'{"return": 12345}\n')  # an old sync answer first
+                fh.write(b"\xff" + json.dumps({"return": msg["arguments"]["id"]}).encode() + b"\n")
+            elif cmd == "guest-ping":
+                fh.write(b'{"return": {}}\n')
+            elif cmd == "guest-get-osinfo":
+                fh.write(b'{"return": {"id": "mswindows", "pretty-name": "Windows Server 2019"}}\n')
+            elif cmd == "guest-network-get-interfaces":
+                fh.write(json.dumps({"return": [
+                    {"name": "lo", "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "127.0.0.1"}]},
+                    {"name": "Ethernet", "ip-addresses": [
+                        {"ip-address-type": "ipv6", "ip-address": "fe80::1"},
+                        {"ip-address-type": "ipv4", "ip-address": "10.0.2.15"}]}]}).encode() + b"\n")
+            elif cmd == "guest-exec":
+                assert msg["arguments"]["path"] == "ping.exe"
+                fh.write(b'{"return": {"pid": 42}}\n')
+            elif cmd == "guest-exec-status":
+                fh.write(b'{"return": {"exited": true, "exitcode": 0, "out-data": "UmVwbHkgZnJvbSAxMC4wLjIuMg=="}}\n')
+            elif cmd == "guest-get-devices":
+                fh.write(b'{"error": {"class": "GenericError", "desc": "not supported"}}\n')
+            elif cmd == "guest-shutdown":
+                return
+
+
+def test_agent_sync_discards_stale_bytes_and_runs_checks(tmp_path):
+    sock = tmp_path / "qga.sock"
+    t = serve_once(sock, fake_agent)
+    with AgentClient(sock, tmp_path / "agent.jsonl") as a:
+        a.sync(timeout=5)
+        a.ping()
+        os_ = a.osinfo()
+        assert os_["id"] == "mswindows"
+        assert ipv4_addresses(a.interfaces()) == {"Ethernet": ["10.0.2.15"]}
+        path, args = ping_command(os_, "10.0.2.2")
+        res = a.exec(path, args)
+        assert res["exitcode"] == 0 and "10.0.2.2" in res["out"]
+        with pytest.raises(AgentError, match="not supported"):
+            a.devices()
+        a.shutdown()
+    t.join(5)
+    assert ping_command({"id": "debian"}, "10.0.2.2")[0] == "ping"

@@ -1,0 +1,101 @@
+"""Profile -> QEMU argv (asserted offline; tests/boot starts QEMU with these argv for real)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from h2k.accel import AccelDecision
+from h2k.profile import MachineProfile
+from lab import firmware, qemu_cmd
+
+TCG = AccelDecision("tcg", "test", "env")
+KVM = AccelDecision("kvm", "test", "env")
+FDS = qemu_cmd.SocketFds(qmp=10, console=11, debugcon=12, agent=13)
+
+
+def argv(profile, disk=Path("/tmp/d.qcow2"), accel=TCG, **kw):
+    return qemu_cmd.build(profile, accel=accel, name="h2k-test", fds=FDS, serial_log=Path("/o/serial.log"),
+                          firmware_log=Path("/o/firmware.log"), disk=disk, **kw).argv
+
+
+def opt_values(a, flag):
+    return [a[i + 1] for i, x in enumerate(a) if x == flag]
+
+
+def test_evidence_actions_sockets_and_accel():
+    a = argv(MachineProfile("w", hyperv=True))
+    assert opt_values(a, "-action") == ["panic=pause", "reboot=shutdown", "shutdown=pause"]
+    assert "-S" in a and opt_values(a, "-name") == ["h2k-test"]
+    assert opt_values(a, "-accel") == ["tcg,thread=multi"]
+    cpu = opt_values(a, "-cpu")[0]
+    assert cpu.startswith("max,") and "hv-crash" in cpu
+    assert "socket,id=qmp,fd=10,server=on,wait=off" in a
+    assert any(x.startswith("socket,id=com1,fd=11") and "logfile=/o/serial.log" in x for x in a)
+    assert "isa-debugcon,iobase=0x402,chardev=fwdbg" in a
+    assert any("name=org.qemu.guest_agent.0" in x for x in a)
+    assert "pvpanic-pci" in a and "-display" in a
+    kvm = argv(MachineProfile("w", hyperv=False), accel=KVM)
+    assert opt_values(kvm, "-accel") == ["kvm"] and opt_values(kvm, "-cpu") == ["host"]
+
+
+@pytest.mark.parametrize("bus,expect", [
+    ("sata", "ide-hd,drive=disk0,bus=ide.0,bootindex=1"),
+    ("virtio-blk", "virtio-blk-pci,drive=disk0,bootindex=1"),
+    ("virtio-scsi", "scsi-hd,drive=disk0,bus=scsi0.0,bootindex=1"),
+    ("ide", "ide-hd,drive=disk0,bus=ide.0,unit=0,bootindex=1"),
+    ("pvscsi", "pvscsi,id=scsi0"),
+    ("scsi-lsi", "lsi53c895a,id=scsi0"),
+])
+def test_disk_buses(bus, expect):
+    p = MachineProfile("w", disk_bus=bus)
+    a = argv(p)
+    assert expect in a
+    if bus == "ide":
+        assert opt_values(a, "-machine") == ["pc"] and "pvpanic" in a
+
+
+def test_sata_on_pc_adds_ahci_and_cdroms():
+    p = MachineProfile("w", machine_type="pc", disk_bus="sata", cdroms=["/isos/virtio-win.iso"])
+    a = argv(p)
+    assert "ahci,id=ahci0" in a and "ide-hd,drive=disk0,bus=ahci0.0,bootindex=1" in a
+    assert "ide-cd,drive=cd0,bus=ide.1,unit=0" in a
+    q = argv(MachineProfile("w", disk_bus="sata", cdroms=["/a.iso", "/b.iso"]))
+    assert "ide-cd,drive=cd0,bus=ide.1" in q and "ide-cd,drive=cd1,bus=ide.2" in q
+
+
+@pytest.mark.parametrize("nic,dev", [("virtio-net", "virtio-net-pci"), ("e1000e", "e1000e"), ("vmxnet3", "vmxnet3")])
+def test_nics_are_slirp_restricted_without_option_rom(nic, dev):
+    a = argv(MachineProfile("w", nic_model=nic, mac="52:54:00:12:34:56"))
+    assert opt_values(a, "-netdev") == ["user,id=net0,restrict=on"]
+    assert f"{dev},netdev=net0,romfile=,mac=52:54:00:12:34:56" in a
+    assert "-netdev" not in argv(MachineProfile("w", nic_model="none"))
+
+
+def test_uefi_vars_copy_and_no_network_boot(tmp_path):
+    fw = firmware.find("uefi")
+    vars_path = firmware.prepare_vars(fw, tmp_path)
+    assert vars_path.read_bytes() == fw.vars_template.read_bytes() and vars_path.parent == tmp_path
+    a = argv(MachineProfile("w", firmware="uefi"), fw=fw, vars_path=vars_path)
+    assert f"if=pflash,format=raw,unit=0,readonly=on,file={fw.code}" in a
+    assert f"if=pflash,format=raw,unit=1,file={vars_path}" in a
+    assert "name=opt/org.tianocore/IPv4PXESupport,string=n" in a
+    # A kept VARS file is reused as is (two-phase boots keep one NVRAM).
+    vars_path.write_bytes(b"changed")
+    assert firmware.prepare_vars(fw, tmp_path, keep=vars_path).read_bytes() == b"changed"
+
+
+def test_secure_boot_uses_smm_and_enrolled_vars(tmp_path):
+    fw = firmware.find("uefi-secureboot")
+    assert "secboot" in fw.code.name and ".ms." in fw.vars_template.name
+    a = argv(MachineProfile("w", firmware="uefi-secureboot"), fw=fw, vars_path=tmp_path / "v.fd")
+    assert opt_values(a, "-machine") == ["q35,smm=on"]
+    assert "driver=cfi.pflash01,property=secure,value=on" in a
+
+
+def test_direct_kernel_and_no_disk():
+    p = MachineProfile("k", kernel="/boot/vmlinuz", initrd="/i.cpio.gz", append="console=ttyS0")
+    a = argv(p, disk=None)
+    assert opt_values(a, "-kernel") == ["/boot/vmlinuz"] and opt_values(a, "-append") == ["console=ttyS0"]
+    assert not any(x.startswith("if=none,id=disk0") for x in a)
