@@ -192,8 +192,9 @@ class Runner:
         self._write_lock = threading.Lock()
         self._final_written = False
         self._results: dict[str, CellResult] = {}
-        self._running: dict[str, tuple[float, threading.Event, bool]] = {}  # id -> (started, stop, timed_out)
+        self._running: dict[str, tuple[float | None, threading.Event, bool]] = {}  # id -> (started, stop, timed_out)
         self._prepared: dict[tuple[str, str | None], Prepared | BaseException] = {}
+        self._prep_report: dict[str, dict[str, Any]] = {}
         self._prep_locks: dict[tuple[str, str | None], threading.Lock] = {}
         self.started = ""
 
@@ -233,7 +234,8 @@ class Runner:
             interrupted=self._stop.is_set() or not final,
             shard=self.shard,
             matrix_file=self.spec.source,
-            extra={"in_progress": not final, "jobs": self.jobs, "hosts": self.connect},
+            extra={"in_progress": not final, "jobs": self.jobs, "hosts": self.connect,
+                   "prepared": dict(self._prep_report)},
         )
         if self.previous is not None:
             from matrix.reports import merge_results
@@ -268,11 +270,19 @@ class Runner:
                 workdir = self.outdir / "prepared" / _safe(f"{cell.image}.{cell.pack or 'nopack'}")
                 workdir.mkdir(parents=True, exist_ok=True)
                 self.progress.note(f"preparing {cell.image}" + (f" with {cell.pack}" if cell.pack else ""))
+                t_prep = time.monotonic()
                 try:
                     got = self.executor.prepare(image, pack, workdir, self._stop)
                 except BaseException as exc:  # remembered: every cell of this key reports it
                     got = exc
                 self._prepared[key] = got
+                self._prep_report[f"{cell.image}.{cell.pack or 'nopack'}"] = {
+                    "seconds": round(time.monotonic() - t_prep, 3),
+                    "ok": not isinstance(got, BaseException),
+                    "error": str(got) if isinstance(got, BaseException) else None,
+                    "base": str(got.base) if isinstance(got, Prepared) else None,
+                    "info": got.info if isinstance(got, Prepared) else {},
+                }
         if isinstance(got, BaseException):
             raise got
         return got
@@ -283,7 +293,7 @@ class Runner:
         ev = threading.Event()
         t0 = time.monotonic()
         with self._lock:
-            self._running[cell.id] = (t0, ev, False)
+            self._running[cell.id] = (None, ev, False)  # no deadline while the shared fix runs
             if self._stop.is_set():
                 ev.set()
         self.progress.started(cell.id, host)
@@ -291,6 +301,10 @@ class Runner:
             prepared = self._prepare(cell)
             overlay = cell_dir / "disk.qcow2"
             create_overlay(prepared.base, prepared.base_format, overlay)
+            # The cell's own time (and its timeout) starts now: the fix is shared and reported apart.
+            t0 = time.monotonic()
+            with self._lock:
+                self._running[cell.id] = (t0, ev, False)
             ctx = CellContext(cell, prepared, overlay, cell_dir, host, ev,
                               default_memory_mb(self.spec.image(cell.image)))
             out = self.executor.run_cell(ctx)
@@ -342,7 +356,7 @@ class Runner:
         with self._lock:
             for cid, (t0, ev, timed_out) in list(self._running.items()):
                 cell = next(c for c in self.cells if c.id == cid)
-                if not timed_out and now - t0 > cell.timeout + self.watchdog_grace:
+                if t0 is not None and not timed_out and now - t0 > cell.timeout + self.watchdog_grace:
                     self._running[cid] = (t0, ev, True)
                     ev.set()
 
