@@ -250,6 +250,9 @@ def _driverdb_changes(facts: WindowsFacts, df: DriverFiles, name: str, ids: list
         RegValue(SYSTEM, k_inf, "Active", REG_SZ, pkg, why),
         RegValue(SYSTEM, k_inf, "Configurations", REG_MULTI_SZ, configs, why),
     ]
+    # Only the IDs the INF lists: pnputil indexes exactly those (the extra SUBSYS-only
+    # form is for CriticalDeviceDatabase, which matches by key name alone).
+    ids = [i for i in ids if i.upper() in descriptors]
     for hwid in ids:
         rank = "01ff0000" if hwid.upper() in first_ids else "02ff0000"
         dev_key = "DriverDatabase\\DeviceIds\\" + hwid.upper()  # PCI\VEN_..: PCI is a key level

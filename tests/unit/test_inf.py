@@ -170,3 +170,21 @@ def test_not_an_inf():
 def test_parse_file_errors(tmp_path):
     with pytest.raises(InputError, match="cannot read"):
         infmod.parse_file(tmp_path / "missing.inf")
+
+
+def test_addreg_entries():
+    inf = _fake("viostor")
+    svc = inf.associated_service
+    assert svc.addreg_sections == ["pnpsafe_pci_addreg"]
+    entries = infmod.addreg(inf, "pnpsafe_pci_addreg")
+    assert [(e.root, e.subkey, e.name, e.reg_type, e.data()) for e in entries] == [
+        ("HKR", "Parameters\\PnpInterface", "5", 4, 1), ("HKR", "Parameters", "BusType", 4, 1)]
+    msi = infmod.addreg(inf, "msi_addreg")
+    assert msi[0].key_only and msi[0].name is None and msi[0].subkey == "Interrupt Management"
+    assert (msi[2].name, msi[2].data()) == ("MSISupported", 1)
+    ev = infmod.addreg(inf, "miniport_EventLog_AddReg")[0]
+    assert (ev.name, ev.reg_type, ev.data()) == ("EventMessageFile", 2, "%SystemRoot%\\System32\\IoLogMsg.dll")
+    text = '[Version]\nSignature="$Windows NT$"\n[r]\nHKR,,Multi,0x00010000,"a","b, c"\nHKR,,Bin,1,0a,FF\n'
+    m, b = infmod.addreg(infmod.parse_text(text), "r")
+    assert (m.reg_type, m.data()) == (7, ["a", "b, c"])
+    assert (b.reg_type, b.data()) == (3, "0aff")

@@ -63,6 +63,8 @@ def test_win2019_virtio_blk(pack):
                        ("PCI\\VEN_1AF4&DEV_1042", "02ff0000")]:
         v = r[("DriverDatabase\\DeviceIds\\" + hwid, "viostor.inf")]
         assert (v.type, v.data) == (REG_BINARY, rank)
+    assert ("DriverDatabase\\DeviceIds\\PCI\\VEN_1AF4&DEV_1001&SUBSYS_00021AF4", "viostor.inf") not in r
+    assert len([k for k in r if k[0].startswith("DriverDatabase\\DeviceIds")]) == 4
     cfg = f"DriverDatabase\\DriverPackages\\{pkg}\\Configurations\\scsi_inst"
     assert r[(cfg, "Service")].data == "viostor"
     desc = f"DriverDatabase\\DriverPackages\\{pkg}\\Descriptors\\PCI\\VEN_1AF4&DEV_1042&SUBSYS_11001AF4&REV_01"
