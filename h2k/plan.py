@@ -393,10 +393,14 @@ def _firstboot_script(facts: WindowsFacts, staging_win: str, agent_msi: str | No
         ]
     if net_script:
         lines += [
-            'powershell -NoProfile -ExecutionPolicy Bypass -File "%H2K%\\h2k-network.ps1" >> "%LOG%" 2>&1',
+            # Server 2008 (NT 6.0) may lack PowerShell: say so rather than retry forever.
+            'set PS=%SystemRoot%\\System32\\WindowsPowerShell\\v1.0\\powershell.exe',
+            'if not exist "%PS%" (echo PowerShell missing: static IP not re-applied >> "%LOG%" & goto marker)',
+            '"%PS%" -NoProfile -ExecutionPolicy Bypass -File "%H2K%\\h2k-network.ps1" >> "%LOG%" 2>&1',
             'if errorlevel 1 (echo network configuration failed, will retry at next boot >> "%LOG%" & goto setupdone)',
         ]
     lines += [
+        ":marker",
         'echo done %DATE% %TIME% > "%H2K%\\firstboot.done"',
         'echo %DATE% %TIME% h2k first boot complete >> "%LOG%"',
         ":cleanup",

@@ -28,6 +28,10 @@ DATA = Path(__file__).with_name("virtio_win_data")
 DEFAULT_VERSION = "100.95.104.26200"
 DEFAULT_RELEASE = "0.1.266"
 DEFAULT_DATE = "08/13/2024"
+# A newer "candidate" pack for driver-pack gate tests: same layout, different version.
+CANDIDATE_VERSION = "100.96.104.26500"
+CANDIDATE_RELEASE = "0.1.271"
+CANDIDATE_DATE = "11/04/2024"
 
 CLIENT_OS = ["w7", "w8", "w8.1", "w10", "w11"]
 SERVER_OS = ["2k8", "2k8R2", "2k12", "2k12R2", "2k16", "2k19", "2k22", "2k25"]
@@ -186,4 +190,9 @@ def build_iso(version: str = DEFAULT_VERSION, release: str = DEFAULT_RELEASE, da
 
 
 def builders() -> dict[str, Callable[[], Path]]:
-    return {"virtio-win-tree": build_tree, "virtio-win-iso": build_iso}
+    return {
+        "virtio-win-tree": build_tree,
+        "virtio-win-iso": build_iso,
+        "virtio-win-candidate-tree": lambda: build_tree(CANDIDATE_VERSION, CANDIDATE_RELEASE, CANDIDATE_DATE),
+        "virtio-win-candidate-iso": lambda: build_iso(CANDIDATE_VERSION, CANDIDATE_RELEASE, CANDIDATE_DATE),
+    }

@@ -143,3 +143,31 @@ def test_folder_without_sys(tree, tmp_path):
     (d / "viostor.sys").unlink()
     with pytest.raises(InputError, match="installs viostor.sys but the file is missing"):
         driverpack.open_pack(tmp_path).find("viostor", "2k19", "amd64")
+
+
+def test_fake_tree_layout_is_realistic(tree):
+    # The real layout: <driver>/<os>/<arch>, storage and network for every release.
+    for drv in ("viostor", "vioscsi", "NetKVM"):
+        for osf in virtio_win.ALL_OS:
+            assert (tree / drv / osf / "amd64").is_dir(), (drv, osf)
+    # 32-bit only where Windows had 32-bit editions; ARM64 only for Windows 10/11.
+    assert (tree / "viostor/w7/x86").is_dir() and (tree / "viostor/2k8/x86").is_dir()
+    assert not (tree / "viostor/2k19/x86").exists() and not (tree / "viostor/w11/x86").exists()
+    assert (tree / "viostor/w11/ARM64").is_dir() and not (tree / "viostor/2k22/ARM64").exists()
+    # Not every driver exists for every release.
+    assert not (tree / "pvpanic/w7").exists() and not (tree / "viorng/2k25").exists()
+    assert (tree / "guest-agent/qemu-ga-x86_64.msi").is_file() and (tree / "guest-agent/qemu-ga-i386.msi").is_file()
+    # INF text is CRLF ASCII, like the real media.
+    raw = (tree / "NetKVM/2k22/amd64/netkvm.inf").read_bytes()
+    raw.decode("ascii")
+    assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
+
+
+def test_candidate_pack_differs(tree):
+    cand = virtio_win.build_iso(virtio_win.CANDIDATE_VERSION, virtio_win.CANDIDATE_RELEASE, virtio_win.CANDIDATE_DATE)
+    pack = driverpack.open_pack(cand)
+    assert pack.label == f"virtio-win-{virtio_win.CANDIDATE_RELEASE}"
+    f = pack.find("viostor", "2k19", "amd64")
+    assert f.version == virtio_win.CANDIDATE_VERSION and f.parsed.driver_date == virtio_win.CANDIDATE_DATE
+    old = driverpack.open_pack(tree).find("viostor", "2k19", "amd64")
+    assert f.sys.read_bytes() != old.sys.read_bytes() and f.package_hash() != old.package_hash()
