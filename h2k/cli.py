@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "lab.commands_boot",
     "matrix.cli",
     "h2k.commands.domain_cmd",
+    "h2k.commands.linux_cmd",
 ]
 
 

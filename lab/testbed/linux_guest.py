@@ -1,0 +1,408 @@
+"""Small real Debian guests in a "came from VMware" state (the Linux test bed).
+
+Two disks are built from ONE debootstrap root file system (cached as a tar):
+
+- ``linux-bios``: MBR, ext4 root on /dev/sda1, GRUB for BIOS in the MBR gap.
+- ``linux-uefi``: GPT, ESP (vfat) on /dev/sda1 + ext4 root on /dev/sda2, GRUB EFI
+  installed as the removable \\EFI\\BOOT\\BOOTX64.EFI, so OVMF boots it without NVRAM entries.
+
+Their "came from VMware" state is the Linux twin of a Windows 0x7B:
+
+- the initramfs holds the SATA/SCSI drivers of the old machine (ahci, sd_mod, ...) and
+  NO VirtIO drivers (virtio_pci, virtio_blk, virtio_scsi, virtio_net are modules in
+  Debian's kernel), with ``MODULES=dep`` in initramfs.conf, as a VMware install leaves it;
+- /etc/fstab and the kernel's ``root=`` name devices (/dev/sda1), GRUB_DISABLE_LINUX_UUID=true;
+- VMware remnants: the open-vm-tools package, a udev rule and an ifupdown stanza pinning
+  the VMware MAC address.
+
+PID 1 is a shell script (``init=/sbin/h2k-init``, see linux_guest_files/) so a TCG boot takes
+seconds: DHCP with busybox udhcpc, qemu-ga, then the console marker ``H2K-BOOT-OK``.
+A root that cannot be found ends in a kernel panic (the test bed's initramfs hook
+``h2k-panic-witness`` turns initramfs-tools' panic() into a real one, reported by pvpanic);
+``panic=-1`` reboots at once if no pvpanic device is there (QMP SHUTDOWN guest-reset).
+
+The initramfs is built with the guest's own update-initramfs in a host chroot (seconds
+natively, minutes in the TCG appliance) with an explicit module list: ``MODULES=dep`` has no
+VMware disk to size for there. The list stands in for what ``dep`` picks on a VMware VM with
+a SATA disk; the guest's own config keeps ``MODULES=dep`` and an empty modules file.
+Partitioning, GRUB installation and update-grub run in one libguestfs launch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from h2k import accel
+from h2k.progress import Progress
+from lab.testbed.cache import cached_build
+
+FILES = Path(__file__).with_name("linux_guest_files")
+BOOT_MARKER = "H2K-BOOT-OK"
+SUITE = "bookworm"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+PACKAGES = [
+    "linux-image-amd64",
+    "initramfs-tools",
+    "busybox",
+    "qemu-guest-agent",
+    "grub-pc-bin",
+    "grub-efi-amd64-bin",
+    "grub2-common",
+    "kmod",
+    "e2fsprogs",
+    "udev",
+    "zstd",
+    "ifupdown",
+    "open-vm-tools",  # the VMware remnant the pipeline removes
+]
+# Kernel module trees a headless test VM never loads; trimmed to keep the disk small
+# (depmod runs afterwards, so modules.dep stays true).
+TRIM_MODULE_DIRS = [
+    "sound",
+    "drivers/gpu",
+    "drivers/media",
+    "drivers/net/wireless",
+    "drivers/infiniband",
+    "drivers/staging",
+    "drivers/iio",
+    "drivers/bluetooth",
+    "net/wireless",
+    "net/mac80211",
+    "net/bluetooth",
+]
+TRIM_PATHS = ["usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/info", "var/cache/apt/archives"]
+
+# What MODULES=dep picks on a VMware VM whose disk is on SATA (AHCI) — plus the VMware SCSI
+# HBAs, as a VMware template carries — and the root file system. No VirtIO.
+VMWARE_INITRAMFS_MODULES = ["ahci", "ata_piix", "sd_mod", "mptspi", "vmw_pvscsi", "ext4"]
+VIRTIO_MODULES = ["virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net"]
+VMWARE_MAC = "00:50:56:8a:3c:01"
+KERNEL_CMDLINE = "console=ttyS0,115200 init=/sbin/h2k-init rootdelay=8 panic=-1"
+
+ROOTFS_RECIPE_VERSION = 1
+DISK_SIZE = 2 * 1024**3
+
+
+# --------------------------------------------------------------------------- rootfs
+
+
+def debian_mirror() -> str:
+    """The Debian mirror apt uses on this host (H2K_DEBIAN_MIRROR overrides)."""
+    env = os.environ.get("H2K_DEBIAN_MIRROR")
+    if env:
+        return env
+    texts = []
+    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
+        try:
+            texts.append(path.read_text(errors="replace"))
+        except OSError:
+            continue
+    for text in texts:
+        for url in re.findall(r"(?:^URIs:|^deb)\s+(?:\[[^\]]*\]\s+)?(https?://\S+)", text, re.M):
+            if url.rstrip("/").endswith("/debian"):
+                return url.rstrip("/")
+    return DEFAULT_MIRROR
+
+
+def rootfs_recipe() -> dict:
+    return {
+        "version": ROOTFS_RECIPE_VERSION,
+        "suite": SUITE,
+        "variant": "minbase",
+        "mirror": debian_mirror(),
+        "packages": PACKAGES,
+        "trim": TRIM_MODULE_DIRS + TRIM_PATHS,
+    }
+
+
+def _build_rootfs(tmp: Path) -> None:
+    recipe = rootfs_recipe()
+    with Progress("build linux-rootfs", 4) as progress, tempfile.TemporaryDirectory(
+        prefix="h2k-rootfs-", dir=tmp.parent
+    ) as work:
+        root = Path(work) / "root"
+        progress.step(f"debootstrap {SUITE} minbase from {recipe['mirror']} (a few minutes)")
+        cmd = [
+            "debootstrap",
+            "--variant=minbase",
+            "--include=" + ",".join(PACKAGES),
+            SUITE,
+            str(root),
+            recipe["mirror"],
+        ]
+        log = Path(work) / "debootstrap.log"
+        with open(log, "w") as out:
+            rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            tail = log.read_text(errors="replace").splitlines()[-15:]
+            raise RuntimeError(f"debootstrap failed ({rc}):\n" + "\n".join(tail))
+        progress.step("trim documentation and unused kernel modules, depmod")
+        for rel in TRIM_PATHS:
+            for child in (root / rel).glob("*"):
+                _rm(child)
+        for kdir in (root / "lib/modules").iterdir():
+            for rel in TRIM_MODULE_DIRS:
+                _rm(kdir / "kernel" / rel)
+            subprocess.run(["chroot", str(root), "depmod", "-a", kdir.name], check=True)
+        # The initramfs debootstrap made (MODULES=most) is rebuilt per disk.
+        for initrd in (root / "boot").glob("initrd.img-*"):
+            initrd.unlink()
+        progress.step("tar the root file system")
+        subprocess.run(
+            ["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf", str(tmp), "."],
+            check=True,
+        )
+        progress.step(f"rootfs tar {tmp.stat().st_size // 2**20} MiB")
+
+
+def _rm(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def rootfs_tar() -> Path:
+    """The debootstrap root file system as a tar (built once; edit ROOTFS_RECIPE_VERSION to rebuild)."""
+    return cached_build("linux-rootfs", rootfs_recipe(), _build_rootfs, suffix=".tar")
+
+
+# --------------------------------------------------------------------------- disks
+
+
+def _files_digest() -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(FILES.iterdir())}
+
+
+def disk_recipe(firmware: str) -> dict:
+    return {
+        "firmware": firmware,
+        "rootfs": rootfs_recipe(),
+        "files": _files_digest(),
+        "cmdline": KERNEL_CMDLINE,
+        "modules": VMWARE_INITRAMFS_MODULES,
+        "size": DISK_SIZE,
+    }
+
+
+def _grub_default() -> str:
+    return f"""# /etc/default/grub of a Debian VM installed on VMware (hyper2kvm test bed)
+GRUB_DEFAULT=0
+GRUB_TIMEOUT=0
+GRUB_TIMEOUT_STYLE=hidden
+GRUB_DISTRIBUTOR=Debian
+GRUB_CMDLINE_LINUX_DEFAULT=""
+GRUB_CMDLINE_LINUX="{KERNEL_CMDLINE}"
+GRUB_TERMINAL="serial console"
+GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
+GRUB_DISABLE_RECOVERY=true
+GRUB_DISABLE_OS_PROBER=true
+# The installer wrote root=/dev/sda1 on the kernel command line:
+GRUB_DISABLE_LINUX_UUID=true
+"""
+
+
+PERSISTENT_NET_RULES = f"""# This file was automatically generated by the /lib/udev/write_net_rules
+# program, run by the persistent-net-generator.rules rules file.
+# PCI device 0x15ad:0x07b0 (vmxnet3)
+SUBSYSTEM=="net", ACTION=="add", DRIVERS=="?*", ATTR{{address}}=="{VMWARE_MAC}", ATTR{{dev_id}}=="0x0", ATTR{{type}}=="1", KERNEL=="eth*", NAME="eth0"
+"""
+
+INTERFACES = f"""# The loopback network interface
+auto lo
+iface lo inet loopback
+
+# The primary network interface (VMware vmxnet3)
+allow-hotplug eth0
+iface eth0 inet dhcp
+    hwaddress ether {VMWARE_MAC}
+"""
+
+
+def _prepare_root(root: Path, firmware: str) -> None:
+    """Configure the unpacked root file system on the host and build its initramfs there.
+
+    The initramfs is built in a chroot with the guest's own update-initramfs: natively this
+    takes seconds, in the TCG appliance minutes. ``MODULES=list`` for the build stands in for
+    ``dep`` on the VMware machine (see the module docstring).
+    """
+
+    def put(rel: str, data: str | bytes, mode: int = 0o644) -> None:
+        path = root / rel.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink() or path.exists():
+            path.unlink()
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        path.chmod(mode)
+
+    put("/sbin/h2k-init", (FILES / "h2k-init").read_bytes(), 0o755)
+    put("/etc/h2k/udhcpc.script", (FILES / "udhcpc.script").read_bytes(), 0o755)
+    if not (root / "usr/sbin/shutdown").exists():
+        put("/usr/sbin/shutdown", (FILES / "h2k-shutdown").read_bytes(), 0o755)
+    put("/etc/initramfs-tools/hooks/h2k-panic-witness", (FILES / "h2k-panic-witness").read_bytes(), 0o755)
+    # busybox applets the guest agent's smoke checks may run (minbase has no iputils).
+    for applet in ["ping", "udhcpc", "ifconfig"]:
+        link = root / "usr/local/bin" / applet
+        if not (root / "usr/bin" / applet).exists() and not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to("/bin/busybox")
+    put("/etc/hostname", "h2k-linux\n")
+    put("/etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\th2k-linux\n")
+    root_dev = "/dev/sda1" if firmware == "bios" else "/dev/sda2"
+    fstab = "# <file system> <mount point> <type> <options> <dump> <pass>\n"
+    fstab += f"{root_dev}\t/\text4\terrors=remount-ro\t0\t1\n"
+    if firmware == "uefi":
+        fstab += "/dev/sda1\t/boot/efi\tvfat\tumask=0077\t0\t1\n"
+    put("/etc/fstab", fstab)
+    put("/etc/default/grub", _grub_default())
+    conf_path = root / "etc/initramfs-tools/initramfs.conf"
+    put("/etc/initramfs-tools/initramfs.conf", re.sub(r"(?m)^MODULES=.*$", "MODULES=dep", conf_path.read_text()))
+    put("/etc/udev/rules.d/70-persistent-net.rules", PERSISTENT_NET_RULES)
+    put("/etc/network/interfaces", INTERFACES)
+    (root / "boot/efi").mkdir(parents=True, exist_ok=True)
+
+    modules_path = root / "etc/initramfs-tools/modules"
+    default_modules = modules_path.read_text()
+    build_conf = root / "etc/initramfs-tools/conf.d/zz-h2k-testbed-build"
+    put(str(build_conf.relative_to(root)), "MODULES=list\n")
+    modules_path.write_text(default_modules + "\n".join(VMWARE_INITRAMFS_MODULES) + "\n")
+    proc = root / "proc"
+    subprocess.run(["mount", "-t", "proc", "proc", str(proc)], check=True)
+    try:
+        run = subprocess.run(
+            ["chroot", str(root), "update-initramfs", "-c", "-k", "all"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        if run.returncode != 0:
+            raise RuntimeError(f"update-initramfs in the test-bed chroot failed: {run.stdout[-2000:]}")
+    finally:
+        subprocess.run(["umount", str(proc)], check=False)
+        build_conf.unlink()
+        modules_path.write_text(default_modules)
+    _check_initramfs(root)
+
+
+def _build_disk(firmware: str, out: Path) -> None:
+    import guestfs
+
+    accel.apply_libguestfs_env()
+    tar = rootfs_tar()
+    name = f"linux-{firmware}"
+    with Progress(f"build {name}", 7) as progress, tempfile.TemporaryDirectory(
+        prefix=f"h2k-{name}-", dir=out.parent
+    ) as work:
+        root = Path(work) / "root"
+        root.mkdir()
+        progress.step("unpack the root file system, configure the came-from-VMware state, build its initramfs")
+        subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-xf", str(tar)], check=True)
+        _prepare_root(root, firmware)
+        disk_tar = Path(work) / "disk.tar"
+        subprocess.run(
+            ["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf", str(disk_tar), "."], check=True
+        )
+        shutil.rmtree(root)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(out), str(DISK_SIZE)], check=True)
+        g = guestfs.GuestFS(python_return_dict=True)
+        g.add_drive_opts(str(out), format="qcow2", readonly=False)
+        progress.step("launch libguestfs")
+        g.launch()
+        try:
+            progress.step("partition and format")
+            dev = "/dev/sda"
+            if firmware == "bios":
+                g.part_init(dev, "mbr")
+                g.part_add(dev, "p", 2048, -1)
+                g.part_set_bootable(dev, 1, True)
+                root_dev, esp_dev = "/dev/sda1", None
+            else:
+                g.part_init(dev, "gpt")
+                g.part_add(dev, "p", 2048, 2048 + 100 * 2048 - 1)
+                g.part_add(dev, "p", 2048 + 100 * 2048, -2048)
+                g.part_set_gpt_type(dev, 1, "C12A7328-F81F-11D2-BA4B-00A0C93EC93B")
+                g.part_set_gpt_type(dev, 2, "0FC63DAF-8483-4772-8E79-3D69D8477DE4")
+                g.part_set_name(dev, 1, "EFI System Partition")
+                root_dev, esp_dev = "/dev/sda2", "/dev/sda1"
+                g.mkfs("vfat", esp_dev)
+            g.mkfs("ext4", root_dev)
+            g.mount(root_dev, "/")
+            progress.step(f"copy the root file system in ({disk_tar.stat().st_size // 2**20} MiB)")
+            g.tar_in(str(disk_tar), "/", xattrs=True)
+            if esp_dev:
+                g.mount(esp_dev, "/boot/efi")
+            progress.step("install GRUB and generate grub.cfg with the guest's tools")
+            _install_grub(g, firmware)
+            progress.step("check the came-from-VMware state")
+            _check_grub(g)
+            g.umount_all()
+            g.shutdown()
+        finally:
+            g.close()
+        progress.step(f"{name} ready")
+
+
+def _install_grub(g, firmware: str) -> None:
+    if firmware == "bios":
+        g.sh("grub-install --target=i386-pc /dev/sda 2>&1")
+    else:
+        g.sh(
+            "grub-install --target=x86_64-efi --efi-directory=/boot/efi --removable "
+            "--no-nvram --no-uefi-secure-boot 2>&1"
+        )
+    g.sh("update-grub 2>&1")
+
+
+def initramfs_modules(initrd: Path) -> set[str]:
+    """Module names (dashes as underscores) in an initramfs image, read with lsinitramfs."""
+    listing = subprocess.run(["lsinitramfs", str(initrd)], check=True, capture_output=True, text=True).stdout
+    return {
+        Path(line).name.split(".ko")[0].replace("-", "_") for line in listing.splitlines() if ".ko" in line
+    }
+
+
+def _check_initramfs(root: Path) -> None:
+    """Refuse to cache a disk whose initramfs is not in the came-from-VMware state."""
+    for kdir in (root / "lib/modules").iterdir():
+        names = initramfs_modules(root / "boot" / f"initrd.img-{kdir.name}")
+        leaked = sorted(set(VIRTIO_MODULES) & names)
+        if leaked:
+            raise RuntimeError(f"test-bed initramfs for {kdir.name} has VirtIO modules {leaked}")
+        for need in ["ahci", "sd_mod", "ext4", "pvpanic_pci"]:
+            if need not in names:
+                raise RuntimeError(f"test-bed initramfs for {kdir.name} lacks {need}")
+
+
+def _check_grub(g) -> None:
+    cfg = g.cat("/boot/grub/grub.cfg")
+    if "root=/dev/sda" not in cfg:
+        raise RuntimeError("test-bed grub.cfg does not name root=/dev/sdX")
+
+
+def build_disk(firmware: str) -> Path:
+    """The cached qcow2 of ``linux-bios`` or ``linux-uefi`` (never modify it: use an overlay)."""
+    if firmware not in ("bios", "uefi"):
+        raise ValueError(f"firmware must be bios or uefi, not {firmware!r}")
+    return cached_build(
+        f"linux-{firmware}",
+        disk_recipe(firmware),
+        lambda tmp: _build_disk(firmware, tmp),
+        suffix=".qcow2",
+        modules=[sys.modules[__name__]],
+    )
+
+
+def builders() -> dict:
+    return {
+        "linux-rootfs": rootfs_tar,
+        "linux-bios": lambda: build_disk("bios"),
+        "linux-uefi": lambda: build_disk("uefi"),
+    }
