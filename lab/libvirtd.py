@@ -13,6 +13,7 @@ own /run/libvirt/qemu at a time: when one is already running (it answers on
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -28,6 +29,9 @@ from h2k.errors import H2KError
 SYSTEM_RUN = Path("/run/libvirt")
 VIRTLOGD_SOCK = SYSTEM_RUN / "virtlogd-sock"
 SYSTEM_SOCK = SYSTEM_RUN / "libvirt-sock"
+# Held while our private libvirtd lives: a second one (another test worker) would
+# fight over /run/libvirt/qemu, so it waits for the first to finish instead.
+LOCK_FILE = Path("/run/lock/h2k-libvirtd.lock")
 
 
 def _answers(sock: Path) -> bool:
@@ -71,14 +75,25 @@ class LibvirtDaemons:
     started_pids: dict[str, int] = field(default_factory=dict)
     uri: str = ""
     _own_base: bool = False
+    _lock_fh: object = None
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def start(self, timeout: float = 30.0) -> str:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # whatever did start is stopped again
+            raise
+
+    def _start(self, timeout: float) -> str:
         if os.geteuid() != 0:
             raise H2KError("starting libvirtd for qemu:///system needs root")
         for tool in ("libvirtd", "virtlogd"):
             if not (shutil.which(tool) or os.path.exists(f"/usr/sbin/{tool}")):
                 raise H2KError(f"{tool} not found (install libvirt-daemon-system)")
+        LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fh = open(LOCK_FILE, "w")
+        fcntl.flock(self._lock_fh, fcntl.LOCK_EX)  # blocks until another lab's daemons have stopped
         deadline = time.monotonic() + timeout
         if self.base is None:
             # World-traversable: QEMU may run as libvirt-qemu and must reach the sockets here.
@@ -135,6 +150,9 @@ class LibvirtDaemons:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._lock_fh is not None:
+            self._lock_fh.close()  # releases the flock
+            self._lock_fh = None
         if self._own_base and self.base is not None:
             shutil.rmtree(self.base, ignore_errors=True)
 

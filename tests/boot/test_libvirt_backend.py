@@ -1,0 +1,220 @@
+"""The libvirt backend boots the lab's tiny guests for real and reaches the same verdicts
+as the direct QEMU backend: passed (with agent and network), a pvpanic GUEST_PANICKED,
+a reboot loop (SHUTDOWN guest-reset), on SeaBIOS and OVMF; and it leaves nothing behind.
+
+The daemons are private (lab.libvirtd, session fixture); the boots run three at a
+time in one module fixture to stay within the time budget on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+libvirt = pytest.importorskip("libvirt")
+
+from h2k import domain, libvirt_xml  # noqa: E402
+from lab import tinyguest  # noqa: E402
+from lab.boot import boot  # noqa: E402
+from lab.libvirtd import LibvirtDaemons  # noqa: E402
+from lab.verdict import Expect  # noqa: E402
+
+pytestmark = [
+    pytest.mark.boot,
+    pytest.mark.xdist_group("libvirt"),  # one private libvirtd at a time
+    pytest.mark.skipif(os.geteuid() != 0, reason="a private qemu:///system libvirtd needs root"),
+]
+
+TIMEOUT = 240  # per boot; TCG on 2 shared cores, three boots at once
+
+
+@pytest.fixture(scope="session")
+def libvirt_uri():
+    d = LibvirtDaemons()
+    uri = d.start()
+    yield uri
+    d.stop()
+
+
+# (case id, backend, firmware, tiny-guest mode, how it boots, expected verdict, deciding signal)
+CASES = [
+    ("bios-pass", "libvirt", "bios", "pass", "kernel", "passed", "success"),
+    ("bios-panic", "libvirt", "bios", "panic", "kernel", "failed", "qmp-panic"),
+    ("bios-reboot", "libvirt", "bios", "reboot", "kernel", "failed", "qmp-reset"),
+    ("uefi-pass", "libvirt", "uefi", "pass", "disk", "passed", "success"),
+    ("uefi-panic", "libvirt", "uefi", "panic", "kernel", "failed", "qmp-panic"),
+    ("uefi-reboot", "libvirt", "uefi", "reboot", "kernel", "failed", "qmp-reset"),
+    # The same guest under the direct backend, side by side with its libvirt twin.
+    ("bios-panic-direct", "qemu", "bios", "panic", "kernel", "failed", "qmp-panic"),
+]
+
+
+def _run_case(case, uri: str, root: Path):
+    cid, backend, fw, mode, how, _, _ = case
+    out = root / cid
+    if how == "disk":
+        # A real disk on virtio-blk through firmware: the final profile from h2k.domain.
+        prof = domain.final_profile({"os": "linux", "firmware": fw, "name": "tiny", "memory_mb": 512, "cpus": 1})
+        image = tinyguest.disk_image(mode)
+        vars_file = out / "kept_VARS.fd"
+        expect = Expect()
+    else:
+        prof = tinyguest.kernel_profile(mode, firmware=fw)
+        image, vars_file = None, None
+        # The BIOS pass boot also proves the agent bridge: ping, OS info, IPv4, gateway ping.
+        expect = Expect(require_agent=True, require_network=True) if cid == "bios-pass" else Expect()
+    t = time.monotonic()
+    kw = {"connect": uri} if backend == "libvirt" else {}
+    res = boot(image, prof, timeout=TIMEOUT, outdir=out, expect=expect, backend=backend, vars_file=vars_file, **kw)
+    return res, time.monotonic() - t
+
+
+@pytest.fixture(scope="module")
+def results(libvirt_uri, tmp_path_factory):
+    # Build the cached guest artefacts once, before the boots race for them.
+    tinyguest.initramfs()
+    tinyguest.disk_image("pass")
+    root = tmp_path_factory.mktemp("libvirt-boots")
+    # The lab's per-boot temp dirs go to a private dir so "nothing left" is checkable
+    # while other tests boot in parallel.
+    private_tmp = root / "tmp"
+    private_tmp.mkdir()
+    saved, tempfile.tempdir = tempfile.tempdir, str(private_tmp)
+    try:
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            futs = {c[0]: pool.submit(_run_case, c, libvirt_uri, root) for c in CASES}
+            res = {k: f.result() for k, f in futs.items()}
+    finally:
+        tempfile.tempdir = saved
+    return {"boots": res, "root": root, "private_tmp": private_tmp}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] == "libvirt"], ids=[c[0] for c in CASES if c[1] == "libvirt"])
+def test_verdicts_match_the_direct_backend(results, case) -> None:
+    cid, _, fw, mode, how, verdict, sig = case
+    res, secs = results["boots"][cid]
+    assert res.backend == "libvirt"
+    assert (res.verdict, res.signal) == (verdict, sig), f"{cid}: {res.one_line()} [{res.signal}]"
+    out = results["root"] / cid
+    for name in ("serial.log", "qmp.jsonl", "qemu.log", "verdict.json", "domain.xml"):
+        assert (out / name).exists(), f"{cid}: {name} missing"
+    assert json.loads((out / "verdict.json").read_text())["verdict"] == verdict
+    qmp = [json.loads(line)["msg"] for line in (out / "qmp.jsonl").read_text().splitlines()]
+    events = [m.get("event") for m in qmp if "event" in m]
+    assert events[0] == "RESUME"  # created paused, watchers attached, then resumed
+    serial = (out / "serial.log").read_text(errors="replace")
+    if mode == "pass":
+        assert "H2K-BOOT-OK" in serial
+    if mode == "panic":
+        # The same event shape the direct backend's QMP client records.
+        panicked = [m for m in qmp if m.get("event") == "GUEST_PANICKED"]
+        assert panicked and panicked[0]["data"]["action"] and "timestamp" in panicked[0]
+        assert "sysrq triggered crash" in serial
+        assert (out / "screen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # on_crash=preserve keeps it
+    if mode == "reboot":
+        resets = [m for m in qmp if m.get("event") == "SHUTDOWN" and m["data"].get("reason") == "guest-reset"]
+        assert resets and resets[0]["data"]["guest"] is True
+    xml = (out / "domain.xml").read_text()
+    assert ("<loader" in xml) == (fw == "uefi")
+
+
+def test_agent_bridge_and_network_under_libvirt(results) -> None:
+    res, _ = results["boots"]["bios-pass"]
+    assert "gateway 10.0.2.2 answers ping" in res.reason
+    assert res.agent["osinfo"]["id"] == "h2k-tinyguest"
+    assert any(a.startswith("10.0.2.") for addrs in res.agent["ipv4"].values() for a in addrs)
+    log = [json.loads(line) for line in (results["root"] / "bios-pass" / "agent.jsonl").read_text().splitlines()]
+    assert any(r["msg"].get("execute") == "guest-exec" for r in log)
+
+
+def test_uefi_disk_boot_keeps_its_nvram(results) -> None:
+    res, _ = results["boots"]["uefi-pass"]
+    out = results["root"] / "uefi-pass"
+    kept = out / "kept_VARS.fd"
+    ovmf = libvirt_xml.find_ovmf(secure=False)
+    # libvirt made the VM's VARS file from the template, at the path we asked, and left it.
+    assert kept.exists() and kept.stat().st_size == Path(ovmf.vars_template).stat().st_size
+    xml = (out / "domain.xml").read_text()
+    assert "bus=\"virtio\"" in xml and f">{kept}</nvram>" in xml
+
+
+def test_same_verdict_as_direct_backend_side_by_side(results) -> None:
+    lv, _ = results["boots"]["bios-panic"]
+    qd, _ = results["boots"]["bios-panic-direct"]
+    assert qd.backend == "qemu" and lv.backend == "libvirt"
+    assert (lv.verdict, lv.signal, lv.stop_code) == (qd.verdict, qd.signal, qd.stop_code)
+    assert lv.reason.split(";")[0] == qd.reason.split(";")[0]
+
+
+def test_nothing_left_behind(results, libvirt_uri) -> None:
+    conn = libvirt.open(libvirt_uri)
+    try:
+        assert [d.name() for d in conn.listAllDomains() if d.name().startswith("h2k-")] == []
+    finally:
+        conn.close()
+    assert os.listdir(results["private_tmp"]) == []  # overlays, sockets, NVRAM copies all gone
+    for cid, (res, secs) in results["boots"].items():
+        if res.backend == "libvirt":
+            # The lab's own overhead (overlay, define+start, teardown) stays small.
+            assert res.timings["lab_start"] < 15 and res.timings["teardown"] < 15, (cid, res.timings)
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from lab import tinyguest
+    from lab.boot import boot
+    prof = tinyguest.kernel_profile("hang")
+    print("starting", flush=True)
+    boot(None, prof, timeout=300, outdir=Path(sys.argv[2]), backend="libvirt", connect=sys.argv[1])
+    """
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_mid_boot_leaves_no_domain_or_files(libvirt_uri, tmp_path, signum) -> None:
+    from lab.backend_libvirt import ensure_event_loop
+
+    ensure_event_loop()
+    conn = libvirt.open(libvirt_uri)
+    resumed = threading.Event()
+    seen: list[str] = []
+
+    def on_life(c, dom, event, detail, opaque):
+        if dom.name().startswith("h2k-") and event == libvirt.VIR_DOMAIN_EVENT_RESUMED:
+            seen.append(dom.name())
+            resumed.set()
+
+    cb = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_life, None)
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, libvirt_uri, str(tmp_path / "out")],
+                            cwd=str(Path(__file__).resolve().parents[2]), env={**os.environ, "TMPDIR": str(private_tmp)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert resumed.wait(timeout=120), "the lab's domain never started running"
+        assert os.listdir(private_tmp), "the boot's temp dir should exist while it runs"
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        conn.domainEventDeregisterAny(cb)
+    names = [d.name() for d in conn.listAllDomains()]
+    conn.close()
+    assert seen[0] not in names  # destroyed
+    assert os.listdir(private_tmp) == []  # overlay dir, sockets: gone
+    assert proc.returncode != 0
