@@ -69,6 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="how the lab starts guests (default: qemu, or libvirt with --connect)")
     rp.add_argument("--summary", metavar="FILE", help="also append the markdown summary to FILE "
                     "(e.g. $GITHUB_STEP_SUMMARY)")
+    rp.add_argument("--no-fix", action="store_true",
+                    help="boot the images as they are, without h2k's fix (shows the 'before' state)")
     rp.add_argument("--executor", default=DEFAULT_EXECUTOR, metavar="MODULE:CLASS",
                     help=argparse.SUPPRESS)  # for tests and other labs; the default is the real one
     rp.set_defaults(func=run_run)

@@ -59,20 +59,24 @@ def run_child(op: str, payload: dict[str, Any], workdir: Path, stop: threading.E
                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=dict(os.environ, H2K_QUIET=os.environ.get("H2K_QUIET", "0")))
         stopped_at = None
-        while True:
-            try:
-                proc.wait(timeout=0.25)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            over = deadline is not None and time.monotonic() > deadline
-            if (stop.is_set() or over) and stopped_at is None:
-                stopped_at = time.monotonic()
-                _signal_group(proc.pid, signal.SIGTERM)
-            elif stopped_at is not None and time.monotonic() - stopped_at > TERM_GRACE:
-                _signal_group(proc.pid, signal.SIGKILL)
-                proc.wait()
-                break
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=0.25)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                over = deadline is not None and time.monotonic() > deadline
+                if (stop.is_set() or over) and stopped_at is None:
+                    stopped_at = time.monotonic()
+                    _signal_group(proc.pid, signal.SIGTERM)
+                elif stopped_at is not None and time.monotonic() - stopped_at > TERM_GRACE:
+                    _signal_group(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    break
+        except BaseException:  # Ctrl-C in a caller's main thread (pytest): never leave the child running
+            _stop_child(proc)
+            raise
     if stopped_at is not None:
         _signal_group(proc.pid, signal.SIGKILL)  # anything the child left behind in its group
         raise Interrupted(f"{op} stopped (log: {log})")
@@ -87,6 +91,16 @@ def run_child(op: str, payload: dict[str, Any], workdir: Path, stop: threading.E
             raise RuntimeError(f"{op}: {data['error']} (log: {log})")
         raise ChildFailed(data["error"])
     return data
+
+
+def _stop_child(proc: subprocess.Popen) -> None:
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=TERM_GRACE)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -139,19 +153,27 @@ def resolve_pack(pack: PackSpec | None) -> Path | None:
 class LabExecutor:
     """Fix with h2k, boot with the lab (or verify statically), each step in a child process."""
 
-    def __init__(self, backend: str = "qemu") -> None:
+    def __init__(self, backend: str = "qemu", fix: bool = True) -> None:
         self.backend = backend
+        self.fix = fix  # False: boot the images as they are (the "before" picture, or throughput runs)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LabExecutor":
-        return cls(backend=getattr(args, "backend", None) or "qemu")
+        return cls(backend=getattr(args, "backend", None) or "qemu", fix=not getattr(args, "no_fix", False))
 
     def prepare(self, image: ImageSpec, pack: PackSpec | None, workdir: Path, stop: threading.Event) -> Prepared:
-        src = resolve_image(image)
-        pack_path = resolve_pack(pack)
+        if not self.fix:
+            from h2k.overlay import image_format
+
+            src = resolve_image(image)
+            pack_path = resolve_pack(pack)
+            info = {"kind": image.kind, "fix": "not fixed (--no-fix)",
+                    "pack_iso": _pack_iso(pack_path) if pack_path else None}
+            return Prepared(image, pack, src, image_format(src), info=info)
+        # Resolving may build a test-bed artefact: that happens in the child too, so it can be stopped.
         out = run_child("prepare", {
-            "image": str(src), "kind": image.kind, "pack": str(pack_path) if pack_path else None,
-            "expected_os": image.os, "output": str(workdir / "fixed.qcow2"),
+            "image_spec": vars(image), "pack_spec": vars(pack) if pack else None,
+            "output": str(workdir / "fixed.qcow2"),
         }, workdir, stop)
         return Prepared(image, pack, Path(out["base"]), "qcow2", info=out.get("info", {}))
 
@@ -205,7 +227,11 @@ def _pack_iso(pack: Path) -> str | None:
 def child_prepare(req: dict[str, Any]) -> dict[str, Any]:
     from h2k import overlay
 
-    src, out = Path(req["image"]), Path(req["output"])
+    image = ImageSpec(**req["image_spec"])
+    pack_spec = PackSpec(**req["pack_spec"]) if req.get("pack_spec") else None
+    src, out = resolve_image(image), Path(req["output"])
+    pack_path = resolve_pack(pack_spec)
+    req = {"kind": image.kind, "pack": str(pack_path) if pack_path else None, "expected_os": image.os}
     out.unlink(missing_ok=True)
     overlay.create_overlay(src, out)  # the fix writes only this overlay; the source stays untouched
     if req["kind"] == "linux":
@@ -216,7 +242,7 @@ def child_prepare(req: dict[str, Any]) -> dict[str, Any]:
         except ImportError as exc:
             raise InputError(f"the Linux pipeline (h2k.linux) is not available: {exc}") from None
         result = linux.fix_image(out, in_place=True)
-        info = {"kind": "linux", "fix": _plain(result)}
+        info = {"kind": "linux", "fix": result.summary() if hasattr(result, "summary") else _plain(result)}
         return {"base": str(out), "info": info}
     from h2k.driverpack import open_pack
     from h2k.fix import fix_image
