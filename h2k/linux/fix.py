@@ -244,7 +244,16 @@ def remove_vmware_tools(sess: _Session, facts: LinuxFacts) -> None:
             f"ls -d /var/lib/dpkg/info/{pkg}.* /var/lib/dpkg/info/{pkg}:* 2>/dev/null; echo /var/lib/dpkg/status; }} > {listing}"
         )
         sess.run(f"tar -cpf {tar} --no-recursion -P -T {listing} && rm -f {listing}")
-        sess.run(f"DEBIAN_FRONTEND=noninteractive dpkg --purge {shlex.quote(pkg)}")
+        # policy-rc.d 101: maintainer scripts must not try to stop services in the appliance.
+        had_policy = g.exists("/usr/sbin/policy-rc.d")
+        if not had_policy:
+            g.write("/usr/sbin/policy-rc.d", b"#!/bin/sh\nexit 101\n")
+            g.chmod(0o755, "/usr/sbin/policy-rc.d")
+        try:
+            sess.run(f"DEBIAN_FRONTEND=noninteractive dpkg --purge {shlex.quote(pkg)}")
+        finally:
+            if not had_policy:
+                g.rm_f("/usr/sbin/policy-rc.d")
         sess.journal.packages.append(PackageRemoval(pkg, tar, "VMware tools have no use on KVM and fight qemu-ga"))
         sess.report.actions.append(f"removed VMware tools package {pkg} (files kept in {tar})")
 
@@ -368,6 +377,12 @@ def fix_grub(sess: _Session, facts: LinuxFacts) -> None:
         new = re.sub(r"\broot=/dev/(?:sd|hd|vd|xvd)[a-z]+[0-9]*", repl, new)
         if new != text:
             sess.write(default, new, why)
+    # grub-mkconfig writes root=UUID= only if /dev/disk/by-uuid/<uuid> exists; make sure it
+    # does in the appliance (its /dev is the one the guest command sees).
+    root_uuid = _uuid_of(g, facts.root_device)
+    if root_uuid:
+        g.sh(f"mkdir -p /dev/disk/by-uuid && [ -e /dev/disk/by-uuid/{root_uuid} ] || "
+             f"ln -s {shlex.quote(facts.root_device)} /dev/disk/by-uuid/{root_uuid}")
     sess.begin(facts.grub_cfg, why)
     sess.run(facts.grub_mkconfig)
     sess.finish(facts.grub_cfg)

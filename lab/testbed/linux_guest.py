@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -86,6 +85,7 @@ VMWARE_MAC = "00:50:56:8a:3c:01"
 KERNEL_CMDLINE = "console=ttyS0,115200 init=/sbin/h2k-init rootdelay=8 panic=-1"
 
 ROOTFS_RECIPE_VERSION = 1
+DISK_BUILD_VERSION = 1
 DISK_SIZE = 2 * 1024**3
 
 
@@ -190,6 +190,9 @@ def disk_recipe(firmware: str) -> dict:
         "cmdline": KERNEL_CMDLINE,
         "modules": VMWARE_INITRAMFS_MODULES,
         "size": DISK_SIZE,
+        # Bump when the disk build code changes (the module's source is not hashed, so that
+        # editing the fixed-disk helpers below does not rebuild the disks).
+        "build_version": DISK_BUILD_VERSION,
     }
 
 
@@ -396,7 +399,6 @@ def build_disk(firmware: str) -> Path:
         disk_recipe(firmware),
         lambda tmp: _build_disk(firmware, tmp),
         suffix=".qcow2",
-        modules=[sys.modules[__name__]],
     )
 
 
@@ -405,4 +407,36 @@ def builders() -> dict:
         "linux-rootfs": rootfs_tar,
         "linux-bios": lambda: build_disk("bios"),
         "linux-uefi": lambda: build_disk("uefi"),
+        "linux-bios-fixed": lambda: fixed_disk("bios")[0],
+        "linux-uefi-fixed": lambda: fixed_disk("uefi")[0],
     }
+
+
+# --------------------------------------------------------------------------- fixed disks
+
+
+def fixed_disk(firmware: str) -> tuple[Path, dict]:
+    """``linux-<firmware>`` after ``h2k.linux.fix_image``: a standalone qcow2, cached by the source
+    disk and the engine's code, and the fix report (kept next to it as JSON)."""
+    import json
+
+    from h2k.linux import fix as fixmod
+    from h2k.linux import initrd as initrdmod
+    from h2k.linux import inspect as inspectmod
+    from lab.testbed.cache import cache_root, recipe_hash
+
+    source = build_disk(firmware)
+    recipe = {"source": source.name}
+    modules = [fixmod, inspectmod, initrdmod]
+    report_path = cache_root() / f"linux-{firmware}-fixed-{recipe_hash(recipe, modules)}.report.json"
+
+    def build(tmp: Path) -> None:
+        report = fixmod.fix_image(source, output=tmp)
+        if report.nothing_to_do:
+            raise RuntimeError(f"fix found nothing to do on the test-bed disk {source}")
+        if report.journal:
+            Path(report.journal).unlink(missing_ok=True)  # the journal also lives inside the guest
+        report_path.write_text(json.dumps(report.to_dict(), indent=2))
+
+    path = cached_build(f"linux-{firmware}-fixed", recipe, build, suffix=".qcow2", modules=modules)
+    return path, json.loads(report_path.read_text())
