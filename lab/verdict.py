@@ -58,6 +58,8 @@ BUILTIN_FAILURES: tuple[Pattern, ...] = (
     # Boot loaders
     Pattern("grub-rescue", r"^grub rescue> ?$"),
     Pattern("grub-no-device", r"error: (?:no such device|unknown filesystem)[^\n]*"),
+    # OVMF Secure Boot refusing an unsigned (or wrongly signed) boot loader.
+    Pattern("secure-boot-denied", r'BdsDxe: failed to load Boot[0-9A-F]{4} "[^"]*"[^\n]*: Access Denied', source="any"),
     # Firmware: SeaBIOS (debug port; also the console with sercon) and OVMF.
     # (SeaBIOS' per-device "Boot failed: ..." is not conclusive: it tries the next device.)
     Pattern("no-bootable-device", r"No bootable device\.?", source="any"),

@@ -1,0 +1,178 @@
+"""Real boots of the lab's tiny guests under QEMU (direct backend), one per outcome,
+on SeaBIOS and OVMF: passed with network (agent + gateway ping), a panic caught
+through GUEST_PANICKED (pvpanic), a reboot loop (SHUTDOWN guest-reset), a timeout,
+a silent guest, no bootable device, Secure Boot refusing an unsigned loader, and a
+two-phase boot that keeps one NVRAM.
+
+The boots run five at a time in one module fixture: on 2 shared cores that keeps
+the wall time near the CPU time the guests need (tiny guests reach their marker
+in ~10-25 s under TCG).
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from lab import tinyguest
+from lab.boot import boot, boot_two_phase
+from lab.verdict import Expect
+
+pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("lab-boot")]
+
+LONG = 300  # for boots that end on their own (passes, panics); under load TCG is slow
+SHORT = 20  # for boots that must end in a timeout
+HANG = 90
+
+NET = Expect(require_agent=True, require_network=True)
+
+# id: (firmware, mode or None for the empty disk, how: kernel|disk|empty, profile overrides, expect, timeout)
+CASES = {
+    "bios-pass-net": ("bios", "pass", "kernel", {}, NET, LONG),
+    "bios-panic": ("bios", "panic", "kernel", {}, Expect(), LONG),
+    "bios-reboot": ("bios", "reboot", "kernel", {}, Expect(), LONG),
+    # Prints, then idles (cheap under TCG) until the deadline: long enough to print under load.
+    "bios-timeout": ("bios", "hang", "kernel", {}, Expect(), HANG),
+    "bios-silent": ("bios", "silent", "kernel", {}, Expect(), SHORT),
+    "bios-no-bootable": ("bios", None, "empty", {}, Expect(), LONG),
+    "bios-disk-sata-e1000e": ("bios", "pass", "disk", {"disk_bus": "sata", "nic_model": "e1000e"}, NET, LONG),
+    "uefi-pass-net": ("uefi", "pass", "kernel", {}, NET, LONG),
+    "uefi-panic": ("uefi", "panic", "kernel", {}, Expect(), LONG),
+    "uefi-reboot": ("uefi", "reboot", "kernel", {}, Expect(), LONG),
+    "uefi-silent": ("uefi", "silent", "kernel", {}, Expect(), SHORT),
+    "uefi-no-bootable": ("uefi", None, "empty", {}, Expect(), LONG),
+    "uefi-disk-virtio-scsi": ("uefi", "pass", "disk", {"disk_bus": "virtio-scsi"}, NET, LONG),
+    "secureboot-tpm-denied": ("uefi-secureboot", "pass", "disk", {"tpm": True}, Expect(), LONG),
+}
+
+
+def _run_case(case_id: str, outroot: Path):
+    fw, mode, how, over, expect, timeout = CASES[case_id]
+    if how == "kernel":
+        profile, image = tinyguest.kernel_profile(mode, firmware=fw, **over), None
+    elif how == "disk":
+        profile, image = tinyguest.disk_profile(fw, **over), tinyguest.disk_image(mode)
+    else:
+        profile, image = tinyguest.disk_profile(fw, **over), tinyguest.empty_disk()
+    return boot(image, profile, timeout=timeout, outdir=outroot / case_id, expect=expect)
+
+
+def _run_two_phase(outroot: Path):
+    image = tinyguest.disk_image("pass")
+    first = tinyguest.disk_profile("uefi", disk_bus="sata", nic_model="e1000e", stage="bootstrap")
+    final = tinyguest.disk_profile("uefi", disk_bus="virtio-blk", nic_model="virtio-net")
+    return boot_two_phase(image, first, final, timeout=LONG, outdir=outroot / "two-phase", expect=NET)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    outroot = tmp_path_factory.mktemp("lab-boots")
+    tinyguest.initramfs(), tinyguest.disk_image("pass"), tinyguest.empty_disk()  # build once, up front
+    images = {p: p.stat().st_mtime_ns for p in (tinyguest.disk_image("pass"), tinyguest.empty_disk())}
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        futs = {"two-phase": pool.submit(_run_two_phase, outroot)}  # the longest: start it first
+        futs.update({cid: pool.submit(_run_case, cid, outroot) for cid in CASES})
+        out = {cid: f.result() for cid, f in futs.items()}
+    out["_images"] = images
+    return out
+
+
+def _qmp_events(result) -> list[dict]:
+    path = Path(result.artifacts["qmp.jsonl"])
+    return [r["msg"] for r in map(json.loads, path.read_text().splitlines()) if "event" in r["msg"]]
+
+
+def _evidence(result):
+    for name in ("serial.log", "qmp.jsonl", "qemu.log", "screen.png", "verdict.json"):
+        assert name in result.artifacts, f"{name} missing: {result.artifacts}"
+        assert Path(result.artifacts[name]).exists()
+    assert Path(result.artifacts["screen.png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads(Path(result.artifacts["verdict.json"]).read_text())
+    assert on_disk["verdict"] == result.verdict and on_disk["reason"] == result.reason
+
+
+@pytest.mark.parametrize("case", ["bios-pass-net", "uefi-pass-net", "bios-disk-sata-e1000e", "uefi-disk-virtio-scsi"])
+def test_passed_with_network(results, case):
+    r = results[case]
+    assert r.verdict == "passed", r.reason
+    assert "H2K-BOOT-OK" in r.reason and "answers ping" in r.reason
+    assert r.agent["osinfo"]["id"] == "h2k-tinyguest"
+    assert any(a.startswith("10.0.2.") for addrs in r.agent["ipv4"].values() for a in addrs)
+    assert r.agent["gateway_ping"]["exitcode"] == 0
+    _evidence(r)
+    assert "H2K-BOOT-OK" in Path(r.artifacts["serial.log"]).read_text(errors="replace")
+
+
+@pytest.mark.parametrize("case", ["bios-panic", "uefi-panic"])
+def test_panic_caught_through_guest_panicked(results, case):
+    r = results[case]
+    assert r.verdict == "failed" and r.signal == "qmp-panic", r.reason
+    assert "sysrq triggered crash" in r.reason  # the console line corroborates
+    events = [e["event"] for e in _qmp_events(r)]
+    assert "GUEST_PANICKED" in events
+    assert r.timings["signal_to_verdict"] < 1.0
+    _evidence(r)
+
+
+@pytest.mark.parametrize("case", ["bios-reboot", "uefi-reboot"])
+def test_reboot_loop(results, case):
+    r = results[case]
+    assert r.verdict == "failed" and r.signal == "qmp-reset" and "reboot loop" in r.reason
+    assert any(e["event"] == "SHUTDOWN" and e["data"]["reason"] == "guest-reset" for e in _qmp_events(r))
+
+
+def test_timeout(results):
+    r = results["bios-timeout"]
+    assert r.verdict == "timeout" and r.signal == "deadline"
+    assert HANG <= r.seconds < HANG + 15
+    assert "hanging on purpose" in Path(r.artifacts["serial.log"]).read_text(errors="replace")
+
+
+@pytest.mark.parametrize("case", ["bios-silent", "uefi-silent"])
+def test_silent_guest_times_out(results, case):
+    r = results[case]
+    assert r.verdict == "timeout"
+    log = Path(r.artifacts["serial.log"]).read_text(errors="replace")
+    assert "h2k-tinyguest" not in log and "Linux version" not in log
+    if case.startswith("bios"):
+        assert log == ""  # SeaBIOS does not write to COM1 either
+    _evidence(r)
+
+
+@pytest.mark.parametrize("case,budget", [("bios-no-bootable", 30), ("uefi-no-bootable", 90)])
+def test_no_bootable_device_is_quick(results, case, budget):
+    r = results[case]
+    assert r.verdict == "failed" and r.reason.startswith("no bootable device"), r.reason
+    assert r.seconds < budget
+    if case.startswith("bios"):
+        assert r.signal == "firmware-failure"  # SeaBIOS says it on the debug port, not COM1
+        assert "No bootable device" in Path(r.artifacts["firmware.log"]).read_text(errors="replace")
+
+
+def test_secure_boot_refuses_unsigned_loader_with_tpm(results):
+    r = results["secureboot-tpm-denied"]
+    assert r.verdict == "failed" and r.reason.startswith("secure-boot-denied"), r.reason
+    assert r.profile["tpm"] is True
+
+
+def test_two_phase_keeps_one_nvram(results, tmp_path):
+    r = results["two-phase"]
+    assert r.verdict == "passed", r.reason
+    assert [p["phase"] for p in r.phases] == ["bootstrap", "final"]
+    boot_phase, final_phase = r.phases
+    assert "shut down cleanly (guest agent guest-shutdown, SHUTDOWN reason guest-shutdown)" in boot_phase["reason"]
+    assert boot_phase["profile"]["disk_bus"] == "sata" and final_phase["profile"]["disk_bus"] == "virtio-blk"
+    vars_file = Path(r.artifacts["OVMF_VARS.fd"])
+    assert vars_file.exists()
+    # Both phases ran with the same NVRAM file.
+    for phase in ("bootstrap", "final"):
+        qlog = Path(r.artifacts[f"{phase}/qemu.log"]).read_text()
+        assert f"unit=1,file={vars_file}" in qlog
+
+
+def test_images_never_written(results):
+    for path, mtime in results["_images"].items():
+        assert path.stat().st_mtime_ns == mtime
