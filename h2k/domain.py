@@ -68,7 +68,8 @@ def summarize(facts_or_meta: WindowsFacts | Mapping[str, Any], name: str | None 
     os_type = str(meta.get("os") or meta.get("os_type") or "").lower()
     if os_type not in OS_TYPES:
         raise InputError(f"guest OS must be one of {', '.join(OS_TYPES)}, not {os_type or 'missing'!r}")
-    firmware = _check_firmware(str(meta.get("firmware") or "bios").lower())
+    fw = str(meta.get("firmware") or "bios").lower()
+    firmware = _check_firmware({"efi": "uefi"}.get(fw, fw))  # VMware and OVF say "efi"
     if meta.get("secure_boot") and firmware == "uefi":
         firmware = "uefi-secureboot"
     build = int(meta.get("build") or 0)

@@ -32,9 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", choices=("bootstrap", "final"), default="final", help="which machine (default: final)")
     p.add_argument("--bus", help="disk bus: sata|ide (bootstrap, default sata) or virtio-blk|virtio-scsi (final, default virtio-blk)")
     p.add_argument("--nic", choices=NIC_MODELS, help="NIC model (default: e1000e at bootstrap, virtio-net final)")
-    p.add_argument("--facts", metavar="JSON", help="inspection facts (WindowsFacts JSON) to take the firmware and OS from")
-    p.add_argument("--os", choices=domain.OS_TYPES, help="guest OS when no --facts are given (default: windows)")
-    p.add_argument("--firmware", choices=FIRMWARES, help="firmware when no --facts are given (default: bios); overrides the facts")
+    p.add_argument("--facts", metavar="JSON", help="inspection facts (WindowsFacts JSON, e.g. from 'h2k inspect --json') to take the firmware and OS from")
+    p.add_argument("--os", choices=domain.OS_TYPES, help="guest OS, skipping inspection (with --firmware, default bios)")
+    p.add_argument("--firmware", choices=FIRMWARES, help="firmware (overrides facts and metadata)")
+    p.add_argument("--metadata", metavar="FILE", help="source VM metadata: JSON (firmware, mac, memory_mb, cpus), a VMware .vmx or a Hyper-V generation")
     p.add_argument("--name", help="domain name prefix (default: from the image file name)")
     p.add_argument("--mac", help="MAC address to keep from the source VM")
     p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
@@ -48,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _source(args: argparse.Namespace) -> WindowsFacts | dict:
+def _source(args: argparse.Namespace, metadata: dict | None) -> WindowsFacts | dict:
+    """Facts from --facts, else --os/--firmware as given, else one read-only inspection of the image."""
     if args.facts:
         try:
             with open(args.facts) as fh:
@@ -59,7 +61,18 @@ def _source(args: argparse.Namespace) -> WindowsFacts | dict:
         if args.firmware:
             facts.firmware = args.firmware
         return facts
-    return {"os": args.os or "windows", "firmware": args.firmware or "bios"}
+    if args.os:
+        return {**(metadata or {}), "os": args.os, "firmware": args.firmware or (metadata or {}).get("firmware") or "bios"}
+    from h2k import accel, inspect  # one libguestfs launch
+
+    accel.apply_libguestfs_env()
+    try:
+        facts = inspect.inspect_image(args.image, metadata)
+    except inspect.NotWindows as exc:
+        raise InputError(f"{exc} -- for this guest pass --os {exc.os_type if exc.os_type in domain.OS_TYPES else 'linux'} and --firmware") from None
+    if args.firmware:
+        facts.firmware = args.firmware
+    return facts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,13 +80,24 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isfile(image):
         raise InputError(f"{args.image}: no such disk image")
     name = args.name or domain._safe_name(os.path.splitext(os.path.basename(image))[0]) or "guest"
-    source = _source(args)
-    common = dict(name=name, mac=args.mac, memory_mb=args.memory, cpus=args.cpus)
+    # Cheap checks before any inspection (a libguestfs launch).
+    buses = domain.BOOTSTRAP_BUSES if args.stage == "bootstrap" else domain.FINAL_BUSES
+    if args.bus and args.bus not in buses:
+        raise InputError(f"{args.stage} disk bus must be one of {', '.join(buses)}, not {args.bus!r}")
+    if args.virtio_iso and args.stage != "bootstrap":
+        raise InputError("--virtio-iso belongs to the bootstrap stage")
+    metadata = None
+    if args.metadata:
+        from h2k.inspect import load_metadata
+
+        metadata = load_metadata(args.metadata)
+    source = _source(args, metadata)
+    meta = metadata or {}
+    common = dict(name=name, mac=args.mac or meta.get("mac"), memory_mb=args.memory or _int_or_none(meta.get("memory_mb")),
+                  cpus=args.cpus or _int_or_none(meta.get("cpus")))
     if args.stage == "bootstrap":
         profile = domain.bootstrap_profile(source, bus=args.bus or "sata", nic=args.nic or "e1000e", virtio_iso=args.virtio_iso and os.path.abspath(args.virtio_iso), **common)
     else:
-        if args.virtio_iso:
-            raise InputError("--virtio-iso belongs to the bootstrap stage")
         profile = domain.final_profile(source, bus=args.bus or "virtio-blk", nic=args.nic or "virtio-net", **common)
     files = libvirt_xml.DomainFiles(
         disk=image,
@@ -90,6 +114,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(xml)
     return 0
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InputError(f"metadata value {value!r} is not an integer") from None
 
 
 def validate(xml: str) -> None:

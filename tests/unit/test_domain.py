@@ -122,6 +122,16 @@ def test_cli_writes_valid_xml(tmp_path: Path) -> None:
     assert root.find("devices/controller[@type='scsi']").get("model") == "virtio-scsi"
     assert root.find("features/hyperv") is None
 
+    # Source metadata: firmware "efi" (VMware's word), MAC, memory, CPUs kept.
+    meta = tmp_path / "vm.json"
+    meta.write_text(json.dumps({"firmware": "efi", "mac": "00:50:56:aa:bb:cc", "memory_mb": 3072, "cpus": 3}))
+    r = _h2k("domain", str(img), "--os", "linux", "--metadata", str(meta), "--domain-type", "qemu")
+    assert r.returncode == 0, r.stderr
+    root = ET.fromstring(r.stdout)
+    assert root.find("os/loader") is not None
+    assert root.find("devices/interface/mac").get("address") == "00:50:56:aa:bb:cc"
+    assert root.findtext("memory") == "3072" and root.findtext("vcpu") == "3"
+
 
 def test_cli_bad_input(tmp_path: Path) -> None:
     r = _h2k("domain", str(tmp_path / "missing.qcow2"))
@@ -129,7 +139,9 @@ def test_cli_bad_input(tmp_path: Path) -> None:
     img = tmp_path / "d.raw"
     img.write_bytes(b"\0" * 512)
     r = _h2k("domain", str(img), "--stage", "final", "--bus", "ide", "--domain-type", "qemu")
-    assert r.returncode == 3 and "final disk bus" in r.stderr
+    assert r.returncode == 3 and "final disk bus" in r.stderr  # refused before any inspection
+    r = _h2k("domain", str(img), "--os", "linux", "--mac", "nonsense", "--domain-type", "qemu")
+    assert r.returncode == 3 and "MAC address" in r.stderr
     bad = tmp_path / "f.json"
     bad.write_text("{not json")
     r = _h2k("domain", str(img), "--facts", str(bad), "--domain-type", "qemu")
