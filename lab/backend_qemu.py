@@ -310,7 +310,8 @@ class QemuBoot:
             for s in socks.values():
                 s.close()  # QEMU holds the listening sockets now
         self.qmp = QMPClient(wd / "qmp.sock", self.outdir / "qmp.jsonl")
-        self.qmp.connect(timeout=30)
+        proc = self.proc
+        self.qmp.connect(timeout=30, alive=lambda: proc.poll() is None)
         self.timings["start_to_qmp"] = round(time.monotonic() - t0, 4)
         self.qmp.add_listener(self.bus.qmp_listener)
         if self.profile.serial_console:

@@ -50,8 +50,11 @@ class QMPClient:
         self.greeting: dict[str, Any] | None = None
 
     # -- connection --------------------------------------------------------
-    def connect(self, timeout: float = 10.0) -> dict[str, Any]:
-        """Connect (QEMU listens with server=on,wait=off), read the greeting, negotiate."""
+    def connect(self, timeout: float = 10.0, alive: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Connect (QEMU listens with server=on,wait=off), read the greeting, negotiate.
+
+        ``alive`` (e.g. "the QEMU process still runs") stops the retries early when QEMU died.
+        """
         deadline = time.monotonic() + timeout
         last_err: Exception | None = None
         while True:
@@ -62,7 +65,7 @@ class QMPClient:
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 sock.close()
                 last_err = exc
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline or (alive is not None and not alive()):
                     raise QMPError(f"cannot connect to QMP socket {self.path}: {exc}") from exc
                 # QEMU creates the socket during start-up; retry briefly.
                 time.sleep(0.02)

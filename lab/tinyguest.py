@@ -200,13 +200,8 @@ def build_initramfs(dest: Path, with_agent: bool = True) -> None:
     if with_agent:
         for gpath, host in _agent_files():
             files.append((gpath, host.resolve().read_bytes(), 0o755))
-    entries = [cpio.directory(d) for d in _dirs_for([f[0] for f in files]) + ["proc", "sys", "dev", "run", "tmp"]]
-    seen = set()
-    for d in entries:
-        seen.add(d.name)
-    entries = [e for i, e in enumerate(entries) if e.name not in [x.name for x in entries[:i]]]
-    entries += [cpio.file(name, data, perm) for name, data, perm in files]
-    # lib64 -> the dynamic loader path qemu-ga expects
+    dirs = list(dict.fromkeys(_dirs_for([f[0] for f in files]) + ["proc", "sys", "dev", "run", "tmp"]))
+    entries = [cpio.directory(d) for d in dirs] + [cpio.file(name, data, perm) for name, data, perm in files]
     dest.write_bytes(cpio.archive(entries))
 
 

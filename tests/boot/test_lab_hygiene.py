@@ -75,3 +75,20 @@ def test_sigkill_of_the_lab_still_kills_qemu(tmp_path):
     proc.kill()
     proc.communicate(timeout=30)
     _wait_for(lambda: _processes_mentioning(str(outdir)) == [], 15, "QEMU to die with the lab")
+
+
+def test_qemu_that_cannot_start_is_incomplete_quickly(tmp_path, monkeypatch):
+    import tempfile
+
+    from lab.boot import boot
+
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    profile = tinyguest.kernel_profile("pass", cdroms=[str(tmp_path / "missing.iso")])
+    t0 = time.monotonic()
+    r = boot(None, profile, timeout=120, outdir=tmp_path / "out")
+    assert r.verdict == "incomplete", r.reason
+    assert "missing.iso" in r.reason  # the cause from qemu.log, in one line
+    assert time.monotonic() - t0 < 30  # QEMU itself takes seconds to start under load
+    assert list(private.iterdir()) == []  # the boot's temp dir is gone
