@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--boot-timeout", type=int, default=600, metavar="SECONDS", help="per boot phase (default 600)")
     g.addoption("--backend", choices=("qemu", "libvirt"), default="qemu", dest="h2k_backend",
                 help="how the lab starts guests (default qemu)")
+    g.addoption("--no-fix", action="store_true", default=False, dest="h2k_no_fix",
+                help="boot the image as it is, without h2k's fix (the 'before' picture)")
     g.addoption("--matrix-out", metavar="DIR", default=None,
                 help="where fixed images and boot artifacts go (default: under pytest's temp dir)")
 
@@ -63,8 +66,11 @@ def disk_firmware(path: Path) -> str:
     """uefi for a GPT disk, bios otherwise: the partition table read through qemu-img (any format)."""
     fmt = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)], check=True,
                                     capture_output=True, text=True).stdout)["format"]
-    head = subprocess.run(["qemu-img", "dd", "-f", fmt, "-O", "raw", f"if={path}", "of=/dev/stdout", "bs=512",
-                           "count=2"], check=True, capture_output=True).stdout
+    with tempfile.TemporaryDirectory(prefix="h2k-head-") as tmp:
+        out = Path(tmp) / "head.raw"
+        subprocess.run(["qemu-img", "dd", "-f", fmt, "-O", "raw", f"if={path}", f"of={out}", "bs=512", "count=2"],
+                       check=True, capture_output=True)
+        head = out.read_bytes()
     return "uefi" if head[512:520] == b"EFI PART" else "bios"
 
 
@@ -144,7 +150,8 @@ class CellItem(pytest.Item):
         outroot = _outroot(self.config)
         image = self.spec.image(self.cell.image)
         pack = self.spec.pack(self.cell.pack)
-        executor = LabExecutor(backend=self.config.getoption("h2k_backend"))
+        executor = LabExecutor(backend=self.config.getoption("h2k_backend"),
+                               fix=not self.config.getoption("h2k_no_fix"))
         prepared = prepare_cached(executor, image, pack, outroot / "prepared")
         cell_dir = outroot / "cells" / self.cell.id
         cell_dir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +191,7 @@ class CellFailed(Exception):
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     if not getattr(config, "_h2k_matrix", None):
         return
-    collector = MatrixCells.from_parent(session, name="h2k-matrix")
+    collector = MatrixCells.from_parent(session, name="h2k-matrix", nodeid="h2k-matrix")
     ours = list(collector.collect())
     if items:
         config.hook.pytest_deselected(items=list(items))
@@ -208,7 +215,8 @@ def prepare_cached(executor, image, pack, root: Path):
     from matrix.runner import Prepared
 
     st = Path(image.path).stat()
-    key_src = json.dumps([image.path, st.st_size, st.st_mtime_ns, image.kind, pack.path if pack else None])
+    key_src = json.dumps([image.path, st.st_size, st.st_mtime_ns, image.kind, pack.path if pack else None,
+                          executor.fix])
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     workdir = root / f"{image.name}-{key}"
     workdir.mkdir(parents=True, exist_ok=True)
