@@ -55,7 +55,8 @@ BUS_DRIVERS = {"virtio-blk": ["viostor"], "virtio-scsi": ["vioscsi"], "both": ["
 # Legacy and modern (virtio 1.0) PCI device IDs each storage driver must claim.
 STORAGE_DEVICE_IDS = {"viostor": ("1001", "1042"), "vioscsi": ("1004", "1048")}
 
-DEFAULT_EXTRAS = ("NetKVM", "Balloon", "vioserial", "viorng", "pvpanic")
+# viorng is left out by default: not needed to run, and every staged file costs appliance calls in fix.
+DEFAULT_EXTRAS = ("NetKVM", "Balloon", "vioserial", "pvpanic")
 REQUIRED_EXTRAS = ("NetKVM",)  # without it the migrated VM has no network
 
 TASK_NAME = "h2k-firstboot"

@@ -182,8 +182,12 @@ def test_minimal_options(pack):
 
 
 def test_optional_driver_missing_is_a_note(pack):
-    p = planmod.build_plan(win2019(product_name="Windows Server 2025 Standard", build=26100), pack, "virtio-blk")
-    assert p.os_folder == "2k25" and "viorng" not in p.drivers
+    p = planmod.build_plan(win7(), pack, "virtio-blk")
+    assert p.drivers == ["viostor", "NetKVM", "Balloon", "vioserial"]
+    assert any("no pvpanic for w7/amd64" in n for n in p.notes)
+    opts = planmod.PlanOptions(extras=("NetKVM", "viorng"))
+    p = planmod.build_plan(win2019(product_name="Windows Server 2025 Standard", build=26100), pack, "virtio-blk", opts)
+    assert p.os_folder == "2k25" and p.drivers == ["viostor", "NetKVM"]
     assert any("no viorng for 2k25/amd64" in n for n in p.notes)
 
 
