@@ -171,3 +171,19 @@ def test_candidate_pack_differs(tree):
     assert f.version == virtio_win.CANDIDATE_VERSION and f.parsed.driver_date == virtio_win.CANDIDATE_DATE
     old = driverpack.open_pack(tree).find("viostor", "2k19", "amd64")
     assert f.sys.read_bytes() != old.sys.read_bytes() and f.package_hash() != old.package_hash()
+
+
+def test_joliet_only_iso(tree, tmp_path, monkeypatch):
+    # Some driver ISOs carry only ISO 9660 + Joliet names (no Rock Ridge).
+    import subprocess
+
+    iso = tmp_path / "joliet.iso"
+    subprocess.run(["xorriso", "-report_about", "SORRY", "-outdev", str(iso), "-volid", "VIRTIO_JOLIET",
+                    "-rockridge", "off", "-joliet", "on",
+                    "-map", str(tree / "vioscsi" / "w10"), "/vioscsi/w10"], check=True, capture_output=True)
+    monkeypatch.setenv("H2K_CACHE_DIR", str(tmp_path / "cache"))
+    pack = driverpack.open_pack(iso)
+    assert pack.label == "VIRTIO_JOLIET"
+    f = pack.find("vioscsi", "w10", "x86")
+    assert f.sys.name == "vioscsi.sys" and f.parsed.class_name == "SCSIAdapter"
+    assert _first_line(f.sys).startswith("H2K-FAKE-DRIVER vioscsi w10 x86")
