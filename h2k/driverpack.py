@@ -260,11 +260,7 @@ class DriverPack:
         name = GUEST_AGENT_MSI.get(arch)
         if name is None or self._layout is None:
             return None
-        for rel in (f"guest-agent/{name}",):
-            path = self._layout.file(rel)
-            if path is not None:
-                return path
-        return None
+        return self._layout.file(f"guest-agent/{name}")
 
 
 def _driver_files(driver: str, os_folder: str, arch: str, directory: Path) -> DriverFiles:

@@ -168,7 +168,7 @@ def _crlf(text: str) -> bytes:
 # ------------------------------------------------------------------ storage
 
 
-def _storage_changes(facts: WindowsFacts, df: DriverFiles, arch: str, why_ctx: str) -> tuple[list, str]:
+def _storage_changes(facts: WindowsFacts, df: DriverFiles, why_ctx: str) -> tuple[list, str]:
     inf = df.parsed
     if (inf.class_guid or "").upper() != SCSI_ADAPTER_GUID:
         raise InputError(f"{df.inf}: class {inf.class_name} {inf.class_guid} is not SCSIAdapter "
@@ -530,12 +530,18 @@ def build_plan(facts: WindowsFacts, pack: DriverPack, target_bus: str,
     changes: list = []
     for drv in storage:
         df = found[drv]
-        storage_changes, svc_name = _storage_changes(facts, df, arch, f"target bus {target_bus}")
+        storage_changes, svc_name = _storage_changes(facts, df, f"target bus {target_bus}")
         changes += storage_changes
-        ids = binding_ids(df.parsed.hardware_ids(arch), STORAGE_DEVICE_IDS.get(drv.lower(), ()))
-        if len(ids) < 2:
+        dev_ids = STORAGE_DEVICE_IDS.get(drv.lower(), ())
+        ids = binding_ids(df.parsed.hardware_ids(arch), dev_ids)
+        if not ids:
             raise InputError(f"{df.inf} does not list the VirtIO PCI IDs of {drv} for {arch}: "
-                             f"expected PCI\\VEN_1AF4&DEV_{'/'.join(STORAGE_DEVICE_IDS.get(drv.lower(), ('?',)))}")
+                             f"expected PCI\\VEN_1AF4&DEV_{'/'.join(dev_ids or ('?',))}")
+        for dev in dev_ids:
+            if not any(f"&DEV_{dev}" in i for i in ids):
+                # Old packs predate virtio 1.0 (modern) IDs: QEMU then needs a transitional device.
+                plan.notes.append(f"{df.inf.name} does not claim PCI\\VEN_1AF4&DEV_{dev}: "
+                                  f"that device variant will not bind")
         if cdd:
             changes += _cdd_changes(svc_name, ids)
         if driverdb:

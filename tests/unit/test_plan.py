@@ -243,3 +243,20 @@ def test_json_round_trip_and_table(pack):
     assert back == p
     table = planmod.format_table(p)
     assert "SYSTEM\\{CCS}\\Services\\vioscsi :: Start" in table and "DWORD 0" in table
+
+
+def test_legacy_only_inf_binds_with_a_note(pack, tmp_path):
+    import shutil
+
+    tree = virtio_win.build_tree()
+    d = tmp_path / "viostor-old"
+    shutil.copytree(tree / "viostor/w7/amd64", d)
+    inf = d / "viostor.inf"
+    lines = [l for l in inf.read_text().splitlines(keepends=True) if "DEV_1042" not in l]
+    inf.write_text("".join(lines))
+    m = tmp_path / "p.json"
+    m.write_text(json.dumps({"base": str(tree), "drivers": {"viostor": {"w7": {"amd64": str(d)}}}}))
+    p = planmod.build_plan(win7(), driverpack.open_pack(m), "virtio-blk")
+    cdd = {c.key for c in p.changes if isinstance(c, RegValue) and "CriticalDeviceDatabase" in c.key}
+    assert len(cdd) == 3 and not [k for k in cdd if "dev_1042" in k]
+    assert any("does not claim PCI\\VEN_1AF4&DEV_1042" in n for n in p.notes)
