@@ -129,11 +129,9 @@ def test_timeout(results):
     assert r.verdict == "timeout" and r.signal == "deadline"
     assert HANG <= r.seconds < HANG + 15
     log = Path(r.artifacts["serial.log"]).read_text(errors="replace")
+    # How far the guest gets in 45 s depends on the host's load; it never prints success.
     assert "H2K-BOOT-OK" not in log
-    # How far the guest got in 45 s depends on the host's load; when it got to its
-    # hang it said so, and the verdict is a timeout either way.
-    if "h2k.mode=hang" in log and "hanging on purpose" not in log:
-        assert "Run /init" not in log.split("h2k.mode=hang", 1)[1][-20:]
+    _evidence(r)
 
 
 @pytest.mark.parametrize("case", ["bios-silent", "uefi-silent"])
