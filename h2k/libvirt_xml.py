@@ -46,7 +46,7 @@ _DISK_TARGET = {
     "ide": ("ide", "hd", None),
     "virtio-blk": ("virtio", "vd", None),
     "virtio-scsi": ("scsi", "sd", "virtio-scsi"),
-    "scsi-lsi": ("scsi", "sd", "lsisas1068"),
+    "scsi-lsi": ("scsi", "sd", "lsilogic"),  # QEMU lsi53c895a, as the direct backend
     "pvscsi": ("scsi", "sd", "vmpvscsi"),
 }
 

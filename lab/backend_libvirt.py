@@ -38,7 +38,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from h2k import accel as accelmod
 from h2k import libvirt_xml
@@ -119,10 +119,15 @@ class AgentBridge:
     through ``virDomainShutdownFlags(GUEST_AGENT)`` and, as with the agent, gets no reply.
     """
 
-    def __init__(self, path: Path, dom: "libvirt.virDomain", command_timeout: int = 15) -> None:
+    def __init__(self, path: Path, dom: "libvirt.virDomain | None", command_timeout: int = 15,
+                 agent_command: "Callable[[str, int], str] | None" = None,
+                 shutdown: "Callable[[str], None] | None" = None) -> None:
         self.path = Path(path)
         self.dom = dom
         self.command_timeout = command_timeout
+        # The two libvirt calls, injectable so the protocol mapping is unit-testable.
+        self._agent = agent_command or (lambda text, timeout: libvirt_qemu.qemuAgentCommand(dom, text, timeout, 0))
+        self._shutdown = shutdown or self._libvirt_shutdown
         self._lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._lsock.bind(str(self.path))
         self._lsock.listen(2)
@@ -142,6 +147,13 @@ class AgentBridge:
                 pass
             s.close()
         self._thread.join(timeout=3)
+
+    def _libvirt_shutdown(self, mode: str) -> None:
+        assert self.dom is not None
+        if mode == "reboot":
+            self.dom.reboot(libvirt.VIR_DOMAIN_REBOOT_GUEST_AGENT)
+        else:
+            self.dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -181,17 +193,13 @@ class AgentBridge:
         cmd = msg.get("execute")
         try:
             if cmd in ("guest-sync-delimited", "guest-sync"):
-                libvirt_qemu.qemuAgentCommand(self.dom, json.dumps({"execute": "guest-ping"}), 3, 0)
+                self._agent(json.dumps({"execute": "guest-ping"}), 3)
                 prefix = b"\xff" if cmd == "guest-sync-delimited" else b""
                 return prefix + json.dumps({"return": msg.get("arguments", {}).get("id")}).encode() + b"\n"
             if cmd == "guest-shutdown":
-                mode = (msg.get("arguments") or {}).get("mode", "powerdown")
-                if mode == "reboot":
-                    self.dom.reboot(libvirt.VIR_DOMAIN_REBOOT_GUEST_AGENT)
-                else:
-                    self.dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+                self._shutdown((msg.get("arguments") or {}).get("mode", "powerdown"))
                 return None
-            out = libvirt_qemu.qemuAgentCommand(self.dom, line.decode(), self.command_timeout, 0)
+            out = self._agent(line.decode(), self.command_timeout)
             return (out or "{}").encode() + b"\n"
         except libvirt.libvirtError as exc:
             if cmd in ("guest-sync-delimited", "guest-sync"):
