@@ -217,8 +217,10 @@ VARIANTS: dict[str, Recipe] = {
             disk_signature=0x1D7A0C33,
             loader_guid="{e4d3c2b1-7a6f-11e0-9d9a-000c29dd3e44}",
         ),
-        dataclasses.replace(WIN2019, name="bad-hibernated", defect="hibernated"),
-        dataclasses.replace(WIN2019, name="bad-truncated-hive", defect="truncated-hive"),
+        # Own disk signatures, so several disks can be inspected in one launch without
+        # MountedDevices of one matching another's partitions.
+        dataclasses.replace(WIN2019, name="bad-hibernated", defect="hibernated", disk_signature=0x5A3C9E12),
+        dataclasses.replace(WIN2019, name="bad-truncated-hive", defect="truncated-hive", disk_signature=0x5A3C9E13),
         LinuxRecipe(name="bad-linux"),
         EmptyRecipe(name="bad-empty"),
     ]
@@ -265,11 +267,12 @@ def layout(r: WindowsRecipe) -> list[Part]:
     esp_end = first + 100 * MiB // SECTOR - 1
     msr_end = esp_end + 16 * MiB // SECTOR
     last_usable = total - 34
+    last_aligned = (last_usable + 1) // 2048 * 2048 - 1  # Windows ends partitions on 1 MiB boundaries
     return [
         Part(1, "esp", first, esp_end, "vfat", gpt_type=ESP_TYPE, gpt_guid=_guid(r.name + "esp"),
              volume_guid=_guid(r.name + "vol1")),
         Part(2, "msr", esp_end + 1, msr_end, None, gpt_type=MSR_TYPE, gpt_guid=_guid(r.name + "msr")),
-        Part(3, "windows", msr_end + 1, last_usable, "ntfs", gpt_type=BASIC_DATA_TYPE,
+        Part(3, "windows", msr_end + 1, last_aligned, "ntfs", gpt_type=BASIC_DATA_TYPE,
              gpt_guid=_guid(r.name + "win"), volume_guid=_guid(r.name + "vol3")),
     ]
 
@@ -289,6 +292,75 @@ def mounted_device_blob(r: WindowsRecipe, p: Part) -> bytes:
     if r.firmware == "bios":
         return struct.pack("<IQ", r.disk_signature, p.offset)
     return b"DMIO:ID:" + uuid.UUID(p.gpt_guid).bytes_le
+
+
+# ------------------------------------------------------------ partition tables
+# Written here as bytes and put on the disk with one pwrite each: a dozen
+# parted calls (each followed by a udev settle) cost a minute under TCG.
+
+
+def _chs(lba: int) -> bytes:
+    """CHS triple for an MBR entry (255 heads, 63 sectors; beyond 1023 cylinders: the LBA marker)."""
+    cyl, rem = divmod(lba, 255 * 63)
+    head, sec = divmod(rem, 63)
+    if cyl > 1023:
+        return bytes([254, 0xFF, 0xFF])
+    return bytes([head, ((cyl >> 2) & 0xC0) | (sec + 1), cyl & 0xFF])
+
+
+def _mbr_entry(active: bool, ptype: int, start: int, count: int) -> bytes:
+    return (bytes([0x80 if active else 0]) + _chs(start) + bytes([ptype]) + _chs(start + count - 1)
+            + struct.pack("<II", start, count))
+
+
+def mbr_table(disk_signature: int, entries: list[tuple[bool, int, int, int]]) -> bytes:
+    """Sector 0 of an MBR disk: disk signature at 440, up to four (active, type, start, count) entries."""
+    sector = bytearray(SECTOR)
+    struct.pack_into("<IH", sector, 440, disk_signature, 0)
+    for i, e in enumerate(entries):
+        sector[446 + 16 * i : 462 + 16 * i] = _mbr_entry(*e)
+    sector[510:512] = b"\x55\xaa"
+    return bytes(sector)
+
+
+def gpt_tables(total_sectors: int, disk_guid: str, parts: list[Part]) -> list[tuple[int, bytes]]:
+    """(byte offset, data) pieces of a GPT disk: protective MBR, primary and backup header and entries."""
+    import zlib
+
+    names = {"esp": "EFI system partition", "msr": "Microsoft reserved partition", "windows": "Basic data partition"}
+    entries = bytearray(128 * 128)
+    for i, p in enumerate(parts):
+        name = names.get(p.role, p.role).encode("utf-16-le")[:72]
+        struct.pack_into("<16s16sQQQ72s", entries, 128 * i, uuid.UUID(p.gpt_type).bytes_le,
+                         uuid.UUID(p.gpt_guid).bytes_le, p.start, p.end, 0, name)
+    entries_crc = zlib.crc32(bytes(entries))
+    last = total_sectors - 1
+    entry_sectors = len(entries) // SECTOR
+
+    def header(current: int, backup: int, entries_lba: int) -> bytes:
+        fields = [b"EFI PART", 0x00010000, 92, 0, 0, current, backup, 2 + entry_sectors,
+                  last - 1 - entry_sectors, uuid.UUID(disk_guid).bytes_le, entries_lba, 128, 128, entries_crc]
+        fmt = "<8sIIIIQQQQ16sQIII"
+        crc = zlib.crc32(struct.pack(fmt, *fields))
+        fields[3] = crc
+        return struct.pack(fmt, *fields).ljust(SECTOR, b"\0")
+
+    protective = mbr_table(0, [(False, 0xEE, 1, min(last, 0xFFFFFFFF))])
+    return [
+        (0, protective),
+        (SECTOR, header(1, last, 2)),
+        (2 * SECTOR, bytes(entries)),
+        ((last - entry_sectors) * SECTOR, bytes(entries)),
+        (last * SECTOR, header(last, 1, last - entry_sectors)),
+    ]
+
+
+def partition_table(r: WindowsRecipe, parts: list[Part]) -> list[tuple[int, bytes]]:
+    total = r.disk_gib * 1024 * MiB // SECTOR
+    if r.firmware == "bios":
+        return [(0, mbr_table(r.disk_signature, [(p.role == "system-reserved", 0x07, p.start, p.end - p.start + 1)
+                                                  for p in parts]))]
+    return gpt_tables(total, r.disk_guid, parts)
 
 
 # ---------------------------------------------------------------- registry text
@@ -494,17 +566,32 @@ def _qemu_img_create(path: Path, gib: int) -> None:
 
 
 def _write_tree(g, files: dict[str, bytes], staging: Path) -> None:
-    """Put files in the mounted guest: small ones with write(), larger ones via upload()."""
-    dirs = sorted({os.path.dirname(p) for p in files})
-    for d in dirs:
-        g.mkdir_p(d)
-    for path, data in files.items():
-        if len(data) < 1 * MiB:
-            g.write(path, data)
-        else:
-            local = staging / hashlib.sha1(path.encode()).hexdigest()
-            local.write_bytes(data)
-            g.upload(str(local), path)
+    """Put files (guest path -> bytes; a path ending in "/" is a directory) in the mounted guest.
+
+    One tar_in call: each write() is a round trip into a FUSE file system.
+    """
+    import io
+    import tarfile
+
+    tar_path = staging / "tree.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        made: set[str] = set()
+        for path, data in sorted(files.items()):
+            rel = path.strip("/")
+            parents = rel.split("/")[:-1] if not path.endswith("/") else rel.split("/")
+            for i in range(1, len(parents) + 1):
+                d = "/".join(parents[:i])
+                if d not in made:
+                    made.add(d)
+                    info = tarfile.TarInfo(d)
+                    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1546300800
+                    tar.addfile(info)
+            if path.endswith("/"):
+                continue
+            info = tarfile.TarInfo(rel)
+            info.size, info.mode, info.mtime = len(data), 0o644, 1546300800
+            tar.addfile(info, io.BytesIO(data))
+    g.tar_in(str(tar_path), "/")
 
 
 def _build_windows(r: WindowsRecipe, out: Path) -> None:
@@ -529,27 +616,13 @@ def _build_windows(r: WindowsRecipe, out: Path) -> None:
             g.launch()
             dev = g.list_devices()[0]
             prog.step("partition and make file systems")
-            g.part_init(dev, "msdos" if r.firmware == "bios" else "gpt")
+            for offset, data in partition_table(r, parts):
+                g.pwrite_device(dev, data, offset)
+            g.blockdev_rereadpt(dev)
             for p in parts:
-                g.part_add(dev, "p", p.start, p.end)
-            for p in parts:
-                pdev = f"{dev}{p.number}"
-                if r.firmware == "bios":
-                    g.part_set_mbr_id(dev, p.number, 0x07)
-                else:
-                    g.part_set_gpt_type(dev, p.number, p.gpt_type)
-                    g.part_set_gpt_guid(dev, p.number, p.gpt_guid.strip("{}").upper())
-                    g.part_set_name(dev, p.number, {"esp": "EFI system partition",
-                                                    "msr": "Microsoft reserved partition",
-                                                    "windows": "Basic data partition"}[p.role])
                 if p.fstype:
                     opts = {"label": p.label} if p.label else {}
-                    g.mkfs(p.fstype, pdev, **opts)
-            if r.firmware == "bios":
-                g.part_set_bootable(dev, 1, True)
-                g.pwrite_device(dev, struct.pack("<I", r.disk_signature), 440)
-            else:
-                g.part_set_disk_guid(dev, r.disk_guid.strip("{}").upper())
+                    g.mkfs(p.fstype, f"{dev}{p.number}", **opts)
 
             prog.step("write C: (hives, PE files, drivers)")
             win = _part(parts, "windows")
@@ -562,9 +635,9 @@ def _build_windows(r: WindowsRecipe, out: Path) -> None:
                 files[f"{cfg}/{h}"] = empty
             if r.defect == "hibernated":
                 files["/hiberfil.sys"] = hiberfil()
-            _write_tree(g, files, tmp)
             for d in ("/Users/Public", "/ProgramData", "/Windows/Temp", "/Program Files (x86)"):
-                g.mkdir_p(d)
+                files[d + "/"] = b""
+            _write_tree(g, files, tmp)
             g.umount_all()
 
             prog.step("write the boot files and BCD")
