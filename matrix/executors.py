@@ -168,7 +168,7 @@ class LabExecutor:
             src = resolve_image(image)
             pack_path = resolve_pack(pack)
             info = {"kind": image.kind, "fix": "not fixed (--no-fix)",
-                    "pack_iso": _pack_iso(pack_path) if pack_path else None}
+                    "pack_iso": _pack_iso(pack_path, workdir) if pack_path and image.mode == "boot" else None}
             return Prepared(image, pack, src, image_format(src), info=info)
         # Resolving may build a test-bed artefact: that happens in the child too, so it can be stopped.
         out = run_child("prepare", {
@@ -210,11 +210,11 @@ def _expected_os_problem(expected: str | None, facts) -> str | None:
     return None
 
 
-def _pack_iso(pack: Path) -> str | None:
-    """The pack as an ISO for the bootstrap phase's CD-ROM (a directory is packed once, cached)."""
+def _pack_iso(pack: Path, workdir: Path) -> str | None:
+    """The pack as an ISO for the bootstrap phase's CD-ROM (a directory is packed into ``workdir``)."""
     if pack.is_file():
         return str(pack)
-    iso = pack.parent / f"{pack.name}.matrix.iso"
+    iso = workdir / "driver-pack.iso"
     if not iso.exists():
         tmp = iso.with_name(f".{iso.name}.{os.getpid()}")
         subprocess.run(["xorriso", "-report_about", "SORRY", "-outdev", str(tmp), "-volid", "VIRTIO_WIN",
@@ -231,7 +231,8 @@ def child_prepare(req: dict[str, Any]) -> dict[str, Any]:
     pack_spec = PackSpec(**req["pack_spec"]) if req.get("pack_spec") else None
     src, out = resolve_image(image), Path(req["output"])
     pack_path = resolve_pack(pack_spec)
-    req = {"kind": image.kind, "pack": str(pack_path) if pack_path else None, "expected_os": image.os}
+    req = {"kind": image.kind, "mode": image.mode, "pack": str(pack_path) if pack_path else None,
+           "expected_os": image.os}
     out.unlink(missing_ok=True)
     overlay.create_overlay(src, out)  # the fix writes only this overlay; the source stays untouched
     if req["kind"] == "linux":
@@ -267,7 +268,8 @@ def child_prepare(req: dict[str, Any]) -> dict[str, Any]:
         "facts": {k: facts.get(k) for k in ("product_name", "build", "major", "minor", "is_server", "firmware", "arch")},
         "fix": report.summary(),
         "journal": report.journal,
-        "pack_iso": _pack_iso(Path(req["pack"])),
+        # Only boot cells attach the pack (bootstrap phase); fix+verify cells need no ISO.
+        "pack_iso": _pack_iso(Path(req["pack"]), out.parent) if req["mode"] == "boot" else None,
     }
     return {"base": str(out), "info": info}
 

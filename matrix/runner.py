@@ -276,6 +276,9 @@ class Runner:
                 except BaseException as exc:  # remembered: every cell of this key reports it
                     got = exc
                 self._prepared[key] = got
+                what = "prepared" if not isinstance(got, BaseException) else "could not prepare"
+                self.progress.note(f"{what} {cell.image}" + (f" with {cell.pack}" if cell.pack else "")
+                                   + f" in {time.monotonic() - t_prep:.0f}s")
                 self._prep_report[f"{cell.image}.{cell.pack or 'nopack'}"] = {
                     "seconds": round(time.monotonic() - t_prep, 3),
                     "ok": not isinstance(got, BaseException),
