@@ -53,6 +53,7 @@ class Scripted:
         self.script = script or {}
         self.prepares: list[tuple[str, str | None]] = []
         self.overlays: list[Path] = []
+        self.hosts: dict[str, str | None] = {}
         self.barrier = barrier
         self.started = threading.Semaphore(0)
         self.lock = threading.Lock()
@@ -72,6 +73,7 @@ class Scripted:
         assert Path(info["backing-filename"]) == ctx.prepared.base.resolve()
         with self.lock:
             self.overlays.append(ctx.overlay)
+            self.hosts[ctx.cell.id] = ctx.connect
         self.started.release()
         if self.barrier is not None:
             self.barrier.wait(timeout=20)  # breaks unless the cells really run at the same time
@@ -105,6 +107,16 @@ def test_parallel_cells_own_overlays_and_one_prepare_per_image(tmp_path):
     assert on_disk.to_dict()["counts"]["passed"] == 4 and on_disk.extra["in_progress"] is False
     subprocess.run(["xmllint", "--noout", "--schema", str(XSD), str(tmp_path / "junit.xml")], check=True,
                    capture_output=True)
+
+
+def test_connect_hosts_are_dealt_round_robin(tmp_path):
+    spec = make_spec(images=("a", "b", "c"))
+    cells = expand(spec)
+    ex = Scripted()
+    hosts = ["qemu+ssh://h1/system", "qemu+ssh://h2/system"]
+    results = Runner(spec, cells, ex, tmp_path, jobs=2, connect=hosts).run()
+    assert [ex.hosts[c.id] for c in cells] == hosts * 3
+    assert [r.host for r in results.cells] == hosts * 3
 
 
 def test_outcomes_errors_and_known_issues(tmp_path):
