@@ -25,7 +25,7 @@ from lab.testbed import linux_guest  # noqa: E402
 
 
 def _one(disk: Path, firmware: str, bus: str, expect: Expect) -> tuple[str, float]:
-    profile = MachineProfile(name=f"bench-{firmware}-{bus}", firmware=firmware, disk_bus=bus, nic_model="virtio-net")
+    profile = MachineProfile(name=f"bench-{firmware}-{bus}", firmware=firmware, disk_bus=bus, nic_model="virtio-net", hyperv=False)
     with tempfile.TemporaryDirectory(prefix="h2k-bench-") as out:
         t0 = time.monotonic()
         result = boot(disk, profile, timeout=900, outdir=Path(out), expect=expect)

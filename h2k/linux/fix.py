@@ -317,6 +317,7 @@ def fix_initramfs(sess: _Session, facts: LinuxFacts, tmp: Path) -> None:
         # MODULES=dep in the appliance would size for the appliance's disk: list for this run only.
         appliance_override = facts.initramfs_modules_setting == "dep"
         if appliance_override:
+            g.mkdir_p(os.path.dirname(APPLIANCE_CONF))
             g.write(APPLIANCE_CONF, b"# hyper2kvm: temporary, for regeneration in the libguestfs appliance\nMODULES=list\n")
         try:
             sess.run("update-initramfs -u -k all")
