@@ -32,7 +32,8 @@ NET = Expect(require_agent=True, require_network=True)
 # id: (firmware, mode or None for the empty disk, how: kernel|disk|empty, profile overrides, expect, timeout)
 CASES = {
     "bios-pass-net": ("bios", "pass", "kernel", {}, NET, LONG),
-    "bios-panic": ("bios", "panic", "kernel", {}, Expect(), LONG),
+    # With the Hyper-V enlightenments a Windows profile gets (QEMU must start with them under TCG too).
+    "bios-panic": ("bios", "panic", "kernel", {"hyperv": True}, Expect(), LONG),
     "bios-reboot": ("bios", "reboot", "kernel", {}, Expect(), LONG),
     # Boots, prints, then idles (cheap under TCG) until the deadline.
     "bios-timeout": ("bios", "hang", "kernel", {}, Expect(), HANG),

@@ -36,8 +36,11 @@ def test_evidence_actions_sockets_and_accel():
     assert "isa-debugcon,iobase=0x402,chardev=fwdbg" in a
     assert any("name=org.qemu.guest_agent.0" in x for x in a)
     assert "pvpanic-pci" in a and "-display" in a
+    assert "hv-vpindex" not in cpu  # QEMU 7.2 refuses it under TCG (measured)
     kvm = argv(MachineProfile("w", hyperv=False), accel=KVM)
     assert opt_values(kvm, "-accel") == ["kvm"] and opt_values(kvm, "-cpu") == ["host"]
+    kvm_hv = opt_values(argv(MachineProfile("w", hyperv=True), accel=KVM), "-cpu")[0]
+    assert kvm_hv.startswith("host,") and "hv-vpindex" in kvm_hv and "hv-synic" in kvm_hv and "hv-crash" in kvm_hv
 
 
 @pytest.mark.parametrize("bus,expect", [
