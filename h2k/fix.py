@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +36,7 @@ from h2k import overlay, registry
 from h2k.changes import REG_DWORD, FileCopy, FileWrite, Plan, RegDeleteKey, RegValue
 from h2k.errors import H2KError, InputError
 from h2k.facts import WindowsFacts
-from h2k.inspect import Inspection, blocker_error, guest_path, inspect_handle, open_guest, resolve_new_path
+from h2k.inspect import Inspection, blocker_error, guest_path, inspect_handle, open_guest
 from h2k.journal import GUEST_JOURNAL_DIR, FileRecord, HiveRecord, Journal, host_journal_path
 from h2k.progress import Progress
 
@@ -99,47 +100,50 @@ def _sha(data: bytes) -> str:
 
 
 class _Session:
-    """The state of one fix inside the launched appliance."""
+    """The state of one fix inside the launched appliance (volumes mounted side by side)."""
 
     def __init__(self, g, insp: Inspection, journal: Journal, tmp: Path) -> None:
         self.g = g
         self.insp = insp
         self.facts = insp.facts
+        self.mounts = insp.mounts
         self.journal = journal
         self.tmp = tmp
-        self.mounted: str | None = None
+        self.dirs: dict[tuple[str, str], str] = {}  # (device, lower-case path) -> real path
 
-    # Only one filesystem is mounted at a time, at "/": simple, and the BCD may live elsewhere.
-    def mount(self, device: str) -> None:
-        if self.mounted == device:
-            return
-        self.g.umount_all()
-        self.g.mount(device, "/")
-        self.mounted = device
+    def mkdirs(self, device: str, path: str) -> str:
+        """mkdir -p (case-insensitive, cached) recording the directories it creates; returns the real path."""
+        key = (device, path.lower().rstrip("/") or "/")
+        if key in self.dirs:
+            return self.dirs[key]
+        g, m = self.g, self.mounts
+        stripped = path.rstrip("/")
+        if not stripped:
+            real = m.p(device, "/").rstrip("/")
+        else:
+            parent, name = stripped.rsplit("/", 1)
+            rparent = self.mkdirs(device, parent or "/")
+            real = guest_path(g, f"{rparent}/{name}")
+            if real is None:
+                real = f"{rparent}/{name}"
+                g.mkdir(real)
+                self.journal.created_dirs.append([device, m.rel(device, real)])
+        self.dirs[key] = real
+        return real
 
-    def mkdirs(self, path: str) -> None:
-        """mkdir -p that records the directories it creates (for rollback)."""
-        g = self.g
-        parts = [p for p in path.split("/") if p]
-        cur = ""
-        for part in parts:
-            nxt = guest_path(g, f"{cur}/{part}")
-            if nxt is None:
-                nxt = f"{cur}/{part}"
-                g.mkdir(nxt)
-                self.journal.created_dirs.append([self.mounted or "", nxt])
-            cur = nxt
-
-    def backup_file(self, real: str) -> str:
-        dest = f"{GUEST_BACKUP_DIR}/{self.journal.run_id}{real}"
-        self.mkdirs(dest.rsplit("/", 1)[0])
-        self.g.cp(real, dest)
-        return dest
+    def backup_file(self, device: str, rel: str) -> str:
+        """Keep a copy of a file about to be replaced (download + upload: no helper process)."""
+        dest_dir = self.mkdirs(device, f"{GUEST_BACKUP_DIR}/{self.journal.run_id}{rel.rsplit('/', 1)[0]}")
+        local = self.tmp / "backup.bin"
+        self.g.download(self.mounts.p(device, rel), str(local))
+        dest = f"{dest_dir}/{rel.rsplit('/', 1)[1]}"
+        self.g.upload(str(local), dest)
+        return self.mounts.rel(device, dest)
 
     # ---------------------------------------------------------- files
 
     def write_file(self, change: FileCopy | FileWrite) -> str | None:
-        g = self.g
+        g, root, m = self.g, self.facts.root, self.mounts
         if isinstance(change, FileCopy):
             try:
                 content = Path(change.source).read_bytes()
@@ -148,43 +152,55 @@ class _Session:
         else:
             content = change.content
         want = _sha(content)
-        real = resolve_new_path(g, change.dest)
-        before = None
-        backup = None
+        parent, name = change.dest.rstrip("/").rsplit("/", 1)
+        rparent = self.mkdirs(root, parent or "/")
+        real = guest_path(g, f"{rparent}/{name}") or f"{rparent}/{name}"
+        rel = m.rel(root, real)
+        before = backup = None
         if g.is_file(real):
-            before = g.checksum("sha256", real)
+            before = guest_sha256(g, real, self.tmp)
             if before == want:
                 return None  # already there: idempotence
-            backup = self.backup_file(real)
-        self.mkdirs(real.rsplit("/", 1)[0] or "/")
+            backup = self.backup_file(root, rel)
         g.write(real, content)
-        after = g.checksum("sha256", real)
+        after = guest_sha256(g, real, self.tmp)
         if after != want:
-            raise H2KError(f"read-back mismatch for {real}: wrote {want[:12]}, read {after[:12]}")
-        self.journal.files.append(
-            FileRecord(device=self.mounted or "", path=real, sha256_after=after, sha256_before=before, backup_path=backup)
-        )
-        return real
+            raise H2KError(f"read-back mismatch for {rel}: wrote {want[:12]}, read {after[:12]}")
+        self.journal.files.append(FileRecord(device=root, path=rel, sha256_after=after, sha256_before=before, backup_path=backup))
+        return rel
 
     # ---------------------------------------------------------- hives
 
-    def commit_hive(self, name: str, device: str, real: str, local: Path, original_sha: str) -> None:
-        """Back up the guest's hive, upload the edited copy, and check it arrived byte for byte."""
-        g = self.g
-        self.mount(device)
-        if g.checksum("sha256", real) != original_sha:
-            raise H2KError(f"{name} hive changed in the guest while it was being edited: {real}")
-        backup = f"{real}.h2k-backup-{self.journal.run_id}"
-        g.cp(real, backup)
-        if g.checksum("sha256", backup) != original_sha:
-            raise H2KError(f"backup of {real} does not match the original")
+    def commit_hive(self, name: str, device: str, rel: str, local: Path, original: Path) -> None:
+        """Back up the guest's hive (the untouched download), upload the edit, check both by SHA-256."""
+        g, m = self.g, self.mounts
+        real = m.p(device, rel)
+        original_sha = overlay.sha256_file(original)
+        if guest_sha256(g, real, self.tmp) != original_sha:
+            raise H2KError(f"{name} hive changed in the guest while it was being edited: {rel}")
+        backup = f"{rel}.h2k-backup-{self.journal.run_id}"
+        g.upload(str(original), m.p(device, backup))
+        if guest_sha256(g, m.p(device, backup), self.tmp) != original_sha:
+            raise H2KError(f"backup of {rel} does not match the original")
         g.upload(str(local), real)
         after = overlay.sha256_file(local)
-        if g.checksum("sha256", real) != after:
-            raise H2KError(f"read-back mismatch after uploading {real}")
+        if guest_sha256(g, real, self.tmp) != after:
+            raise H2KError(f"read-back mismatch after uploading {rel}")
         self.journal.hives.append(
-            HiveRecord(name=name, device=device, path=real, backup_path=backup, sha256_before=original_sha, sha256_after=after)
+            HiveRecord(name=name, device=device, path=rel, backup_path=backup, sha256_before=original_sha, sha256_after=after)
         )
+
+
+def guest_sha256(g, path: str, tmp: Path) -> str:
+    """SHA-256 of a guest file, hashed on the host (the appliance's sha256sum is a process per call)."""
+    if g.filesize(path) <= 2 << 20:
+        return _sha(g.read_file(path))
+    local = tmp / "sha.bin"
+    g.download(path, str(local))
+    try:
+        return overlay.sha256_file(local)
+    finally:
+        local.unlink()
 
 
 def fix_image(
@@ -236,11 +252,19 @@ def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool
         with tempfile.TemporaryDirectory(prefix="h2k-fix-") as tmpdir:
             tmp = Path(tmpdir)
             progress.step("launched; inspecting")
-            insp = inspect_handle(g, str(image), tmp, metadata)
+            # On an overlay, mount read-write at once (a refused fix throws the overlay away);
+            # in place, read-only until the blockers are cleared.
+            insp = inspect_handle(g, str(image), tmp, metadata, writable=not in_place)
             facts = insp.facts
             err = blocker_error(facts)
             if err is not None:
                 raise err
+            if in_place:
+                for dev in list(insp.mounts.writable):
+                    insp.mounts.mount(dev, rw=True)
+            for dev in (facts.root, facts.bcd_device):
+                if dev and not insp.mounts.writable.get(dev):
+                    raise InputError(f"{dev} cannot be mounted read-write (unclean NTFS?): nothing changed")
             the_plan = plan(facts) if callable(plan) else plan
             changes = list(the_plan.changes) + [c for c in ENGINE_CHANGES if not _planned(the_plan, c)]
             journal = Journal(run_id=Journal.new_run_id(), image=str(final), control_set=facts.current_control_set)
@@ -249,8 +273,6 @@ def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool
                 image=str(image), output=str(final), in_place=in_place, run_id=journal.run_id,
                 facts=facts.to_dict(), nothing_to_do=False, ems=ems,
             )
-            sess.mounted = None
-            sess.mount(facts.root)
 
             progress.step("files")
             for change in changes:
@@ -260,11 +282,12 @@ def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool
                         report.files_written.append(written)
 
             progress.step("registry")
-            originals = {n: overlay.sha256_file(p) for n, p in insp.local_hives.items()}
             for name, local in insp.local_hives.items():
+                original = tmp / f"{name}.orig"
+                shutil.copyfile(local, original)
                 res = registry.apply_changes(local, name, [c for c in changes if isinstance(c, (RegValue, RegDeleteKey))])
                 if res.changed:
-                    sess.commit_hive(name, facts.root, insp.hive_paths[name], local, originals[name])
+                    sess.commit_hive(name, facts.root, insp.hive_paths[name], local, original)
                     journal.registry += res.changes
                     report.hives_changed.append(name)
 
@@ -276,15 +299,13 @@ def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool
             if journal.empty:
                 report.nothing_to_do = True
             else:
-                sess.mount(facts.root)
-                sess.mkdirs(GUEST_JOURNAL_DIR)
-                gpath = f"{guest_path(g, GUEST_JOURNAL_DIR)}/{journal.run_id}.json"
-                # the journal file itself is not a journalled change; it is removed by rollback
-                g.write(gpath, journal.to_json().encode())
-                report.guest_journal = gpath
+                jdir = sess.mkdirs(facts.root, GUEST_JOURNAL_DIR)
+                # the journal file itself is not a journalled change; rollback removes it
+                g.write(f"{jdir}/{journal.run_id}.json", journal.to_json().encode())
+                report.guest_journal = f"{GUEST_JOURNAL_DIR}/{journal.run_id}.json"
                 report.journal = str(journal.save(host_journal_path(final, journal.run_id)))
-            g.umount_all()
-            g.shutdown()  # flushes; errors here mean the writes may not be on disk
+            insp.mounts.umount_all()  # ntfs-3g writes back on unmount
+            g.shutdown()
             progress.step("done")
     finally:
         g.close()
@@ -301,48 +322,43 @@ def _planned(plan: Plan, change: RegValue) -> bool:
 
 def _fix_bcd(sess: _Session, report: FixReport, planned: list[RegValue], ems: bool) -> None:
     """Check the store; repair only what is clearly broken; EMS on request."""
-    facts = sess.facts
+    facts, insp = sess.facts, sess.insp
     if facts.bcd_device is None or facts.bcd_path is None:
         report.bcd_problems.append("no BCD store found (expected on the ESP or the active partition)")
         if ems or planned:
             raise InputError("cannot change the BCD: no store found")
         return
     g = sess.g
-    sess.mount(facts.root)
-
-    def on_root(path: str) -> bool:
-        return guest_path(g, path.replace("\\", "/")) is not None
-
-    winloads = {p: on_root(p) for p in ("\\Windows\\system32\\winload.exe", "\\Windows\\system32\\winload.efi")}
-    sess.mount(facts.bcd_device)
     local = sess.tmp / "BCD"
-    g.download(facts.bcd_path, str(local))
-    original_sha = overlay.sha256_file(local)
+    original = sess.tmp / "BCD.orig"
+    g.download(insp.mounts.p(facts.bcd_device, facts.bcd_path), str(original))
+    shutil.copyfile(original, local)
     store = bcdlib.read_store(local)
-    sess.mount(facts.root)
-    check = bcdlib.check_store(store, on_root, lambda ref: sess.insp.layout.find_ref(ref) is not None)
-    if not check.ok:
-        report.bcd_problems += check.problems
-    cache = dict(winloads)
+    cache: dict[str, bool] = {}
 
     def exists(path: str) -> bool:
         if path not in cache:
-            cache[path] = on_root(path)
+            cache[path] = insp.win_find(path) is not None
         return cache[path]
 
+    check = bcdlib.check_store(store, exists, lambda ref: insp.layout.find_ref(ref) is not None)
+    if not check.ok:
+        report.bcd_problems += check.problems
     repairs, left = bcdlib.repair_changes(store, check, facts.firmware, exists)
     report.bcd_left_alone += left
     report.bcd_repairs += [c.why for c in repairs]
     changes: list[RegValue] = list(planned) + repairs
     if ems:
         loader = check.default_loader
-        if repairs and any(c.key.endswith(bcdlib.EL_DEFAULT) for c in repairs):
-            loader = next(str(c.data) for c in repairs if c.key.endswith(bcdlib.EL_DEFAULT))
-        if loader is None or store.get(loader) is None:
+        for c in repairs:
+            if c.key.endswith(bcdlib.EL_DEFAULT):
+                loader = str(c.data)
+        obj = store.get(loader)
+        if obj is None:
             raise InputError("cannot enable EMS: the BCD has no usable default loader")
-        changes += bcdlib.ems_changes(store, store.get(loader).guid)
+        changes += bcdlib.ems_changes(store, obj.guid)
     res = registry.apply_changes(local, "BCD", changes)
     if res.changed:
-        sess.commit_hive("BCD", facts.bcd_device, facts.bcd_path, local, original_sha)
+        sess.commit_hive("BCD", facts.bcd_device, facts.bcd_path, local, original)
         sess.journal.registry += res.changes
         report.hives_changed.append("BCD")

@@ -28,7 +28,7 @@ import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hivex
 
@@ -112,6 +112,10 @@ def read_head(g, path: str, n: int) -> bytes:
 
 
 # ---------------------------------------------------------------- partitions
+#
+# The partition tables are parsed here from raw sectors (pread_device, served by
+# the appliance's daemon) rather than with part_get_* calls: each of those runs
+# parted/sfdisk inside the appliance, which costs seconds apiece under TCG.
 
 
 @dataclass
@@ -123,7 +127,7 @@ class Partition:
     gpt_type: str | None = None
     mbr_id: int | None = None
     bootable: bool = False
-    fstype: str | None = None
+    fstype: str | None = None  # ntfs, vfat (from the boot sector) or None
     bitlocker: bool = False
     start: int = 0  # byte offset on the disk
     disk_id: str = ""  # MBR: signature as 8 hex digits; GPT: disk GUID (upper case)
@@ -152,32 +156,74 @@ class Layout:
         return None
 
 
+SECTOR = 512
+
+
+def _guid_le(raw: bytes) -> str:
+    import uuid
+
+    return str(uuid.UUID(bytes_le=raw)).upper()
+
+
+def parse_table(mbr: bytes, gpt: bytes) -> tuple[str, str, list[dict[str, Any]]]:
+    """(table, disk id, entries) from sector 0 and the GPT header + entries (raw bytes).
+
+    Entries: number, start (bytes), gpt_type/part_guid (GPT) or mbr_id/bootable (MBR).
+    """
+    if len(mbr) < 512 or mbr[510:512] != b"\x55\xaa":
+        return "none", "", []
+    slots = [mbr[446 + 16 * i : 462 + 16 * i] for i in range(4)]
+    if any(s[4] == 0xEE for s in slots) and gpt[:8] == b"EFI PART":
+        entries_lba, count, size = struct.unpack_from("<QII", gpt, 72)
+        disk_guid = _guid_le(gpt[56:72])
+        table_off = (entries_lba - 1) * SECTOR  # ``gpt`` starts at LBA 1
+        out = []
+        for i in range(count):
+            e = gpt[table_off + i * size : table_off + (i + 1) * size]
+            if len(e) < 128 or e[:16] == b"\0" * 16:
+                continue
+            first = struct.unpack_from("<Q", e, 32)[0]
+            out.append({"number": i + 1, "start": first * SECTOR, "gpt_type": _guid_le(e[:16]),
+                        "part_guid": _guid_le(e[16:32])})
+        return "gpt", disk_guid, out
+    sig = "%08x" % struct.unpack_from("<I", mbr, 440)[0]
+    out = []
+    for i, s in enumerate(slots):
+        if s[4] == 0:
+            continue
+        out.append({"number": i + 1, "start": struct.unpack_from("<I", s, 8)[0] * SECTOR, "mbr_id": s[4],
+                    "bootable": s[0] == 0x80})
+    return "msdos", sig, out
+
+
+def boot_sector_fs(sector: bytes) -> tuple[str | None, bool]:
+    """(fstype, bitlocker) from a volume boot sector."""
+    if sector[3:11] == FVE_SIGNATURE:
+        return None, True
+    if sector[3:11] == b"NTFS    ":
+        return "ntfs", False
+    if sector[82:87] == b"FAT32" or sector[54:59] in (b"FAT12", b"FAT16"):
+        return "vfat", False
+    return None, False
+
+
 def read_layout(g) -> Layout:
     layout = Layout()
-    fstypes = g.list_filesystems()
-    disks: dict[str, tuple[str, dict[int, int]]] = {}
+    tables: dict[str, tuple[str, str, dict[int, dict[str, Any]]]] = {}
     for dev in g.list_partitions():
         disk = g.part_to_dev(dev)
         num = g.part_to_partnum(dev)
-        if disk not in disks:
-            table = g.part_get_parttype(disk)
-            starts = {p["part_num"]: p["part_start"] for p in g.part_list(disk)}
-            disks[disk] = (table, starts)
-        table, starts = disks[disk]
-        part = Partition(device=dev, disk=disk, number=num, table=table, fstype=fstypes.get(dev), start=starts.get(num, 0))
-        if table == "gpt":
-            part.gpt_type = g.part_get_gpt_type(disk, num).upper()
-            part.disk_id = g.part_get_disk_guid(disk).upper()
-            part.part_guid = g.part_get_gpt_guid(disk, num).upper()
-        else:
-            part.disk_id = "%08x" % struct.unpack("<I", g.pread_device(disk, 4, 440))[0]
-            try:
-                part.mbr_id = g.part_get_mbr_id(disk, num)
-                part.bootable = bool(g.part_get_bootable(disk, num))
-            except RuntimeError:  # extended/logical oddities: no id
-                pass
+        if disk not in tables:
+            head = g.pread_device(disk, 34 * SECTOR, 0)  # MBR + GPT header + 128 entries of 128 bytes
+            table, disk_id, entries = parse_table(head[:SECTOR], head[SECTOR:])
+            tables[disk] = (table, disk_id, {e["number"]: e for e in entries})
+        table, disk_id, entries = tables[disk]
+        e = entries.get(num, {})
+        part = Partition(device=dev, disk=disk, number=num, table=table, start=e.get("start", 0), disk_id=disk_id,
+                         gpt_type=e.get("gpt_type"), part_guid=e.get("part_guid", ""), mbr_id=e.get("mbr_id"),
+                         bootable=bool(e.get("bootable")))
         try:
-            part.bitlocker = g.pread_device(dev, 11, 0)[3:11] == FVE_SIGNATURE
+            part.fstype, part.bitlocker = boot_sector_fs(g.pread_device(dev, SECTOR, 0))
         except RuntimeError:
             pass
         layout.partitions.append(part)
@@ -302,77 +348,171 @@ def read_nics(h, ccs: int) -> list[NicConfig]:
 # ---------------------------------------------------------------- the inspection
 
 
+class Mounts:
+    """Several filesystems mounted side by side (``/sda2``, ``/sda1`` ...), each mounted once.
+
+    Every mount runs a helper inside the appliance (seconds under TCG), so an
+    operation mounts what it needs once and keeps it: the Windows volume and the
+    volume holding the BCD, together. Paths in plans and journals stay relative
+    to their volume (``/Windows/...``); :meth:`p` prefixes the mount point.
+    """
+
+    def __init__(self, g) -> None:
+        self.g = g
+        self.points: dict[str, str] = {}
+        self.writable: dict[str, bool] = {}
+
+    @staticmethod
+    def point_for(device: str) -> str:
+        return "/" + device.replace("/dev/", "").replace("/", "_")
+
+    def mount(self, device: str, rw: bool) -> bool:
+        """Mount ``device`` (rw falls back to ro, e.g. a hibernated NTFS). False if it cannot be mounted."""
+        mp = self.points.get(device) or self.point_for(device)
+        if device not in self.points:
+            self.g.mkmountpoint(mp)
+            self.points[device] = mp
+        elif device in self.writable:
+            self.g.umount(mp)
+        for try_rw in ([True, False] if rw else [False]):
+            try:
+                (self.g.mount if try_rw else self.g.mount_ro)(device, mp)
+                self.writable[device] = try_rw
+                return True
+            except RuntimeError as exc:
+                log.debug("mount %s %s failed: %s", device, "rw" if try_rw else "ro", exc)
+        self.writable.pop(device, None)
+        return False
+
+    def mounted(self, device: str) -> bool:
+        return device in self.writable
+
+    def p(self, device: str, path: str) -> str:
+        return self.points[device] + "/" + path.lstrip("/")
+
+    def find(self, device: str, path: str) -> str | None:
+        """Real spelling (with the mount point) of a case-insensitive path on ``device``, or None."""
+        return guest_path(self.g, self.p(device, path))
+
+    def rel(self, device: str, real: str) -> str:
+        mp = self.points[device]
+        return real[len(mp):] or "/" if real.startswith(mp) else real
+
+    def umount_all(self) -> None:
+        for device, mp in self.points.items():
+            if device in self.writable:
+                self.g.umount(mp)
+        self.writable.clear()
+
+
 @dataclass
 class Inspection:
     """Facts plus the working state ``fix`` needs in the same launch."""
 
     facts: WindowsFacts
     layout: Layout
-    hive_paths: dict[str, str] = field(default_factory=dict)  # SYSTEM/SOFTWARE -> real guest path on root
-    local_hives: dict[str, Path] = field(default_factory=dict)  # downloaded copies (in tmpdir)
+    mounts: Mounts
+    hive_paths: dict[str, str] = field(default_factory=dict)  # SYSTEM/SOFTWARE -> real path on the root volume
+    local_hives: dict[str, Path] = field(default_factory=dict)  # downloaded copies (in workdir)
+
+    def win(self, path: str) -> str:
+        """A path on the Windows volume, as the appliance sees it."""
+        return self.mounts.p(self.facts.root, path)
+
+    def win_find(self, path: str) -> str | None:
+        return self.mounts.find(self.facts.root, path.replace("\\", "/"))
 
 
-def _find_windows_root(g, layout: Layout) -> tuple[str | None, str | None]:
-    """(root, os_type) from libguestfs inspection, or a Windows-looking NTFS when inspection fails."""
-    roots = g.inspect_os()
-    for root in roots:
-        if g.inspect_get_type(root) == "windows":
-            return root, "windows"
-    if roots:
-        return roots[0], g.inspect_get_type(roots[0])
-    # Inspection can fail on a broken hive: look for \Windows\System32\config ourselves.
-    for part in layout.partitions:
-        if part.fstype != "ntfs":
+def _pe_arch(head: bytes) -> str | None:
+    if head[:2] != b"MZ" or len(head) < 0x40:
+        return None
+    off = struct.unpack_from("<I", head, 0x3C)[0]
+    if len(head) < off + 6 or head[off : off + 4] != b"PE\0\0":
+        return None
+    machine = struct.unpack_from("<H", head, off + 4)[0]
+    return {0x8664: "x86_64", 0x14C: "i386", 0xAA64: "aarch64"}.get(machine)
+
+
+def _drive_mappings(h, layout: Layout) -> dict[str, str]:
+    """SYSTEM\\MountedDevices: ``\\DosDevices\\C:`` -> MBR signature + offset, or DMIO:ID: + GPT partition GUID."""
+    node = find_key(h, "MountedDevices")
+    out: dict[str, str] = {}
+    for v in h.node_values(node) if node is not None else []:
+        name = h.value_key(v)
+        m = re.match(r"^\\DosDevices\\([A-Za-z]):$", name)
+        if not m:
             continue
-        try:
-            g.mount_ro(part.device, "/")
-            if guest_path(g, "/Windows/System32/config/SYSTEM"):
-                return part.device, "windows-uninspectable"
-        except RuntimeError:
-            pass
-        finally:
-            g.umount_all()
-    return None, None
+        data = h.value_value(v)[1]
+        ref = None
+        if len(data) == 12:
+            sig, off = struct.unpack("<IQ", data)
+            ref = bcdlib.PartitionRef("mbr", disk_signature=sig, partition_offset=off)
+        elif len(data) == 24 and data[:8] == b"DMIO:ID:":
+            ref = bcdlib.PartitionRef("gpt", disk_guid="", partition_guid=_guid_le(data[8:24]))
+        if ref is None:
+            continue
+        for p in layout.partitions:
+            if (ref.style == "mbr" and p.disk_id == f"{ref.disk_signature:08x}" and p.start == ref.partition_offset) or (
+                ref.style == "gpt" and p.part_guid == ref.partition_guid
+            ):
+                out[m.group(1).upper()] = p.device
+    return out
 
 
-def inspect_handle(g, image: str, workdir: str | Path, metadata: dict[str, Any] | None = None) -> Inspection:
-    """Inspect on a launched handle. Leaves the Windows root mounted read-only at ``/``."""
+def _version(soft_h) -> tuple[int, int]:
+    cv = "Microsoft\\Windows NT\\CurrentVersion"
+    major, minor = _int(soft_h, cv, "CurrentMajorVersionNumber"), _int(soft_h, cv, "CurrentMinorVersionNumber")
+    if major is not None:
+        return major, minor or 0
+    text = _str(soft_h, cv, "CurrentVersion") or "0.0"
+    parts = (text.split(".") + ["0"])[:2]
+    return tuple(int(x) if x.isdigit() else 0 for x in parts)  # type: ignore[return-value]
+
+
+def _identify_other_os(g, image: str, layout: Layout) -> NoReturn:
+    """No Windows volume: say what is there (libguestfs inspection, only on this path)."""
+    if any(p.bitlocker for p in layout.partitions):
+        raise BlockerError(f"{image}: the system volume is BitLocker-encrypted (-FVE-FS-); decrypt or suspend it first")
+    if any(p.mbr_id == MBR_DYNAMIC or p.gpt_type in LDM_GPT_TYPES for p in layout.partitions):
+        raise BlockerError(f"{image}: the disk is a dynamic (LDM) disk; convert the system disk to basic first")
+    roots = g.inspect_os()
+    if roots:
+        os_type = g.inspect_get_type(roots[0])
+        distro = g.inspect_get_distro(roots[0])
+        raise NotWindows(f"{image}: not a Windows disk (found {os_type} {distro})", os_type, roots[0])
+    if not layout.partitions:
+        raise InputError(f"{image}: no partitions and no operating system found (blank disk?)")
+    raise InputError(f"{image}: no operating system found on any partition")
+
+
+def inspect_handle(
+    g, image: str, workdir: str | Path, metadata: dict[str, Any] | None = None, *, writable: bool = False
+) -> Inspection:
+    """Inspect on a launched handle; leaves the Windows volume (and the BCD's) mounted in ``insp.mounts``.
+
+    ``writable`` mounts read-write where possible (fix on an overlay); otherwise read-only.
+    """
     layout = read_layout(g)
-    root, os_type = _find_windows_root(g, layout)
+    mounts = Mounts(g)
+    root = None
+    for part in layout.partitions:
+        if part.fstype == "ntfs" and mounts.mount(part.device, writable):
+            if root is None and mounts.find(part.device, "/Windows/System32/config/SYSTEM"):
+                root = part.device
     if root is None:
-        if any(p.bitlocker for p in layout.partitions):
-            raise BlockerError(f"{image}: the system volume is BitLocker-encrypted (-FVE-FS-); decrypt or suspend it first")
-        if not layout.partitions:
-            raise InputError(f"{image}: no partitions and no operating system found")
-        raise InputError(f"{image}: no operating system found on any partition")
-    if os_type not in ("windows", "windows-uninspectable"):
-        raise NotWindows(f"{image}: not a Windows disk (libguestfs found {os_type})", os_type or "unknown", root)
+        _identify_other_os(g, image, layout)
 
     blockers: list[Blocker] = []
-    inspected = os_type == "windows"
-    g.mount_ro(root, "/")
-    system_root = g.inspect_get_windows_systemroot(root) if inspected else (guest_path(g, "/Windows") or "/Windows")
+    system_root = mounts.rel(root, mounts.find(root, "/Windows") or mounts.p(root, "/Windows"))
     part = layout.by_device(root)
     disk = part.disk if part else g.part_to_dev(root)
-
     facts = WindowsFacts(
-        root=root,
-        product_name=g.inspect_get_product_name(root) if inspected else "unknown",
-        edition=None,
-        major=g.inspect_get_major_version(root) if inspected else 0,
-        minor=g.inspect_get_minor_version(root) if inspected else 0,
-        build=0,
-        arch=g.inspect_get_arch(root) if inspected else "unknown",
-        system_root=system_root,
-        current_control_set=0,
-        firmware="bios",
-        firmware_source="partition-table",
-        bcd_device=None,
-        bcd_path=None,
-        drive_mappings=dict(g.inspect_get_drive_mappings(root)) if inspected else {},
+        root=root, product_name="unknown", edition=None, major=0, minor=0, build=0, arch="unknown",
+        system_root=system_root, current_control_set=0, firmware="bios", firmware_source="partition-table",
+        bcd_device=None, bcd_path=None,
     )
     facts.firmware, facts.firmware_source = firmware_of(layout, disk, metadata)
-    insp = Inspection(facts=facts, layout=layout)
+    insp = Inspection(facts=facts, layout=layout, mounts=mounts)
 
     # Blockers from the partition table and boot sectors.
     for p in layout.on_disk(disk):
@@ -383,33 +523,34 @@ def inspect_handle(g, image: str, workdir: str | Path, metadata: dict[str, Any] 
         if p.bitlocker:
             blockers.append(Blocker("bitlocker", f"{p.device} is BitLocker-encrypted (-FVE-FS-); decrypt or suspend BitLocker first"))
 
-    # Hives.
+    # Hives: downloaded and read on the host.
     workdir = Path(workdir)
     for name in ("SYSTEM", "SOFTWARE"):
-        real = guest_path(g, f"{system_root}/System32/config/{name}")
+        real = mounts.find(root, f"{system_root}/System32/config/{name}")
         if real is None:
             blockers.append(Blocker("corrupt-hive", f"{name} hive missing from {system_root}\\System32\\config"))
             continue
         local = workdir / name
         g.download(real, str(local))
-        insp.hive_paths[name] = real
+        insp.hive_paths[name] = mounts.rel(root, real)
         insp.local_hives[name] = local
 
     def file_exists(path: str) -> bool:
-        return guest_path(g, path) is not None
+        return mounts.find(root, path) is not None
 
+    arch = _pe_arch(read_head(g, mounts.find(root, f"{system_root}/System32/cmd.exe") or "/nonexistent", 4096))
     sys_h = _open_hive(insp, "SYSTEM", blockers)
     soft_h = _open_hive(insp, "SOFTWARE", blockers)
     if soft_h is not None:
         cv = "Microsoft\\Windows NT\\CurrentVersion"
+        facts.product_name = _str(soft_h, cv, "ProductName") or "unknown"
         facts.edition = _str(soft_h, cv, "EditionID")
+        facts.major, facts.minor = _version(soft_h)
         build = _str(soft_h, cv, "CurrentBuildNumber") or _str(soft_h, cv, "CurrentBuild")
         facts.build = int(build) if build and build.isdigit() else 0
         facts.is_server = (_str(soft_h, cv, "InstallationType") or "").lower().startswith("server") or (
             "server" in (facts.edition or "").lower()
         )
-        if facts.product_name == "unknown":
-            facts.product_name = _str(soft_h, cv, "ProductName") or "unknown"
     if sys_h is not None:
         try:
             ccs = current_control_set(sys_h)
@@ -418,9 +559,13 @@ def inspect_handle(g, image: str, workdir: str | Path, metadata: dict[str, Any] 
             ccs = 0
         facts.current_control_set = ccs
         facts.has_driver_database = find_key(sys_h, "DriverDatabase") is not None
+        facts.drive_mappings = _drive_mappings(sys_h, layout)
         if ccs and find_key(sys_h, f"ControlSet{ccs:03d}") is None:
             blockers.append(Blocker("corrupt-hive", f"SYSTEM\\Select\\Current is {ccs} but ControlSet{ccs:03d} does not exist"))
         elif ccs:
+            if arch is None:
+                env = _str(sys_h, f"ControlSet{ccs:03d}\\Control\\Session Manager\\Environment", "PROCESSOR_ARCHITECTURE")
+                arch = {"AMD64": "x86_64", "X86": "i386", "ARM64": "aarch64"}.get((env or "").upper())
             for name in STORAGE_SERVICES:
                 svc = read_service(sys_h, ccs, name, file_exists, system_root)
                 if svc:
@@ -433,12 +578,9 @@ def inspect_handle(g, image: str, workdir: str | Path, metadata: dict[str, Any] 
                 if any(find_key(sys_h, f"ControlSet{ccs:03d}\\Services\\{n}") is not None for n in names):
                     facts.hypervisor_tools.append(family)
             facts.nics = read_nics(sys_h, ccs)
-            blockers += _hibernation(g, sys_h, ccs)
-
-    if not inspected and not any(b.kind == "corrupt-hive" for b in blockers):
-        blockers.append(Blocker("corrupt-hive", "libguestfs could not inspect this Windows installation"))
-
-    facts.bcd_device, facts.bcd_path = _locate_bcd(g, layout, disk, facts.firmware, root)
+            blockers += _hibernation(g, mounts, root, sys_h, ccs)
+    facts.arch = arch or "unknown"
+    facts.bcd_device, facts.bcd_path = _locate_bcd(mounts, layout, disk, facts.firmware, root, writable)
     facts.blockers = blockers
     return insp
 
@@ -456,8 +598,8 @@ def _open_hive(insp: Inspection, name: str, blockers: list[Blocker]):
         return None
 
 
-def _hibernation(g, sys_h, ccs: int) -> list[Blocker]:
-    hiber = guest_path(g, "/hiberfil.sys")
+def _hibernation(g, mounts: Mounts, root: str, sys_h, ccs: int) -> list[Blocker]:
+    hiber = mounts.find(root, "/hiberfil.sys")
     if hiber is None:
         return []
     sig = read_head(g, hiber, 4).lower()
@@ -470,29 +612,25 @@ def _hibernation(g, sys_h, ccs: int) -> list[Blocker]:
     return []
 
 
-def _locate_bcd(g, layout: Layout, disk: str, firmware: str, root: str) -> tuple[str | None, str | None]:
-    """Where the BCD store is: the ESP for UEFI; the active/System Reserved partition (or C:) for BIOS."""
+def _locate_bcd(mounts: Mounts, layout: Layout, disk: str, firmware: str, root: str, writable: bool) -> tuple[str | None, str | None]:
+    """Where the BCD store is: the ESP for UEFI; the active/System Reserved partition (or C:) for BIOS.
+
+    Returns (device, path on that device); the device stays mounted.
+    """
     parts = layout.on_disk(disk)
     if firmware == "uefi":
-        cands = [(p.device, "/EFI/Microsoft/Boot/BCD") for p in parts if p.gpt_type == ESP_GUID]
-        cands += [(p.device, "/EFI/Microsoft/Boot/BCD") for p in parts if p.fstype == "vfat" and p.gpt_type != ESP_GUID]
+        path = "/EFI/Microsoft/Boot/BCD"
+        cands = [p for p in parts if p.gpt_type == ESP_GUID] + [p for p in parts if p.fstype == "vfat" and p.gpt_type != ESP_GUID]
     else:
-        cands = [(p.device, "/Boot/BCD") for p in parts if p.bootable]
-        cands += [(p.device, "/Boot/BCD") for p in parts if not p.bootable and p.fstype in ("ntfs", "vfat")]
-    g.umount_all()
-    found = (None, None)
-    for dev, path in cands:
-        try:
-            g.mount_ro(dev, "/")
-        except RuntimeError:
+        path = "/Boot/BCD"
+        cands = [p for p in parts if p.bootable] + [p for p in parts if not p.bootable and p.fstype in ("ntfs", "vfat")]
+    for p in cands:
+        if not mounts.mounted(p.device) and not mounts.mount(p.device, writable):
             continue
-        real = guest_path(g, path)
-        g.umount_all()
+        real = mounts.find(p.device, path)
         if real:
-            found = (dev, real)
-            break
-    g.mount_ro(root, "/")
-    return found
+            return p.device, mounts.rel(p.device, real)
+    return None, None
 
 
 def inspect_image(image: str | Path, metadata: dict[str, Any] | None = None) -> WindowsFacts:

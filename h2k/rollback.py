@@ -19,7 +19,8 @@ from typing import Any
 
 from h2k import overlay, registry
 from h2k.errors import H2KError, InputError
-from h2k.inspect import guest_path, open_guest
+from h2k.fix import guest_sha256
+from h2k.inspect import Mounts, NotWindows, open_guest, read_layout
 from h2k.journal import GUEST_JOURNAL_DIR, Journal, host_journals
 
 log = logging.getLogger("h2k.rollback")
@@ -49,24 +50,6 @@ class RollbackReport:
         return "\n".join(lines)
 
 
-def _windows_root(g) -> str:
-    for root in g.inspect_os():
-        if g.inspect_get_type(root) == "windows":
-            return root
-    for dev, fs in g.list_filesystems().items():  # inspection may fail on odd hives
-        if fs != "ntfs":
-            continue
-        try:
-            g.mount_ro(dev, "/")
-            if guest_path(g, GUEST_JOURNAL_DIR):
-                return dev
-        except RuntimeError:
-            pass
-        finally:
-            g.umount_all()
-    raise InputError("no Windows installation found to roll back")
-
-
 def rollback_image(image: str | Path) -> RollbackReport:
     """Undo every journalled fix run on ``image`` (which is written in place)."""
     t0 = time.monotonic()
@@ -75,33 +58,35 @@ def rollback_image(image: str | Path) -> RollbackReport:
     report = RollbackReport(image=str(image))
     g = open_guest(image, readonly=False)
     try:
-        root = _windows_root(g)
-        g.mount(root, "/")
-        mounted = [root]
-
-        def mount(dev: str) -> None:
-            if mounted[0] != dev:
-                g.umount_all()
-                g.mount(dev, "/")
-                mounted[0] = dev
-
-        jdir = guest_path(g, GUEST_JOURNAL_DIR)
-        names = sorted(n for n in (g.ls(jdir) if jdir else []) if n.endswith(".json"))
-        if not names:
+        layout = read_layout(g)
+        mounts = Mounts(g)
+        root = jdir = None
+        for part in layout.partitions:
+            if part.fstype == "ntfs" and mounts.mount(part.device, rw=True):
+                jdir = mounts.find(part.device, GUEST_JOURNAL_DIR)
+                if jdir:
+                    root = part.device
+                    break
+        if root is None and not any(p.fstype == "ntfs" for p in layout.partitions):
+            raise NotWindows(f"{image}: no NTFS volume: not a Windows disk", "other")
+        if root is None or jdir is None:
             raise InputError(f"{image}: no h2k journal in the guest ({GUEST_JOURNAL_DIR}): nothing to roll back")
+        if not mounts.writable.get(root):
+            raise InputError(f"{image}: {root} cannot be mounted read-write: nothing changed")
+        names = sorted(n for n in g.ls(jdir) if n.endswith(".json"))
+        if not names:
+            raise InputError(f"{image}: the journal directory is empty: nothing to roll back")
         journals = [(f"{jdir}/{n}", Journal.from_json(g.cat(f"{jdir}/{n}"))) for n in names]
         with tempfile.TemporaryDirectory(prefix="h2k-rollback-") as tmp:
             for jpath, journal in reversed(journals):
-                _undo_run(g, mount, journal, Path(tmp), report)
-                mount(root)
+                _undo_run(g, mounts, journal, Path(tmp), report)
                 g.rm(jpath)
                 report.runs.append(journal.run_id)
-        mount(root)
         for path in (GUEST_JOURNAL_DIR, "/hyper2kvm/backup", "/hyper2kvm"):
-            real = guest_path(g, path)
+            real = mounts.find(root, path)
             if real and g.is_dir(real) and not g.ls(real):
                 g.rmdir(real)
-        g.umount_all()
+        mounts.umount_all()
         g.shutdown()
     finally:
         g.close()
@@ -111,41 +96,57 @@ def rollback_image(image: str | Path) -> RollbackReport:
     return report
 
 
-def _undo_run(g, mount, journal: Journal, tmp: Path, report: RollbackReport) -> None:
-    # Files first (newest first), then the directories the run created, then the hives.
+def _restore(g, mounts: Mounts, device: str, backup: str, path: str, want_sha: str, tmp: Path) -> None:
+    """Copy ``backup`` over ``path`` on ``device`` (via the host: no helper process) and check its hash."""
+    local = tmp / "restore.bin"
+    g.download(mounts.p(device, backup), str(local))
+    if overlay.sha256_file(local) != want_sha:
+        raise H2KError(f"backup {backup} does not match the journal's checksum: not restored")
+    g.upload(str(local), mounts.p(device, path))
+    if guest_sha256(g, mounts.p(device, path), tmp) != want_sha:
+        raise H2KError(f"restored {path} is not byte-identical to the original")
+    g.rm(mounts.p(device, backup))
+
+
+def _undo_run(g, mounts: Mounts, journal: Journal, tmp: Path, report: RollbackReport) -> None:
+    def need(device: str) -> None:
+        if not mounts.writable.get(device) and not mounts.mount(device, rw=True):
+            raise H2KError(f"cannot mount {device} read-write to roll back")
+
+    # Files first (newest first), then the hives, then the directories the run created.
     for rec in reversed(journal.files):
-        mount(rec.device)
+        need(rec.device)
+        real = mounts.p(rec.device, rec.path)
         if rec.sha256_before is None:
-            if g.is_file(rec.path):
-                g.rm(rec.path)
+            if g.is_file(real):
+                g.rm(real)
             report.files_removed.append(rec.path)
         else:
-            if not rec.backup_path or not g.is_file(rec.backup_path):
+            if not rec.backup_path or not g.is_file(mounts.p(rec.device, rec.backup_path)):
                 raise H2KError(f"cannot restore {rec.path}: its backup {rec.backup_path} is gone")
-            g.cp(rec.backup_path, rec.path)
-            if g.checksum("sha256", rec.path) != rec.sha256_before:
-                raise H2KError(f"restored {rec.path} does not match its original checksum")
-            g.rm(rec.backup_path)
+            _restore(g, mounts, rec.device, rec.backup_path, rec.path, rec.sha256_before, tmp)
             report.files_restored.append(rec.path)
     for rec in reversed(journal.hives):
-        mount(rec.device)
-        if rec.backup_path and g.is_file(rec.backup_path):
-            g.cp(rec.backup_path, rec.path)
-            if g.checksum("sha256", rec.path) != rec.sha256_before:
-                raise H2KError(f"restored {rec.name} hive {rec.path} is not byte-identical to the original")
-            g.rm(rec.backup_path)
+        need(rec.device)
+        if rec.backup_path and g.is_file(mounts.p(rec.device, rec.backup_path)):
+            _restore(g, mounts, rec.device, rec.backup_path, rec.path, rec.sha256_before, tmp)
             report.hives_restored.append(rec.name)
-        else:  # no backup: undo value by value
+        else:  # no backup: undo value by value (semantically equal, not byte-identical)
             local = tmp / f"{journal.run_id}-{rec.name}"
-            g.download(rec.path, str(local))
+            g.download(mounts.p(rec.device, rec.path), str(local))
             registry.undo_changes(local, [r for r in journal.registry if r.hive == rec.name])
-            g.upload(str(local), rec.path)
+            g.upload(str(local), mounts.p(rec.device, rec.path))
             report.hives_undone.append(rec.name)
     for device, path in reversed(journal.created_dirs):
-        mount(device)
-        if g.is_dir(path):
-            leftovers = g.find(path)
-            if not leftovers:
-                g.rmdir(path)
-            elif all(g.is_dir(f"{path}/{p}") for p in leftovers):
-                g.rm_rf(path)  # only empty directories left (backups already restored and removed)
+        need(device)
+        _remove_empty_tree(g, mounts.p(device, path))
+
+
+def _remove_empty_tree(g, path: str) -> None:
+    """rmdir ``path`` if it holds nothing but empty directories (in-daemon calls only)."""
+    if not g.is_dir(path):
+        return
+    for name in g.ls(path):
+        _remove_empty_tree(g, f"{path}/{name}")
+    if not g.ls(path):
+        g.rmdir(path)

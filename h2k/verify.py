@@ -30,7 +30,7 @@ import hivex
 
 from h2k import bcd as bcdlib
 from h2k.errors import InputError
-from h2k.inspect import guest_path, inspect_handle, open_guest, sys_guest_path
+from h2k.inspect import inspect_handle, open_guest, sys_guest_path
 from h2k.registry import control_set_name, current_control_set, decode, find_key, find_value
 
 SCSI_ADAPTER_GUID = "{4D36E97B-E325-11CE-BFC1-08002BE10318}"
@@ -292,35 +292,15 @@ def verify_image(image: str | Path, bus: str, metadata: dict[str, Any] | None = 
                 raise InputError(f"{image}: no SYSTEM hive to verify")
 
             def exists(path: str) -> bool:
-                return guest_path(g, path.replace("\\", "/")) is not None
+                return insp.win_find(path) is not None
 
-            # Answer the root's file questions now; the BCD may need another mount.
-            cache: dict[str, bool] = {}
-
-            def cached(path: str) -> bool:
-                if path not in cache:
-                    cache[path] = exists(path)
-                return cache[path]
-
-            h = hivex.Hivex(str(insp.local_hives["SYSTEM"]))
-            for drv in drivers_for_bus(bus):
-                node = find_key(h, f"{control_set_name(facts.current_control_set)}\\Services\\{drv}")
-                ip = _val(h, f"{control_set_name(facts.current_control_set)}\\Services\\{drv}", "ImagePath") if node else None
-                cached(sys_guest_path(facts.system_root, ip if isinstance(ip, str) else None, drv))
-                cached(sys_guest_path(facts.system_root, None, drv))
-            for p in ("\\Windows\\system32\\winload.exe", "\\Windows\\system32\\winload.efi"):
-                cached(p)
             bcd_file = None
             if facts.bcd_device and facts.bcd_path:
-                g.umount_all()
-                g.mount_ro(facts.bcd_device, "/")
                 bcd_file = Path(tmp) / "BCD"
-                g.download(facts.bcd_path, str(bcd_file))
-                g.umount_all()
-                g.mount_ro(facts.root, "/")
+                g.download(insp.mounts.p(facts.bcd_device, facts.bcd_path), str(bcd_file))
             ccs, results = verify_hives(
-                insp.local_hives["SYSTEM"], bus, cached, system_root=facts.system_root, bcd_file=bcd_file,
-                path_exists=cached, device_exists=lambda ref: insp.layout.find_ref(ref) is not None,
+                insp.local_hives["SYSTEM"], bus, exists, system_root=facts.system_root, bcd_file=bcd_file,
+                path_exists=exists, device_exists=lambda ref: insp.layout.find_ref(ref) is not None,
             )
     finally:
         g.close()

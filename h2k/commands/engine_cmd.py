@@ -17,14 +17,14 @@ from h2k.errors import CheckFailed, InputError
 from h2k.inspect import NotWindows, blocker_error, load_metadata
 
 
-def _linux(func: str, exc: NotWindows):
+def _linux(func: str, exc: NotWindows, *, any_os: bool = False):
     """The h2k.linux function for a non-Windows disk, or re-raise the NotWindows error."""
     try:
         mod = importlib.import_module("h2k.linux")
     except ImportError:
         raise exc from None
     fn = getattr(mod, func, None)
-    if fn is None or exc.os_type != "linux":
+    if fn is None or (exc.os_type != "linux" and not any_os):
         raise exc
     return fn
 
@@ -113,7 +113,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from h2k.rollback import rollback_image
 
-    report = rollback_image(args.image)
+    try:
+        report = rollback_image(args.image)
+    except NotWindows as exc:  # no NTFS at all: the Linux pipeline's journal, if any
+        result = _linux("rollback_image", exc, any_os=True)(args.image)
+        _print_json(_as_dict(result)) if args.json else print(getattr(result, "summary", lambda: result)())
+        return 0
     _print_json(report.to_dict()) if args.json else print(report.summary())
     return 0
 
