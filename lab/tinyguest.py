@@ -4,7 +4,8 @@ busybox initramfs that behaves as the kernel command line says.
 ``h2k.mode=`` on the kernel command line selects the behaviour:
 
 - ``pass``      print H2K-BOOT-OK on COM1, with DHCP (udhcpc on slirp) and the
-                guest agent (Debian's qemu-ga and its libraries) running
+                guest agent (Debian's qemu-ga and its libraries) running; the ACPI
+                power button powers it off
 - ``panic``     load pvpanic, then ``echo c > /proc/sysrq-trigger`` (GUEST_PANICKED)
 - ``reboot``    ``reboot -f`` (a reboot loop: SHUTDOWN reason guest-reset)
 - ``poweroff``  ``poweroff -f`` before success
@@ -40,7 +41,7 @@ MODES = ("pass", "panic", "reboot", "poweroff", "hang", "silent")
 
 # Loaded in this order (dependencies first are resolved from modules.dep).
 MODULES = ["virtio_pci", "virtio_console", "virtio_net", "e1000e", "e1000", "8139cp", "8139too", "vmxnet3",
-           "pvpanic_pci", "pvpanic_mmio"]
+           "pvpanic_pci", "pvpanic_mmio", "button", "evdev"]
 
 AGENT_LIBS_EXTRA = ["/lib/x86_64-linux-gnu/libgcc_s.so.1"]
 
@@ -88,6 +89,11 @@ case "$mode" in
           </dev/null >/tmp/qga.log 2>&1 &
       done
     fi
+    # ACPI power button (QMP system_powerdown) -> power off: any event on its input node.
+    for e in /sys/class/input/event*; do
+      [ "$(cat "$e/device/name" 2>/dev/null)" = "Power Button" ] || continue
+      (head -c 1 "/dev/input/${e##*/}" >/dev/null 2>&1 && poweroff -f) &
+    done
     say "MARKER"
     exec sleep 2147483647 ;;
 esac

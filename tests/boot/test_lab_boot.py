@@ -47,7 +47,10 @@ CASES = {
     "uefi-no-bootable": ("uefi", None, "empty", {}, Expect(), LONG),
     "uefi-disk-virtio-scsi": ("uefi", "pass", "disk", {"disk_bus": "virtio-scsi"}, NET, LONG),
     "secureboot-tpm-denied": ("uefi-secureboot", "pass", "disk", {"tpm": True}, Expect(), LONG),
+    # No agent required: the clean shutdown after the pass goes through ACPI system_powerdown.
+    "bios-acpi-shutdown": ("bios", "pass", "kernel", {}, Expect(), LONG),
 }
+SHUTDOWN_ON_PASS = {"bios-acpi-shutdown"}
 
 
 def _run_case(case_id: str, outroot: Path):
@@ -58,7 +61,8 @@ def _run_case(case_id: str, outroot: Path):
         profile, image = tinyguest.disk_profile(fw, **over), tinyguest.disk_image(mode)
     else:
         profile, image = tinyguest.disk_profile(fw, **over), tinyguest.empty_disk()
-    return boot(image, profile, timeout=timeout, outdir=outroot / case_id, expect=expect)
+    return boot(image, profile, timeout=timeout, outdir=outroot / case_id, expect=expect,
+                shutdown_on_pass=case_id in SHUTDOWN_ON_PASS)
 
 
 def _run_two_phase(outroot: Path):
@@ -175,6 +179,13 @@ def test_two_phase_keeps_one_nvram(results, tmp_path):
     for phase in ("bootstrap", "final"):
         qlog = Path(r.artifacts[f"{phase}/qemu.log"]).read_text()
         assert f"unit=1,file={vars_file}" in qlog
+
+
+def test_clean_shutdown_through_acpi(results):
+    r = results["bios-acpi-shutdown"]
+    assert r.verdict == "passed", r.reason
+    assert "shut down cleanly (ACPI system_powerdown, SHUTDOWN reason guest-shutdown)" in r.reason
+    assert any(e["event"] == "SHUTDOWN" and e["data"]["reason"] == "guest-shutdown" for e in _qmp_events(r))
 
 
 def test_images_never_written(results):
