@@ -246,6 +246,15 @@ class QemuBoot:
                 self.timings["signal_to_verdict"] = round(t_decided - decision.signal_t, 4)
             self.timings["guest_seconds"] = round(t_decided - self.timings.get("_t_cont", t_decided), 3)
             extra = self._evidence(decision)
+        except KeyboardInterrupt:
+            # Leave a verdict behind even when the lab is stopped (Ctrl-C, SIGTERM).
+            try:
+                BootResult("incomplete", "the lab was interrupted", seconds=round(time.monotonic() - t_start, 3),
+                           signal="interrupt", profile=self.profile.to_dict(), backend="qemu",
+                           accel=accel.accel).write(self.outdir)
+            except OSError:
+                pass
+            raise
         finally:
             t0 = time.monotonic()
             self._teardown()

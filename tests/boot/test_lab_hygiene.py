@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,6 +68,8 @@ def test_signal_mid_boot_leaves_nothing(tmp_path, signum):
     assert "interrupted" in err
     assert _processes_mentioning(str(outdir)) == []
     assert list(private_tmp.iterdir()) == [], "temporary files left behind"
+    verdict = json.loads((outdir / "verdict.json").read_text())
+    assert verdict["verdict"] == "incomplete" and "interrupted" in verdict["reason"]
 
 
 def test_sigkill_of_the_lab_still_kills_qemu(tmp_path):

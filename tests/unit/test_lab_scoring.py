@@ -66,6 +66,16 @@ def test_guest_reset_before_success_is_reboot_loop_and_host_events_ignored():
     assert d.verdict == "failed" and "reboot loop" in d.reason
 
 
+def test_power_off_before_success_fails_but_after_success_is_ignored():
+    d = Scorer(Expect()).handle(Signal("qmp", "SHUTDOWN", {"guest": True, "reason": "guest-shutdown"}))
+    assert d.verdict == "failed" and "powered off before" in d.reason
+    exp = Expect(require_agent=True)
+    s = Scorer(exp)
+    [ok] = console_signals(b"H2K-BOOT-OK\n", exp)
+    assert s.handle(ok) is None
+    assert s.handle(Signal("qmp", "SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})) is None
+
+
 def test_success_needs_agent_when_required():
     exp = Expect(require_agent=True)
     s = Scorer(exp)
