@@ -59,6 +59,17 @@ STORAGE_DEVICE_IDS = {"viostor": ("1001", "1042"), "vioscsi": ("1004", "1048")}
 DEFAULT_EXTRAS = ("NetKVM", "Balloon", "vioserial", "pvpanic")
 REQUIRED_EXTRAS = ("NetKVM",)  # without it the migrated VM has no network
 
+# In-box controller drivers the two-phase bootstrap boot (disk on SATA/AHCI, or IDE on
+# i440fx) needs as boot-start. A VM installed on LSI/pvscsi has them demand-start,
+# often with a StartOverride (Windows 8+), and would stop with 0x7B on SATA too.
+BOOTSTRAP_SERVICES = {
+    "storahci": "AHCI (SATA) controller, Windows 8+",
+    "msahci": "AHCI (SATA) controller, Windows 7",
+    "intelide": "Intel PIIX IDE controller (i440fx)",
+    "pciide": "generic PCI IDE controller",
+    "atapi": "IDE channel driver",
+}
+
 TASK_NAME = "h2k-firstboot"
 SYSTEM = "SYSTEM"
 
@@ -73,6 +84,7 @@ class PlanOptions:
     reapply_static_ip: bool = True
     binding: str = "auto"  # auto | cdd | driverdb | both
     auto_reboot_off: bool = True
+    bootstrap_drivers: bool = True  # make in-box AHCI/IDE drivers boot-start for the bootstrap boot
     staging_dir: str = "Drivers/h2k-staging"  # relative to the system root
     os_folder: str | None = None  # override the folder chosen from the build (e.g. a pre-release)
 
@@ -205,6 +217,22 @@ def _storage_changes(facts: WindowsFacts, df: DriverFiles, why_ctx: str) -> tupl
             changes.append(RegDeleteKey(SYSTEM, f"{{CCS}}\\Services\\{s.name}\\StartOverride",
                                         f"{name}: StartOverride silently overrides Start on Windows 8+"))
     return changes, name
+
+
+def _bootstrap_changes(facts: WindowsFacts) -> list:
+    """Start=0 (and no StartOverride) for the in-box AHCI/IDE drivers inspection found."""
+    out: list = []
+    for s in sorted(facts.storage_drivers, key=lambda s: s.name.lower()):
+        what = BOOTSTRAP_SERVICES.get(s.name.lower())
+        if what is None:
+            continue
+        why = f"{s.name} ({what}): boot-start so the bootstrap boot on SATA/IDE finds its disk"
+        if s.start != 0:
+            out.append(RegValue(SYSTEM, f"{{CCS}}\\Services\\{s.name}", "Start", REG_DWORD, 0, why))
+        if s.has_start_override:
+            out.append(RegDeleteKey(SYSTEM, f"{{CCS}}\\Services\\{s.name}\\StartOverride",
+                                    f"{s.name}: StartOverride would keep it demand-start on Windows 8+"))
+    return out
 
 
 def _cdd_changes(name: str, ids: list[str]) -> list:
@@ -546,6 +574,9 @@ def build_plan(facts: WindowsFacts, pack: DriverPack, target_bus: str,
             changes += _cdd_changes(svc_name, ids)
         if driverdb:
             changes += _driverdb_changes(facts, df, svc_name, ids, f"{staging}/{df.driver}")
+
+    if options.bootstrap_drivers:
+        changes += _bootstrap_changes(facts)
 
     if options.auto_reboot_off:
         changes.append(RegValue(SYSTEM, "{CCS}\\Control\\CrashControl", "AutoReboot", REG_DWORD, 0,

@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-guest-agent", action="store_true", help="do not stage or install qemu-ga")
     p.add_argument("--no-static-ip", action="store_true",
                    help="do not re-apply the old NIC's static IP to the VirtIO NIC")
+    p.add_argument("--no-bootstrap-drivers", action="store_true",
+                   help="leave the in-box AHCI/IDE drivers (storahci, msahci, intelide, pciide, atapi) as they are "
+                        "instead of making them boot-start for the SATA/IDE bootstrap boot")
     p.add_argument("--os-folder", metavar="FOLDER",
                    help="use this virtio-win OS folder instead of the one chosen from the build (e.g. w11)")
     p.set_defaults(func=run)
@@ -87,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         guest_agent=not args.no_guest_agent,
         reapply_static_ip=not args.no_static_ip,
         binding=args.binding,
+        bootstrap_drivers=not args.no_bootstrap_drivers,
         os_folder=args.os_folder,
     )
     plan = build_plan(facts, pack, args.bus, options)

@@ -260,3 +260,18 @@ def test_legacy_only_inf_binds_with_a_note(pack, tmp_path):
     cdd = {c.key for c in p.changes if isinstance(c, RegValue) and "CriticalDeviceDatabase" in c.key}
     assert len(cdd) == 3 and not [k for k in cdd if "dev_1042" in k]
     assert any("does not claim PCI\\VEN_1AF4&DEV_1042" in n for n in p.notes)
+
+
+def test_bootstrap_ahci_ide_drivers_made_boot_start(pack):
+    f = win2019(storage_drivers=[
+        ServiceInfo("pvscsi", start=0), ServiceInfo("storahci", start=3, has_start_override=True),
+        ServiceInfo("atapi", start=0), ServiceInfo("intelide", start=3), ServiceInfo("LSI_SAS", start=3)])
+    p = planmod.build_plan(f, pack, "virtio-blk")
+    starts = {c.key: c.data for c in p.changes if isinstance(c, RegValue) and c.name == "Start"}
+    assert starts["{CCS}\\Services\\storahci"] == 0 and starts["{CCS}\\Services\\intelide"] == 0
+    assert "{CCS}\\Services\\atapi" not in starts  # already boot start: nothing to write
+    assert "{CCS}\\Services\\LSI_SAS" not in starts and "{CCS}\\Services\\pvscsi" not in starts
+    deletes = [c.key for c in p.changes if isinstance(c, RegDeleteKey)]
+    assert deletes == ["{CCS}\\Services\\storahci\\StartOverride"]
+    off = planmod.build_plan(f, pack, "virtio-blk", planmod.PlanOptions(bootstrap_drivers=False))
+    assert not [c for c in off.changes if isinstance(c, RegDeleteKey)]
