@@ -151,6 +151,23 @@ def soften(result: CellResult, issues: list[KnownIssue]) -> CellResult:
     return result
 
 
+def interleave(cells: list[Cell]) -> list[tuple[int, Cell]]:
+    """Execution order: the first cell of every (image, pack), then the second of each, ...
+
+    So the first workers start fixing different images at once instead of all
+    waiting for the same fix. The index is the cell's place in the matrix (used
+    to deal --connect hosts), not its place in this order.
+    """
+    groups: dict[tuple[str, str | None], list[tuple[int, Cell]]] = {}
+    for i, cell in enumerate(cells):
+        groups.setdefault((cell.image, cell.pack), []).append((i, cell))
+    out: list[tuple[int, Cell]] = []
+    lists = list(groups.values())
+    for depth in range(max((len(g) for g in lists), default=0)):
+        out.extend(g[depth] for g in lists if depth < len(g))
+    return out
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -369,8 +386,8 @@ class Runner:
         self.outdir.mkdir(parents=True, exist_ok=True)
         self._write(final=False)
         work: "queue.Queue[tuple[int, Cell]]" = queue.Queue()
-        for i, cell in enumerate(self.cells):
-            work.put((i, cell))
+        for item in interleave(self.cells):
+            work.put(item)
         threads = [threading.Thread(target=self._worker, args=(work,), name=f"matrix-{k}", daemon=True)
                    for k in range(self.jobs)]
         for t in threads:

@@ -23,7 +23,7 @@ from h2k.errors import H2KError
 from matrix.expand import expand
 from matrix.load import build_spec
 from matrix.reports import load_results
-from matrix.runner import CellOutcome, Interrupted, Prepared, Runner, worker_bound
+from matrix.runner import CellOutcome, Interrupted, Prepared, Runner, interleave, worker_bound
 
 ROOT = Path(__file__).resolve().parents[2]
 XSD = ROOT / "tests" / "data" / "junit.xsd"
@@ -84,6 +84,14 @@ class Scripted:
         if isinstance(step, Exception):
             raise step
         return step
+
+
+def test_interleave_starts_different_images_first():
+    cells = expand(make_spec(images=("a", "b", "c")))
+    order = [c.id for _, c in interleave(cells)]
+    assert order[:3] == ["a.bios.virtio-blk.virtio-net", "b.bios.virtio-blk.virtio-net", "c.bios.virtio-blk.virtio-net"]
+    assert sorted(order) == sorted(c.id for c in cells)
+    assert [cells[i].id for i, _ in interleave(cells)] == order  # indexes point back into the matrix order
 
 
 def test_worker_bound():
