@@ -1,0 +1,65 @@
+"""`pytest --image <test-bed guest>`: the plugin fixes the image once and boots each cell for real.
+
+Runs pytest in a subprocess in an empty directory, with two xdist workers and
+--junitxml, on the Linux test bed's BIOS guest (it came "from VMware": without the
+fix it cannot find its root on VirtIO, so the --no-fix run must fail with the
+lab's reason).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+XSD = ROOT / "tests" / "data" / "junit.xsd"
+
+pytestmark = [pytest.mark.guestfs, pytest.mark.boot, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def guest():
+    from lab.testbed import linux_guest
+
+    return linux_guest.build_disk("bios")
+
+
+def run_pytest(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=1200)
+
+
+def props(case: ET.Element) -> dict[str, str]:
+    return {p.get("name"): p.get("value") for p in case.iter("property")}
+
+
+def test_pytest_image_boots_each_cell(guest, tmp_path):
+    junit = tmp_path / "junit.xml"
+    p = run_pytest(tmp_path, "--image", str(guest), "--bus", "virtio-blk", "--bus", "virtio-scsi",
+                   "--boot-timeout", "400", "-n", "2", f"--junitxml={junit}", "--matrix-out", str(tmp_path / "mo"))
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    assert "2 passed" in p.stdout
+    lint = subprocess.run(["xmllint", "--noout", "--schema", str(XSD), str(junit)], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stderr
+    cases = {c.get("name"): c for c in ET.parse(junit).getroot().iter("testcase")}
+    assert sorted(cases) == [f"{guest.name.split('.')[0]}.bios.virtio-blk.virtio-net",
+                             f"{guest.name.split('.')[0]}.bios.virtio-scsi.virtio-net"]
+    for case in cases.values():
+        pr = props(case)
+        assert pr["verdict"] == "passed"
+        assert "H2K-BOOT-OK" in Path(pr["artifact:serial.log"]).read_text(errors="replace")
+    # fixed once for both workers (a file-locked cache)
+    assert len(list((tmp_path / "mo" / "prepared").glob("*/prepared.json"))) == 1
+
+
+def test_pytest_image_fails_with_the_verdict(guest, tmp_path):
+    p = run_pytest(tmp_path, "--image", str(guest), "--no-fix", "--bus", "virtio-blk", "--boot-timeout", "400",
+                   "--matrix-out", str(tmp_path / "mo"))
+    assert p.returncode == 1, p.stdout[-4000:]
+    assert "1 failed" in p.stdout
+    # the failure names the lab's verdict, not a Python traceback
+    assert "failed: " in p.stdout and "Traceback" not in p.stdout
