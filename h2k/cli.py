@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "matrix.cli",
     "h2k.commands.domain_cmd",
     "h2k.commands.linux_cmd",
+    "h2k.demo",
 ]
 
 
