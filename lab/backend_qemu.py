@@ -182,6 +182,32 @@ class BootOptions:
     screendump: bool = True
 
 
+# sun_path holds 108 bytes; a deep TMPDIR (pytest's, CI's) overflows it.
+_SUN_PATH_MAX = 100
+
+
+class SocketDir:
+    """Where a boot's UNIX sockets live: the workdir, reached through a short
+    /proc/self/fd/N alias when its real path is too long for a socket address."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.fd: int | None = None
+        if len(str(workdir)) + len("/console.sock") > _SUN_PATH_MAX:
+            self.fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
+            self.base = Path(f"/proc/self/fd/{self.fd}")
+        else:
+            self.base = workdir
+
+    def path(self, name: str) -> Path:
+        return self.base / name
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def _listen(path: Path) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(str(path))
@@ -215,6 +241,7 @@ class QemuBoot:
         self.watchers: list[SocketWatcher] = []
         self.swtpm: firmware.Swtpm | None = None
         self.workdir: Path | None = None
+        self.sockdir: SocketDir | None = None
         self.bus = SignalBus()
         self.agent_checker: AgentChecker | None = None
 
@@ -297,12 +324,14 @@ class QemuBoot:
         self.timings["overlay"] = round(time.monotonic() - t0, 4)
         fw = firmware.find(self.profile.firmware)
         vars_path = firmware.prepare_vars(fw, wd, self.opts.vars_file)
+        self.sockdir = SocketDir(wd)
+        sd = self.sockdir
         tpm_args = None
         if self.profile.tpm:
-            self.swtpm = firmware.Swtpm(wd)
+            self.swtpm = firmware.Swtpm(wd, sock_path=sd.path("tpm.sock"))
             self.swtpm.start()
             tpm_args = self.swtpm.qemu_args(self.profile.machine_type)
-        socks = {role: _listen(wd / f"{role}.sock") for role in ("qmp", "console", "fwdbg", "agent")}
+        socks = {role: _listen(sd.path(f"{role}.sock")) for role in ("qmp", "console", "fwdbg", "agent")}
         try:
             fds = qemu_cmd.SocketFds(qmp=socks["qmp"].fileno(), console=socks["console"].fileno(),
                                      debugcon=socks["fwdbg"].fileno(), agent=socks["agent"].fileno())
@@ -310,6 +339,8 @@ class QemuBoot:
                                  serial_log=self.outdir / "serial.log", firmware_log=self.outdir / "firmware.log",
                                  disk=disk, fw=fw, vars_path=vars_path, tpm_args=tpm_args,
                                  qemu_binary=self.opts.qemu_binary)
+            if sd.fd is not None:  # same number in QEMU, so /proc/self/fd/N/tpm.sock resolves there too
+                cmd.pass_fds.append(sd.fd)
             (wd / "argv.json").write_text(json.dumps(cmd.argv))
             with open(self.outdir / "qemu.log", "ab") as log:
                 log.write(("# " + " ".join(cmd.argv) + "\n").encode())
@@ -318,17 +349,17 @@ class QemuBoot:
         finally:
             for s in socks.values():
                 s.close()  # QEMU holds the listening sockets now
-        self.qmp = QMPClient(wd / "qmp.sock", self.outdir / "qmp.jsonl")
+        self.qmp = QMPClient(sd.path("qmp.sock"), self.outdir / "qmp.jsonl")
         proc = self.proc
         self.qmp.connect(timeout=30, alive=lambda: proc.poll() is None)
         self.timings["start_to_qmp"] = round(time.monotonic() - t0, 4)
         self.qmp.add_listener(self.bus.qmp_listener)
         if self.profile.serial_console:
-            w = SocketWatcher(wd / "console.sock", ConsoleScanner(self.opts.expect, "console"),
+            w = SocketWatcher(sd.path("console.sock"), ConsoleScanner(self.opts.expect, "console"),
                               self.bus.console_listener("console"), name="console")
             w.start()
             self.watchers.append(w)
-        w = SocketWatcher(wd / "fwdbg.sock", ConsoleScanner(self.opts.expect, "firmware"),
+        w = SocketWatcher(sd.path("fwdbg.sock"), ConsoleScanner(self.opts.expect, "firmware"),
                           self.bus.console_listener("firmware"), name="firmware")
         w.start()
         self.watchers.append(w)
@@ -357,7 +388,7 @@ class QemuBoot:
             if not self.profile.guest_agent:
                 return Decision("incomplete", "the expectation needs the guest agent but the profile has no agent channel", "lab")
             assert self.workdir is not None
-            self.agent_checker = AgentChecker(str(self.workdir / "agent.sock"), expect, self.bus, deadline,
+            self.agent_checker = AgentChecker(str(self.sockdir.path("agent.sock")), expect, self.bus, deadline,
                                               port_open=scorer.agent_port_open, log_path=self.outdir / "agent.jsonl")
             self.agent_checker.start()
         return score(self.bus, scorer, deadline)
@@ -424,6 +455,8 @@ class QemuBoot:
             self.qmp.close()
         if self.swtpm is not None:
             self.swtpm.stop()
+        if self.sockdir is not None:
+            self.sockdir.close()
         if self.workdir is not None:
             remove_workdir(self.workdir)
 

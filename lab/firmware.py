@@ -88,10 +88,10 @@ class Swtpm:
     """A swtpm TPM 2.0 for one boot. The control socket is made by the lab and handed
     to swtpm as a listening fd, so it is ready before QEMU starts (no wait)."""
 
-    def __init__(self, workdir: Path, log: Path | None = None) -> None:
+    def __init__(self, workdir: Path, log: Path | None = None, sock_path: Path | None = None) -> None:
         self.workdir = Path(workdir)
         self.state = self.workdir / "tpm"
-        self.sock_path = self.workdir / "tpm.sock"
+        self.sock_path = Path(sock_path) if sock_path else self.workdir / "tpm.sock"
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
