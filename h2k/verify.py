@@ -46,7 +46,7 @@ BUS_DRIVERS = {"virtio-blk": ["viostor"], "virtio-scsi": ["vioscsi"]}
 
 def drivers_for_bus(bus: str) -> list[str]:
     out: list[str] = []
-    for part in bus.split("+"):
+    for part in ("virtio-blk+virtio-scsi" if bus == "both" else bus).split("+"):
         if part not in BUS_DRIVERS:
             raise InputError(f"unknown bus {part!r}: use virtio-blk, virtio-scsi or virtio-blk+virtio-scsi")
         out += BUS_DRIVERS[part]
