@@ -50,10 +50,11 @@ def libvirt_uri():
 
 # (case id, backend, firmware, tiny-guest mode, how it boots, expected verdict, deciding signal)
 CASES = [
+    # The longest (two UEFI boots in a row) first, so the pool's two workers end together.
+    ("uefi-two-phase", "libvirt", "uefi", "pass", "two-phase", "passed", "success"),
     ("bios-pass", "libvirt", "bios", "pass", "kernel", "passed", "success"),
     ("bios-panic", "libvirt", "bios", "panic", "kernel", "failed", "qmp-panic"),
     ("bios-reboot", "libvirt", "bios", "reboot", "kernel", "failed", "qmp-reset"),
-    ("uefi-two-phase", "libvirt", "uefi", "pass", "two-phase", "passed", "success"),
     ("uefi-panic", "libvirt", "uefi", "panic", "kernel", "failed", "qmp-panic"),
     ("uefi-reboot", "libvirt", "uefi", "reboot", "kernel", "failed", "qmp-reset"),
     # The same guest under the direct backend, side by side with its libvirt twin.
