@@ -314,11 +314,15 @@ def fix_initramfs(sess: _Session, facts: LinuxFacts, tmp: Path) -> None:
         if add:
             block = f"# hyper2kvm {sess.journal.run_id}: VirtIO drivers for KVM, and the old machine's storage drivers\n"
             sess.write(path, text.rstrip("\n") + "\n" + block + "\n".join(add) + "\n", why)
-        # MODULES=dep in the appliance would size for the appliance's disk: list for this run only.
-        appliance_override = facts.initramfs_modules_setting == "dep"
-        if appliance_override:
-            g.mkdir_p(os.path.dirname(APPLIANCE_CONF))
-            g.write(APPLIANCE_CONF, b"# hyper2kvm: temporary, for regeneration in the libguestfs appliance\nMODULES=list\n")
+        # A temporary conf.d file for this run only: MODULES=dep in the appliance would size for
+        # the appliance's disk (list instead: the list above is complete); a low compression
+        # level because the appliance runs under TCG on hosts without KVM.
+        conf = "# hyper2kvm: temporary, for regeneration in the libguestfs appliance\nCOMPRESSLEVEL=1\n"
+        if facts.initramfs_modules_setting == "dep":
+            conf += "MODULES=list\n"
+        g.mkdir_p(os.path.dirname(APPLIANCE_CONF))
+        g.write(APPLIANCE_CONF, conf.encode())
+        appliance_override = True
         try:
             sess.run("update-initramfs -u -k all")
             for k in facts.kernels:

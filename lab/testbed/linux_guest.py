@@ -376,13 +376,23 @@ def _build_disk(firmware: str, out: Path) -> None:
 
 def _install_grub(g, firmware: str) -> None:
     if firmware == "bios":
-        g.sh("grub-install --target=i386-pc /dev/sda 2>&1")
+        _sh_checked(g, "grub-install --target=i386-pc /dev/sda")
     else:
-        g.sh(
+        _sh_checked(
+            g,
             "grub-install --target=x86_64-efi --efi-directory=/boot/efi --removable "
-            "--no-nvram --no-uefi-secure-boot 2>&1"
+            "--no-nvram --no-uefi-secure-boot",
         )
-    g.sh("update-grub 2>&1")
+    _sh_checked(g, "update-grub")
+
+
+def _sh_checked(g, cmd: str) -> str:
+    """Run a guest command; on failure raise with its output (g.sh loses stdout on errors)."""
+    out = g.sh(f"{cmd} 2>&1; echo \"h2k-rc=$?\"")
+    body, _, rc = out.rstrip().rpartition("h2k-rc=")
+    if rc.strip() != "0":
+        raise RuntimeError(f"in the test-bed guest, '{cmd}' failed ({rc.strip()}): {body.strip()[-1500:]}")
+    return body
 
 
 def initramfs_modules(initrd: Path) -> set[str]:
