@@ -37,6 +37,7 @@ from lab.scoring import AgentChecker, Decision, Scorer, Signal, SignalBus, score
 from lab.verdict import BootResult, Expect
 
 TAG_PREFIX = "h2k-"
+ACPI_REPRESS_SECONDS = 10.0
 TMP_PREFIX = "h2k-boot-"
 
 # --------------------------------------------------------------------------------------
@@ -424,12 +425,19 @@ class QemuBoot:
             while not self.qmp.events.empty():
                 self.qmp.events.get_nowait()
             client = self.agent_checker.client if self.agent_checker else None
+            deadline = time.monotonic() + self.opts.shutdown_timeout
             if client is not None:
                 how = "guest agent guest-shutdown"
                 client.shutdown("powerdown")
+                ev = self.qmp.wait_event("SHUTDOWN", timeout=self.opts.shutdown_timeout)
             else:
-                self.qmp.execute("system_powerdown")
-            ev = self.qmp.wait_event("SHUTDOWN", timeout=self.opts.shutdown_timeout)
+                # A guest may miss a power-button press that comes too early (Windows ignores
+                # it until its session is up; a small guest may not listen yet): press again
+                # every few seconds until SHUTDOWN or the deadline.
+                ev = None
+                while ev is None and time.monotonic() < deadline:
+                    self.qmp.execute("system_powerdown")
+                    ev = self.qmp.wait_event("SHUTDOWN", timeout=min(ACPI_REPRESS_SECONDS, deadline - time.monotonic()))
         except (QMPError, OSError) as exc:
             return False, f"{how}: {exc}"
         if ev is None:

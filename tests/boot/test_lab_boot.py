@@ -4,14 +4,16 @@ through GUEST_PANICKED (pvpanic), a reboot loop (SHUTDOWN guest-reset), a timeou
 a silent guest, no bootable device, Secure Boot refusing an unsigned loader, and a
 two-phase boot that keeps one NVRAM.
 
-The boots run five at a time in one module fixture: on 2 shared cores that keeps
-the wall time near the CPU time the guests need (tiny guests reach their marker
+The boots run five at a time in one module fixture, once per test run even under
+xdist (a file lock): on 2 shared cores that keeps the wall time near the CPU time the guests need (tiny guests reach their marker
 in ~10-25 s under TCG).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import pytest
 
 from lab import tinyguest
 from lab.boot import boot, boot_two_phase
-from lab.verdict import Expect
+from lab.verdict import BootResult, Expect
 
 pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("lab-boot")]
 
@@ -72,16 +74,35 @@ def _run_two_phase(outroot: Path):
     return boot_two_phase(image, first, final, timeout=LONG, outdir=outroot / "two-phase", expect=NET)
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    outroot = tmp_path_factory.mktemp("lab-boots")
+def _run_all(outroot: Path) -> dict:
     tinyguest.initramfs(), tinyguest.disk_image("pass"), tinyguest.empty_disk()  # build once, up front
-    images = {p: p.stat().st_mtime_ns for p in (tinyguest.disk_image("pass"), tinyguest.empty_disk())}
+    images = {str(p): p.stat().st_mtime_ns for p in (tinyguest.disk_image("pass"), tinyguest.empty_disk())}
     with ThreadPoolExecutor(max_workers=5) as pool:
         futs = {"two-phase": pool.submit(_run_two_phase, outroot)}  # the longest: start it first
         futs.update({cid: pool.submit(_run_case, cid, outroot) for cid in CASES})
-        out = {cid: f.result() for cid, f in futs.items()}
-    out["_images"] = images
+        out = {cid: f.result().to_dict() for cid, f in futs.items()}
+    return {"results": out, "images": images}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    # One set of boots per test run, shared by every xdist worker that gets a test of this
+    # module (a file lock; the first worker boots, the others read its results). This does
+    # not rely on --dist loadgroup, which pytest 9 + xdist 3.8 silently ignore.
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    outroot = shared / "lab-boots"
+    outroot.mkdir(exist_ok=True)
+    done = outroot / "results.json"
+    with open(shared / ".lab-boots.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(_run_all(outroot)))
+            tmp.replace(done)
+        data = json.loads(done.read_text())
+    out = {cid: BootResult.from_dict(d) for cid, d in data["results"].items()}
+    out["_images"] = {Path(p): m for p, m in data["images"].items()}
     return out
 
 
