@@ -57,7 +57,8 @@ def run_child(op: str, payload: dict[str, Any], workdir: Path, stop: threading.E
     with open(log, "ab") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "matrix.executors", str(req), str(res)],
                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, H2K_QUIET=os.environ.get("H2K_QUIET", "0")))
+                                env=dict(os.environ, H2K_QUIET=os.environ.get("H2K_QUIET", "0"),
+                                         H2K_MATRIX_PARENT=str(os.getpid())))
         stopped_at = None
         try:
             while True:
@@ -381,8 +382,28 @@ def _plain(obj: Any) -> Any:
 OPS = {"prepare": child_prepare, "verify": child_verify, "boot": child_boot}
 
 
+def _die_with_parent() -> None:
+    """SIGTERM this child when the runner dies (even by SIGKILL): the lab then stops its QEMU."""
+    parent = os.environ.get("H2K_MATRIX_PARENT")
+    if not parent:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() != int(parent):  # the runner died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def child_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    def interrupted(signum, frame):  # unwind like Ctrl-C so every finally (guestfs close, the lab's) runs
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    _die_with_parent()
     req_path, res_path = Path(argv[0]), Path(argv[1])
     req = json.loads(req_path.read_text())
     from h2k import accel
@@ -393,7 +414,10 @@ def child_main(argv: list[str] | None = None) -> int:
     except H2KError as exc:
         data = {"error": str(exc), "error_kind": type(exc).__name__}
     except KeyboardInterrupt:
-        return 130  # stopped: the parent knows, and writes no verdict from us
+        # Stopped: write no verdict. This child leads its own process group; end whatever is
+        # left in it (a libguestfs appliance, a QEMU), itself included.
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+        return 130
     except Exception as exc:  # a bug or a broken tool: 'incomplete', with the traceback in the log
         import traceback
 
