@@ -5,15 +5,14 @@ One ``h2k matrix run`` (two workers) mixes:
   each fixed once with the fake virtio-win pack and verified per VirtIO bus;
 * a hibernated phony disk: the engine refuses it (failed), and a known issue
   turns its virtio-scsi cell into softfailed;
-* the Linux test bed (linux-bios): fixed once by h2k.linux, then REAL boots on
-  virtio-blk and virtio-scsi overlays.
+(Real boots of the Linux test bed through the runner's executor are in
+test_matrix_run_pytest.py, which drives the same executor through the pytest plugin.)
 Then the JUnit file is validated against the schema, and the gate and report
 commands run on the real results.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -38,7 +37,6 @@ MATRIX = textwrap.dedent(
       - {name: win2019, kind: windows, recipe: win2019-bios, os: windows-server-2019, mode: fix+verify, firmware: [bios]}
       - {name: win2022, kind: windows, recipe: win2022-uefi, os: windows-server-2022, mode: fix+verify, firmware: [uefi]}
       - {name: hibernated, kind: windows, recipe: bad-hibernated, mode: fix+verify, firmware: [bios]}
-      - {name: debian, kind: linux, recipe: linux-bios, os: debian-12, firmware: [bios]}
     packs:
       - {name: virtio-win, recipe: virtio-win-tree}
     firmware: [bios, uefi]
@@ -52,10 +50,6 @@ MATRIX = textwrap.dedent(
 )
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @pytest.fixture(scope="module")
 def matrix_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("matrix")
@@ -64,7 +58,7 @@ def matrix_run(tmp_path_factory):
     out = tmp / "out"
     proc = subprocess.run([sys.executable, "-m", "h2k", "matrix", "run", str(m), "-j", "2", "-o", str(out)],
                           capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, H2K_QUIET="0"),
-                          timeout=1500)
+                          timeout=2400)
     return tmp, out, proc
 
 
@@ -76,7 +70,6 @@ def test_matrix_verdicts(matrix_run):
         "win2019.bios.virtio-blk.virtio-net", "win2019.bios.virtio-scsi.virtio-net",
         "win2022.uefi.virtio-blk.virtio-net", "win2022.uefi.virtio-scsi.virtio-net",
         "hibernated.bios.virtio-blk.virtio-net", "hibernated.bios.virtio-scsi.virtio-net",
-        "debian.bios.virtio-blk.virtio-net", "debian.bios.virtio-scsi.virtio-net",
     }, proc.stderr
     for cid in ("win2019.bios.virtio-blk.virtio-net", "win2019.bios.virtio-scsi.virtio-net",
                 "win2022.uefi.virtio-blk.virtio-net", "win2022.uefi.virtio-scsi.virtio-net"):
@@ -89,16 +82,10 @@ def test_matrix_verdicts(matrix_run):
     assert hib.verdict == "failed" and "hibernat" in hib.reason.lower()
     soft = by["hibernated.bios.virtio-scsi.virtio-net"]
     assert soft.verdict == "softfailed" and soft.note.startswith("known issue: the test bed's hibernated disk")
-    # real boots of the fixed Linux guest on VirtIO
-    for cid in ("debian.bios.virtio-blk.virtio-net", "debian.bios.virtio-scsi.virtio-net"):
-        r = by[cid]
-        assert r.verdict == "passed", (cid, r.reason, proc.stderr[-3000:])
-        serial = Path(r.artifacts["serial.log"]).read_text(errors="replace")
-        assert "H2K-BOOT-OK" in serial
     assert proc.returncode == 1  # one cell failed
     # each (image, pack) was fixed once; every cell ran on its own overlay of that fix
     prepared = results.extra["prepared"]
-    assert set(prepared) == {"win2019.virtio-win", "win2022.virtio-win", "hibernated.virtio-win", "debian.nopack"}
+    assert set(prepared) == {"win2019.virtio-win", "win2022.virtio-win", "hibernated.virtio-win"}
     assert prepared["win2022.virtio-win"]["info"]["facts"]["build"] == 20348
     for cid, r in by.items():
         if r.cell.image == "hibernated":
@@ -117,11 +104,10 @@ def test_matrix_reports(matrix_run):
                           capture_output=True, text=True)
     assert lint.returncode == 0, lint.stderr
     root = ET.parse(out / "junit.xml").getroot()
-    assert root.get("tests") == "8" and root.get("failures") == "1"
-    assert {s.get("name") for s in root.findall("testsuite")} == {
-        "itest.win2019", "itest.win2022", "itest.hibernated", "itest.debian"}
+    assert root.get("tests") == "6" and root.get("failures") == "1"
+    assert {s.get("name") for s in root.findall("testsuite")} == {"itest.win2019", "itest.win2022", "itest.hibernated"}
     md = (out / "summary.md").read_text()
-    assert "| debian | PASS | PASS |" in md and "| hibernated | FAIL | SOFTFAIL |" in md
+    assert "| win2019 | PASS | PASS | - | - |" in md and "| hibernated | FAIL | SOFTFAIL | - | - |" in md
     # report rebuilds the same files from results.json alone
     again = tmp / "again"
     subprocess.run([sys.executable, "-m", "h2k", "matrix", "report", str(out / "results.json"), "-o", str(again)],
@@ -136,13 +122,14 @@ def test_gate_on_the_real_results(matrix_run):
     gate = [sys.executable, "-m", "h2k", "matrix", "gate", "--baseline", str(base)]
     same = subprocess.run(gate + ["--candidate", str(base)], capture_output=True, text=True, cwd=ROOT)
     assert same.returncode == 0, same.stdout + same.stderr
-    # a candidate run in which a Linux boot failed: a regression the gate must catch
+    # a candidate run in which one cell failed: a regression the gate must catch
     data = json.loads(base.read_text())
     for c in data["cells"]:
-        if c["id"] == "debian.bios.virtio-scsi.virtio-net":
-            c["verdict"], c["reason"] = "failed", "kernel panic: VFS: unable to mount root fs"
+        if c["id"] == "win2022.uefi.virtio-scsi.virtio-net":
+            c["verdict"], c["reason"] = "failed", "binding-drvdb/vioscsi: no DriverDatabase entry"
     worse = tmp / "worse.json"
     worse.write_text(json.dumps(data))
     bad = subprocess.run(gate + ["--candidate", str(worse)], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1
-    assert "debian.bios.virtio-scsi.virtio-net" in bad.stdout and "regression" in bad.stdout
+    row = next(line for line in bad.stdout.splitlines() if line.startswith("win2022.uefi.virtio-scsi"))
+    assert row.split()[1:4] == ["passed", "failed", "regression"]

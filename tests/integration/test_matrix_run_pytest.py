@@ -30,7 +30,7 @@ def guest():
 
 def run_pytest(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, timeout=1800)
 
 
 def props(case: ET.Element) -> dict[str, str]:
