@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from h2k.errors import CheckFailed, InputError
+from h2k.errors import CheckFailed, H2KError, InputError
 from h2k.inspect import NotWindows, blocker_error, load_metadata
 
 
@@ -26,7 +26,16 @@ def _linux(func: str, exc: NotWindows, *, any_os: bool = False):
     fn = getattr(mod, func, None)
     if fn is None or (exc.os_type != "linux" and not any_os):
         raise exc
-    return fn
+
+    def guarded(*args, **kwargs):
+        # The Linux pipeline's own H2KErrors pass through; a raw libguestfs error becomes one line.
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as err:
+            last = (str(err).strip().splitlines() or ["failed"])[-1]
+            raise H2KError(f"{exc} and the Linux pipeline could not handle it: {last}") from None
+
+    return guarded
 
 
 def _print_json(data: Any) -> None:
