@@ -13,6 +13,7 @@ from h2k import accel, cpio
 
 
 def test_env_override_wins(monkeypatch):
+    monkeypatch.setattr(accel, "_decided", None)  # restored after the test
     monkeypatch.setenv("H2K_ACCEL", "tcg")
     d = accel.decide(refresh=True, announce=False)
     assert (d.accel, d.source) == ("tcg", "env")
@@ -25,12 +26,12 @@ def test_env_override_wins(monkeypatch):
     monkeypatch.setenv("H2K_ACCEL", "fast")
     with pytest.raises(ValueError, match="H2K_ACCEL"):
         accel.decide(refresh=True, announce=False)
-    monkeypatch.delenv("H2K_ACCEL")
-    accel.decide(refresh=True, announce=False)  # leave a real decision for other tests
 
 
 def test_decision_is_cached_per_host(tmp_path, monkeypatch):
+    monkeypatch.setattr(accel, "_decided", None)
     monkeypatch.delenv("H2K_ACCEL", raising=False)
+    # The fake probe's answer must land in this private cache only, never the host's.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
     monkeypatch.setattr(accel, "run_probe", lambda timeout: calls.append(timeout) or (False, "no kvm here"))
@@ -40,8 +41,6 @@ def test_decision_is_cached_per_host(tmp_path, monkeypatch):
     if first.source == "probe":  # a host key could be computed: second must come from the cache
         assert len(calls) == 1 and second.source == "cache"
         assert second.accel == first.accel == "tcg" and "falling back to TCG" in first.reason
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    accel.decide(refresh=True, announce=False)
 
 
 def test_cpio_newc_layout():
