@@ -20,6 +20,7 @@ from h2k.errors import H2KError
 COMMAND_MODULES = [
     "h2k.commands.accel_cmd",
     "h2k.commands.engine_cmd",
+    "h2k.commands.convert_cmd",
     "h2k.commands.plan_cmd",
     "lab.testbed.cli",
     "lab.commands_boot",

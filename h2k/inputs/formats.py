@@ -1,0 +1,299 @@
+"""What a disk file is: magic bytes first, then ``qemu-img info``; VMDK descriptors parsed and checked.
+
+qemu-img alone is not enough: it probes a *fixed* VHD as raw (the VHD footer
+sits at the end of the file, so the guest would get 512 extra bytes), and its
+messages for a broken VMDK descriptor or a missing extent are not one clear
+line. So we read the first bytes ourselves, parse VMDK descriptors (text file
+or embedded in a sparse/streamOptimized extent), check that every extent file
+is present and long enough, and always pass the format to qemu-img with -f.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from h2k.errors import InputError
+
+SECTOR = 512
+MAX_DESCRIPTOR = 64 * 1024  # a text descriptor is a few hundred bytes; refuse anything huge
+
+# createType values VMware documents for hosted products and ESXi; qemu reads all but the VMFS raw ones.
+VMDK_CREATE_TYPES = {
+    "monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat",
+    "streamOptimized", "vmfs", "vmfsSparse", "vmfsThin", "vmfsPreallocated", "vmfsEagerZeroedThick",
+    "custom",
+}
+EXTENT_TYPES = {"FLAT", "SPARSE", "ZERO", "VMFS", "VMFSSPARSE", "VMFSRDM", "VMFSRAW"}
+_EXTENT_RE = re.compile(
+    r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)(?:\s+"([^"]*)"(?:\s+(\d+))?)?\s*$'
+)
+_KV_RE = re.compile(r'^([A-Za-z][\w.]*)\s*=\s*"?([^"]*)"?\s*$')
+
+
+@dataclass(frozen=True)
+class VmdkExtent:
+    access: str  # RW | RDONLY | NOACCESS
+    sectors: int
+    type: str  # FLAT | SPARSE | ZERO | VMFS ...
+    filename: str | None  # relative to the descriptor's directory; None for ZERO
+    offset: int = 0  # in sectors, FLAT only
+
+
+@dataclass(frozen=True)
+class VmdkDescriptor:
+    create_type: str
+    cid: str | None
+    parent_cid: str | None
+    parent_hint: str | None  # parentFileNameHint: the parent disk of a snapshot (delta) disk
+    extents: tuple[VmdkExtent, ...]
+    adapter_type: str | None = None  # ddb.adapterType (ide, lsilogic, buslogic, legacyESX)
+
+    @property
+    def capacity(self) -> int:
+        return sum(e.sectors for e in self.extents) * SECTOR
+
+
+@dataclass
+class DiskInfo:
+    """One disk file as the engine needs to know it (never written by h2k.inputs)."""
+
+    path: str
+    format: str  # qemu-img driver name: qcow2, raw, vmdk, vpc, vhdx
+    virtual_size: int
+    actual_size: int | None = None
+    subformat: str | None = None  # VMDK createType, "fixed"/"dynamic" for VHD
+    backing: str | None = None  # absolute path of the parent (backing) disk, if any
+    files: list[str] = field(default_factory=list)  # every file the disk consists of
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_vmdk_descriptor(text: str, where: str = "descriptor") -> VmdkDescriptor:
+    """Parse VMDK descriptor text; InputError naming the first problem (truncated, corrupt, unknown)."""
+    if "\x00" in text.rstrip("\x00"):
+        raise InputError(f"{where}: VMDK descriptor contains binary data (corrupt)")
+    text = text.rstrip("\x00")
+    if not text.lstrip().startswith("# Disk DescriptorFile"):
+        raise InputError(f"{where}: not a VMDK descriptor (no '# Disk DescriptorFile' header)")
+    keys: dict[str, str] = {}
+    extents: list[VmdkExtent] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.split(None, 1)[0] in ("RW", "RDONLY", "NOACCESS"):
+            m = _EXTENT_RE.match(line)
+            if not m:
+                raise InputError(f"{where}: corrupt or truncated extent line {n}: {line[:60]!r}")
+            access, sectors, etype, fname, offset = m.groups()
+            if etype not in EXTENT_TYPES:
+                raise InputError(f"{where}: unknown extent type {etype!r} on line {n}")
+            if etype != "ZERO" and not fname:
+                raise InputError(f"{where}: extent on line {n} names no file")
+            extents.append(VmdkExtent(access, int(sectors), etype, fname, int(offset or 0)))
+            continue
+        m = _KV_RE.match(line)
+        if not m:
+            raise InputError(f"{where}: corrupt descriptor line {n}: {line[:60]!r}")
+        keys[m.group(1)] = m.group(2)
+    ctype = keys.get("createType")
+    if ctype is None:
+        raise InputError(f"{where}: VMDK descriptor has no createType (truncated or corrupt)")
+    if ctype not in VMDK_CREATE_TYPES:
+        raise InputError(f"{where}: unknown VMDK createType {ctype!r}")
+    if not extents:
+        raise InputError(f"{where}: VMDK descriptor lists no extents (truncated or corrupt)")
+    parent_cid = keys.get("parentCID")
+    hint = keys.get("parentFileNameHint") or None
+    return VmdkDescriptor(
+        create_type=ctype, cid=keys.get("CID"),
+        parent_cid=None if parent_cid in (None, "ffffffff") else parent_cid,
+        parent_hint=hint, extents=tuple(extents), adapter_type=keys.get("ddb.adapterType"),
+    )
+
+
+def read_head(path: Path, n: int = 4096) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not a disk image") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _vhd_footer_type(path: Path) -> int | None:
+    """The VHD disk type from the footer at the end of the file (2 fixed, 3 dynamic, 4 differencing)."""
+    try:
+        size = path.stat().st_size
+        if size < SECTOR:
+            return None
+        with open(path, "rb") as f:
+            f.seek(size - SECTOR)
+            foot = f.read(SECTOR)
+    except OSError:
+        return None
+    if foot[:8] != b"conectix":
+        return None
+    return struct.unpack(">I", foot[60:64])[0]
+
+
+def sniff(path: str | Path) -> str:
+    """What the first bytes say: qcow2, vmdk-sparse, vmdk-descriptor, vhdx, vhd, vhd-fixed, tar, xml, json, or raw."""
+    path = Path(path)
+    head = read_head(path)
+    if head[:4] == b"QFI\xfb":
+        return "qcow2"
+    if head[:4] == b"KDMV":
+        return "vmdk-sparse"
+    if head[:4] == b"COWD":
+        return "vmdk-cowd"
+    if head.lstrip().startswith(b"# Disk DescriptorFile"):
+        return "vmdk-descriptor"
+    if head[:8] == b"vhdxfile":
+        return "vhdx"
+    if head[:8] == b"conectix":
+        return "vhd"
+    if len(head) > 262 and head[257:262] == b"ustar":
+        return "tar"
+    stripped = head.lstrip(b"\xef\xbb\xbf\xff\xfe\xfe\xff\x00 \t\r\n")
+    if stripped.startswith(b"<") or head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "xml"
+    if stripped[:1] in (b"{",):
+        return "json"
+    if _vhd_footer_type(path) is not None:
+        return "vhd-fixed"  # qemu-img would call this raw
+    return "raw"
+
+
+def embedded_descriptor(path: Path) -> str:
+    """The descriptor inside a sparse/streamOptimized VMDK extent (KDMV header at offset 0)."""
+    head = read_head(path, 512)
+    if len(head) < 44:
+        raise InputError(f"{path}: VMDK header is truncated")
+    desc_off, desc_size = struct.unpack_from("<QQ", head, 28)
+    if desc_off == 0 or desc_size == 0:
+        raise InputError(f"{path}: sparse VMDK extent has no embedded descriptor (open its descriptor file instead)")
+    if desc_size * SECTOR > MAX_DESCRIPTOR:
+        raise InputError(f"{path}: embedded VMDK descriptor is implausibly large (corrupt header)")
+    with open(path, "rb") as f:
+        f.seek(desc_off * SECTOR)
+        data = f.read(desc_size * SECTOR)
+    if len(data) < desc_size * SECTOR:
+        raise InputError(f"{path}: VMDK file is truncated (descriptor past its end)")
+    return data.decode("utf-8", errors="replace")
+
+
+def vmdk_descriptor(path: str | Path) -> VmdkDescriptor:
+    path = Path(path)
+    kind = sniff(path)
+    if kind == "vmdk-sparse":
+        return parse_vmdk_descriptor(embedded_descriptor(path), str(path))
+    if kind == "vmdk-descriptor":
+        if path.stat().st_size > MAX_DESCRIPTOR:
+            raise InputError(f"{path}: VMDK descriptor file is implausibly large")
+        return parse_vmdk_descriptor(path.read_bytes().decode("utf-8", errors="replace"), str(path))
+    raise InputError(f"{path}: not a VMDK file")
+
+
+def check_vmdk(path: str | Path) -> tuple[VmdkDescriptor, list[str]]:
+    """The descriptor and every file the disk reads; InputError for a missing or short extent."""
+    path = Path(path)
+    desc = vmdk_descriptor(path)
+    files = [str(path.resolve())]
+    embedded = sniff(path) == "vmdk-sparse"
+    for ext in desc.extents:
+        if ext.type == "ZERO" or ext.filename is None:
+            continue
+        if embedded and len(desc.extents) == 1:
+            continue  # monolithic / streamOptimized: the extent is this file
+        if os.path.isabs(ext.filename):
+            raise InputError(f"{path}: extent {ext.filename!r} is an absolute path; keep extents next to the descriptor")
+        extent = (path.parent / ext.filename)
+        if not extent.is_file():
+            raise InputError(f"{path}: missing extent file {ext.filename!r}")
+        if ext.type in ("FLAT", "VMFS") and extent.stat().st_size < (ext.offset + ext.sectors) * SECTOR:
+            raise InputError(f"{path}: extent {ext.filename!r} is truncated "
+                             f"({extent.stat().st_size} bytes, needs {(ext.offset + ext.sectors) * SECTOR})")
+        if ext.type == "SPARSE" and read_head(extent, 4) != b"KDMV":
+            raise InputError(f"{path}: extent {ext.filename!r} is not a sparse VMDK extent (corrupt)")
+        files.append(str(extent.resolve()))
+    return desc, files
+
+
+# What a file name claims, to catch e.g. a broken ".vmdk" that would otherwise pass as a raw disk.
+CLAIMED = {".vmdk": "vmdk", ".vhd": "vpc", ".vhdx": "vhdx", ".avhdx": "vhdx", ".avhd": "vpc", ".qcow2": "qcow2"}
+
+
+def _check_raw(path: Path) -> None:
+    size = path.stat().st_size
+    claimed = CLAIMED.get(path.suffix.lower())
+    if claimed:
+        raise InputError(f"{path}: named {path.suffix} but its content is no {claimed} image (unknown format or corrupt header)")
+    if size == 0:
+        raise InputError(f"{path}: empty file, not a disk image")
+    if size % SECTOR:
+        raise InputError(f"{path}: unknown format (no known image header, and {size} bytes is not a whole number of sectors)")
+
+
+def qemu_info(path: str | Path, fmt: str | None = None, chain: bool = False) -> list[dict] | dict:
+    cmd = ["qemu-img", "info", "--output=json"]
+    if fmt:
+        cmd += ["-f", fmt]
+    if chain:
+        cmd.append("--backing-chain")
+    proc = subprocess.run(cmd + [str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or ["unreadable"])[-1]
+        reason = reason.removeprefix("qemu-img: ")
+        raise InputError(f"{path}: qemu-img cannot read it ({reason})")
+    return json.loads(proc.stdout)
+
+
+def probe(path: str | Path) -> DiskInfo:
+    """Identify a disk image file; InputError (one line) if it is not one qemu-img can read safely."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file")
+    kind = sniff(path)
+    files = [str(path.resolve())]
+    sub = None
+    if kind in ("tar", "xml", "json"):
+        raise InputError(f"{path}: is {kind} metadata, not a disk image")
+    if kind == "vmdk-cowd":
+        raise InputError(f"{path}: old ESX 'COWD' VMDK delta disks are not supported; consolidate the snapshot first")
+    if kind.startswith("vmdk"):
+        desc, files = check_vmdk(path)
+        fmt, sub = "vmdk", desc.create_type
+    elif kind == "vhd-fixed":
+        fmt, sub = "vpc", "fixed"
+    elif kind == "vhd":
+        fmt = "vpc"
+        if _vhd_footer_type(path) == 4 or read_head(path, 64)[60:64] == struct.pack(">I", 4):
+            raise InputError(f"{path}: differencing VHD (a Hyper-V checkpoint); qemu-img cannot read VHD "
+                             "parents: merge the checkpoint in Hyper-V (Edit Disk > Merge) first")
+        sub = "dynamic"
+    elif kind == "raw":
+        _check_raw(path)
+        fmt = "raw"
+    else:
+        fmt = kind
+    info = qemu_info(path, fmt)
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    if backing and not os.path.isabs(backing):
+        backing = str((path.parent / backing).resolve())
+    if fmt == "vhdx" and info.get("format-specific", {}).get("data", {}).get("parent"):
+        raise InputError(f"{path}: differencing VHDX (AVHDX); merge the checkpoint in Hyper-V first")
+    return DiskInfo(
+        path=str(path.resolve()), format=fmt, virtual_size=int(info["virtual-size"]),
+        actual_size=info.get("actual-size"), subformat=sub, backing=backing, files=files,
+    )
