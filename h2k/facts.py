@@ -66,6 +66,9 @@ class WindowsFacts:
     hypervisor_tools: list[str] = field(default_factory=list)  # vmware, hyperv, xen
     nics: list[NicConfig] = field(default_factory=list)
     blockers: list[Blocker] = field(default_factory=list)
+    # Hives that were dirty (not cleanly flushed) and whose transaction logs were replayed
+    # before reading; one line each: "SYSTEM: <state>; replayed SYSTEM.LOG1 entries 4..4".
+    replayed_hives: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

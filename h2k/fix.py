@@ -171,8 +171,13 @@ class _Session:
 
     # ---------------------------------------------------------- hives
 
-    def commit_hive(self, name: str, device: str, rel: str, local: Path, original: Path) -> None:
-        """Back up the guest's hive (the untouched download), upload the edit, check both by SHA-256."""
+    def commit_hive(self, name: str, device: str, rel: str, local: Path, original: Path,
+                    replayed: list[str] | None = None) -> None:
+        """Back up the guest's hive (the untouched download), upload the edit, check both by SHA-256.
+
+        ``replayed``: the hive was dirty and ``local`` has its transaction logs applied; the
+        upload makes it clean (equal sequence numbers), so Windows ignores the old log entries.
+        """
         g, m = self.g, self.mounts
         real = m.p(device, rel)
         original_sha = overlay.sha256_file(original)
@@ -187,7 +192,8 @@ class _Session:
         if guest_sha256(g, real, self.tmp) != after:
             raise H2KError(f"read-back mismatch after uploading {rel}")
         self.journal.hives.append(
-            HiveRecord(name=name, device=device, path=rel, backup_path=backup, sha256_before=original_sha, sha256_after=after)
+            HiveRecord(name=name, device=device, path=rel, backup_path=backup, sha256_before=original_sha, sha256_after=after,
+                       replayed_logs=list(replayed or []))
         )
 
 
@@ -283,11 +289,15 @@ def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool
 
             progress.step("registry")
             for name, local in insp.local_hives.items():
-                original = tmp / f"{name}.orig"
-                shutil.copyfile(local, original)
+                # A dirty hive's local copy already has its logs replayed: the backup is the guest's bytes.
+                replayed = name in insp.hive_originals
+                original = insp.hive_originals.get(name) or tmp / f"{name}.orig"
+                if not replayed:
+                    shutil.copyfile(local, original)
                 res = registry.apply_changes(local, name, [c for c in changes if isinstance(c, (RegValue, RegDeleteKey))])
-                if res.changed:
-                    sess.commit_hive(name, facts.root, insp.hive_paths[name], local, original)
+                if res.changed or replayed:
+                    sess.commit_hive(name, facts.root, insp.hive_paths[name], local, original,
+                                     replayed=[r for r in facts.replayed_hives if r.startswith(name + ":")])
                     journal.registry += res.changes
                     report.hives_changed.append(name)
 

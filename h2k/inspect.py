@@ -34,6 +34,7 @@ import hivex
 
 from h2k import accel
 from h2k import bcd as bcdlib
+from h2k import hivelog
 from h2k.errors import BlockerError, InputError
 from h2k.facts import Blocker, NicConfig, ServiceInfo, WindowsFacts
 from h2k.registry import current_control_set, decode, find_key, find_value
@@ -137,6 +138,10 @@ class Partition:
 @dataclass
 class Layout:
     partitions: list[Partition] = field(default_factory=list)
+    # Whole disks whose table has an LDM entry (MBR 0x42 / LDM GPT types). Found from the raw
+    # table of every disk: a kernel with LDM support hides the slots of a dynamic disk whose
+    # LDM database it cannot read, so the partition list alone may be empty.
+    dynamic_disks: list[str] = field(default_factory=list)
 
     def on_disk(self, disk: str) -> list[Partition]:
         return [p for p in self.partitions if p.disk == disk]
@@ -207,9 +212,22 @@ def boot_sector_fs(sector: bytes) -> tuple[str | None, bool]:
     return None, False
 
 
+def _is_dynamic(table: str, entries: list[dict[str, Any]]) -> bool:
+    return any(e.get("mbr_id") == MBR_DYNAMIC or e.get("gpt_type") in LDM_GPT_TYPES for e in entries)
+
+
 def read_layout(g) -> Layout:
     layout = Layout()
     tables: dict[str, tuple[str, str, dict[int, dict[str, Any]]]] = {}
+    for disk in g.list_devices():
+        try:
+            head = g.pread_device(disk, 34 * SECTOR, 0)  # MBR + GPT header + 128 entries of 128 bytes
+        except RuntimeError:
+            continue  # smaller than 34 sectors: no table
+        table, disk_id, entries = parse_table(head[:SECTOR], head[SECTOR:])
+        tables[disk] = (table, disk_id, {e["number"]: e for e in entries})
+        if _is_dynamic(table, entries):
+            layout.dynamic_disks.append(disk)
     for dev in g.list_partitions():
         disk = g.part_to_dev(dev)
         num = g.part_to_partnum(dev)
@@ -413,7 +431,8 @@ class Inspection:
     layout: Layout
     mounts: Mounts
     hive_paths: dict[str, str] = field(default_factory=dict)  # SYSTEM/SOFTWARE -> real path on the root volume
-    local_hives: dict[str, Path] = field(default_factory=dict)  # downloaded copies (in workdir)
+    local_hives: dict[str, Path] = field(default_factory=dict)  # downloaded copies (in workdir), logs replayed
+    hive_originals: dict[str, Path] = field(default_factory=dict)  # the untouched download of a dirty hive
 
     def win(self, path: str) -> str:
         """A path on the Windows volume, as the appliance sees it."""
@@ -473,7 +492,7 @@ def _identify_other_os(g, image: str, layout: Layout) -> NoReturn:
     """No Windows volume: say what is there (libguestfs inspection, only on this path)."""
     if any(p.bitlocker for p in layout.partitions):
         raise BlockerError(f"{image}: the system volume is BitLocker-encrypted (-FVE-FS-); decrypt or suspend it first")
-    if any(p.mbr_id == MBR_DYNAMIC or p.gpt_type in LDM_GPT_TYPES for p in layout.partitions):
+    if layout.dynamic_disks or any(p.mbr_id == MBR_DYNAMIC or p.gpt_type in LDM_GPT_TYPES for p in layout.partitions):
         raise BlockerError(f"{image}: the disk is a dynamic (LDM) disk; convert the system disk to basic first")
     roots = g.inspect_os()
     if roots:
@@ -515,10 +534,8 @@ def inspect_handle(
     insp = Inspection(facts=facts, layout=layout, mounts=mounts)
 
     # Blockers from the partition table and boot sectors.
-    for p in layout.on_disk(disk):
-        if p.mbr_id == MBR_DYNAMIC or (p.gpt_type in LDM_GPT_TYPES):
-            blockers.append(Blocker("dynamic-disk", f"{p.device} is a dynamic (LDM) disk partition; convert the system disk to basic first"))
-            break
+    if disk in layout.dynamic_disks:
+        blockers.append(Blocker("dynamic-disk", f"{disk} (the system disk) is a dynamic (LDM) disk; convert it to basic first"))
     for p in layout.partitions:
         if p.bitlocker:
             blockers.append(Blocker("bitlocker", f"{p.device} is BitLocker-encrypted (-FVE-FS-); decrypt or suspend BitLocker first"))
@@ -534,6 +551,7 @@ def inspect_handle(
         g.download(real, str(local))
         insp.hive_paths[name] = mounts.rel(root, real)
         insp.local_hives[name] = local
+        blockers += _recover_dirty(g, insp, name, real, local, workdir)
 
     def file_exists(path: str) -> bool:
         return mounts.find(root, path) is not None
@@ -583,6 +601,37 @@ def inspect_handle(
     facts.bcd_device, facts.bcd_path = _locate_bcd(mounts, layout, disk, facts.firmware, root, writable)
     facts.blockers = blockers
     return insp
+
+
+def _recover_dirty(g, insp: Inspection, name: str, real: str, local: Path, workdir: Path) -> list[Blocker]:
+    """A dirty hive: replay its new-format logs into the local copy, or return a blocker.
+
+    The pristine download stays in ``insp.hive_originals`` (fix backs THAT up and
+    checks the guest still holds it); ``insp.local_hives`` becomes the replayed copy.
+    """
+    data = local.read_bytes()
+    base = hivelog.read_base_block(data)
+    if base is None or not base.dirty:
+        return []  # clean, or not regf at all (hivex will say corrupt)
+    logs: dict[str, bytes] = {}
+    for suffix in (".LOG1", ".LOG2", ".LOG"):
+        path = guest_path(insp.mounts.g, real + suffix)
+        if path is not None and g.is_file(path):
+            logs[name + suffix] = g.read_file(path) if g.filesize(path) <= 64 << 20 else b""
+    state = f"primary sequence {base.seq1} != secondary {base.seq2}" if base.checksum_ok else "base block checksum wrong"
+    try:
+        rec = hivelog.replay(data, logs)
+    except hivelog.ReplayError as exc:
+        return [Blocker("dirty-hive", f"the {name} hive was not cleanly flushed ({state}) and {exc}: "
+                        "boot Windows once and shut it down cleanly")]
+    original = workdir / f"{name}.dirty-original"
+    local.replace(original)
+    local.write_bytes(rec.data)
+    insp.hive_originals[name] = original
+    insp.facts.replayed_hives.append(
+        f"{name}: {state}; replayed {', '.join(rec.logs_used)} entries {rec.applied[0]}..{rec.applied[-1]}")
+    log.info("%s was dirty; replayed %s", name, insp.facts.replayed_hives[-1])
+    return []
 
 
 def _open_hive(insp: Inspection, name: str, blockers: list[Blocker]):
@@ -671,6 +720,8 @@ def summary(facts: WindowsFacts) -> str:
     lines.append(f"other tools    {', '.join(facts.hypervisor_tools) or '-'}")
     for nic in facts.nics:
         lines.append(f"nic            {nic.interface_guid} {'dhcp' if nic.dhcp else 'static'} {' '.join(nic.addresses)}")
+    for r in facts.replayed_hives:
+        lines.append(f"hive log       {r}")
     for b in facts.blockers:
         lines.append(f"BLOCKER        {b.kind}: {b.detail}")
     return "\n".join(lines)

@@ -50,6 +50,7 @@ class HiveRecord:
     backup_path: str  # guest path of the untouched copy (same device)
     sha256_before: str
     sha256_after: str
+    replayed_logs: list[str] = field(default_factory=list)  # the hive was dirty: logs applied before the edit
 
 
 @dataclass

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
 
+from h2k import hivelog
 from h2k.progress import Progress
 from lab.testbed import bcd as bcd_mod
 from lab.testbed import hive as hive_mod
@@ -98,7 +99,8 @@ class WindowsRecipe:
     disk_guid: str = "{6f3c2b1a-0d9e-4c8b-a7f6-e5d4c3b2a190}"  # GPT
     loader_guid: str = "{b7e5a3c1-9d2f-11e9-8a34-000c29aa0b17}"
     disk_gib: int = 1
-    defect: str | None = None  # None, "hibernated" or "truncated-hive"
+    # None, "hibernated", "truncated-hive", "bitlocker", "dynamic", "faststartup" or "dirty-hive"
+    defect: str | None = None
     kind: str = "windows"
 
     @property
@@ -221,6 +223,16 @@ VARIANTS: dict[str, Recipe] = {
         # MountedDevices of one matching another's partitions.
         dataclasses.replace(WIN2019, name="bad-hibernated", defect="hibernated", disk_signature=0x5A3C9E12),
         dataclasses.replace(WIN2019, name="bad-truncated-hive", defect="truncated-hive", disk_signature=0x5A3C9E13),
+        # C: carries the BitLocker OEM id "-FVE-FS-" in its boot sector (as an encrypted OS volume does).
+        dataclasses.replace(WIN2019, name="bad-bitlocker", defect="bitlocker", disk_signature=0x5A3C9E14),
+        # Both MBR slots are type 0x42 (LDM, a dynamic disk), written after the file systems.
+        dataclasses.replace(WIN2019, name="bad-dynamic", defect="dynamic", disk_signature=0x5A3C9E15),
+        # Fast Startup: HiberbootEnabled=1 and a hiberfil.sys with the HIBR header a hybrid shutdown leaves.
+        dataclasses.replace(WIN2019, name="bad-faststartup", defect="faststartup", hiberboot=1,
+                            disk_signature=0x5A3C9E16),
+        # SYSTEM not cleanly flushed: the primary file is stale (pvscsi Start=3, sequence numbers differ)
+        # and SYSTEM.LOG1 holds the newest pages (pvscsi Start=0, as the recipe says). Valid once replayed.
+        dataclasses.replace(WIN2019, name="dirty-hive", defect="dirty-hive", disk_signature=0x5A3C9E17),
         LinuxRecipe(name="bad-linux"),
         EmptyRecipe(name="bad-empty"),
     ]
@@ -542,6 +554,29 @@ def _inf_text(name: str) -> str:
             "[Strings]\r\nVMWARE=\"VMware, Inc.\"\r\nvmxnet3.DeviceDesc=\"vmxnet3 Ethernet Adapter\"\r\n")
 
 
+BITLOCKER_OEM_ID = b"-FVE-FS-"  # the OEM id at byte 3 of a BitLocker volume's boot sector
+LDM_MBR_TYPE = 0x42  # MBR partition type of a dynamic (LDM) disk
+
+
+def dirty_system(r: WindowsRecipe, system: Path, tmp: Path) -> dict[str, bytes]:
+    """Make ``system`` a dirty primary whose newest data (the recipe's) is only in SYSTEM.LOG1.
+
+    The stale primary is the recipe's hive with pvscsi demand-start (Start=3);
+    the log entry (written by :func:`h2k.hivelog.dirty_pair`) carries the pages
+    that make it the recipe's hive again (Start=0). SYSTEM.LOG2 is empty, as
+    after a log switch.
+    """
+    new = system.read_bytes()
+    stale = tmp / "SYSTEM.stale"
+    stale.write_bytes(new)
+    regtext.apply_reg(stale, "Windows Registry Editor Version 5.00\r\n\r\n"
+                      f"[HKEY_LOCAL_MACHINE\\SYSTEM\\{r.control_set}\\Services\\{r.storage_service}]\r\n"
+                      '"Start"=dword:00000003\r\n', "HKEY_LOCAL_MACHINE\\SYSTEM")
+    primary, log1 = hivelog.dirty_pair(stale.read_bytes(), new)
+    system.write_bytes(primary)
+    return {"SYSTEM.LOG1": log1, "SYSTEM.LOG2": b""}
+
+
 def hiberfil(size: int = 64 * 1024) -> bytes:
     """A hiberfil.sys header as a hibernated (or Fast-Startup) Windows leaves it: ``HIBR``."""
     head = b"HIBR" + struct.pack("<IIII", 0, 0x1000, 0, 0x1000)
@@ -605,6 +640,9 @@ def _build_windows(r: WindowsRecipe, out: Path) -> None:
             data = system.read_bytes()
             # Cut inside the hive bins: the header still says regf, the bins are gone.
             system.write_bytes(data[: 0x1000 + 0x1000 // 2])
+        system_logs: dict[str, bytes] = {}
+        if r.defect == "dirty-hive":
+            system_logs = dirty_system(r, system, tmp)
         bcd = bcd_mod.make_bcd(tmp / "BCD", bcd_spec(r))
         empty = hive_mod.empty_hive()
         _qemu_img_create(out, r.disk_gib)
@@ -633,7 +671,9 @@ def _build_windows(r: WindowsRecipe, out: Path) -> None:
             files[f"{cfg}/SOFTWARE"] = software.read_bytes()
             for h in ("SAM", "SECURITY", "DEFAULT"):
                 files[f"{cfg}/{h}"] = empty
-            if r.defect == "hibernated":
+            for log_name, log_data in system_logs.items():
+                files[f"{cfg}/{log_name}"] = log_data
+            if r.defect in ("hibernated", "faststartup"):
                 files["/hiberfil.sys"] = hiberfil()
             for d in ("/Users/Public", "/ProgramData", "/Windows/Temp", "/Program Files (x86)"):
                 files[d + "/"] = b""
@@ -655,6 +695,12 @@ def _build_windows(r: WindowsRecipe, out: Path) -> None:
             g.mount(f"{dev}{sysp.number}", "/")
             _write_tree(g, boot_files, tmp)
             g.umount_all()
+            # Defects that make a volume or the table unreadable go on last, over finished file systems.
+            if r.defect == "bitlocker":
+                g.pwrite_device(f"{dev}{win.number}", BITLOCKER_OEM_ID, 3)
+            if r.defect == "dynamic":
+                g.pwrite_device(dev, mbr_table(r.disk_signature, [
+                    (p.role == "system-reserved", LDM_MBR_TYPE, p.start, p.end - p.start + 1) for p in parts]), 0)
             g.shutdown()
         finally:
             g.close()
@@ -711,6 +757,11 @@ def _recipe_data(r: Recipe) -> dict:
     return data
 
 
+# Only the log writer's code goes into the cache key (h2k.hivelog's reader may change freely).
+HIVELOG_WRITER = [hivelog.marvin32, hivelog._rotl, hivelog.checksum, hivelog._with_base, hivelog.log_entry,
+                  hivelog.dirty_pair, hivelog.read_base_block]
+
+
 def build(name: str) -> Path:
     """The cached qcow2 for variant ``name`` (built on first use, ~30-60 s under TCG)."""
     if name not in VARIANTS:
@@ -726,7 +777,7 @@ def build(name: str) -> Path:
     else:
         fn = lambda out: _build_empty(r, out)  # noqa: E731
     return cached_build(name, _recipe_data(r), fn, suffix=".qcow2",
-                        modules=[sys.modules[__name__], hive_mod, regtext, pe_mod, bcd_mod])
+                        modules=[sys.modules[__name__], hive_mod, regtext, pe_mod, bcd_mod, *HIVELOG_WRITER])
 
 
 def builders() -> dict[str, Callable[[], Path]]:
