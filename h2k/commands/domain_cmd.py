@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--facts", metavar="JSON", help="inspection facts (WindowsFacts JSON, e.g. from 'h2k inspect --json') to take the firmware and OS from")
     p.add_argument("--os", choices=domain.OS_TYPES, help="guest OS, skipping inspection (with --firmware, default bios)")
     p.add_argument("--firmware", choices=FIRMWARES, help="firmware (overrides facts and metadata)")
-    p.add_argument("--metadata", metavar="FILE", help="source VM metadata: JSON (firmware, mac, memory_mb, cpus), a VMware .vmx or a Hyper-V generation")
+    p.add_argument("--metadata", metavar="FILE", help="source VM metadata: JSON (firmware, mac, memory_mb, cpus), a VMware .vmx, an .ovf/.ova or a Hyper-V configuration .xml")
     p.add_argument("--name", help="domain name prefix (default: from the image file name)")
     p.add_argument("--mac", help="MAC address to keep from the source VM")
     p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
@@ -86,11 +86,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.stage} disk bus must be one of {', '.join(buses)}, not {args.bus!r}")
     if args.virtio_iso and args.stage != "bootstrap":
         raise InputError("--virtio-iso belongs to the bootstrap stage")
-    metadata = None
-    if args.metadata:
-        from h2k.inspect import load_metadata
+    from h2k.inputs.cli_support import metadata_dict
+    from h2k.inputs.source import input_kind
 
-        metadata = load_metadata(args.metadata)
+    if input_kind(image) in ("vmx", "ovf", "ova", "hyperv", "xml", "vmcx"):
+        raise InputError(f"{args.image}: a VM, not a disk: 'h2k convert' (or 'h2k fix') it first, then "
+                         f"'h2k domain DISK --metadata {args.image}'")
+    metadata = metadata_dict(args.metadata)  # .vmx/.ovf/.ova/Hyper-V .xml/JSON: firmware, MAC, CPUs, memory
     source = _source(args, metadata)
     meta = metadata or {}
     common = dict(name=name, mac=args.mac or meta.get("mac"), memory_mb=args.memory or _int_or_none(meta.get("memory_mb")),

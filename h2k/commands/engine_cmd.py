@@ -50,12 +50,19 @@ def _as_dict(obj: Any) -> Any:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from h2k.inputs.cli_support import engine_input
+
+    with engine_input(args.image, args.metadata) as (disk, meta, _res):  # any input: .ova/.vmx/.ovf/.xml/disk
+        return _inspect(args, disk, meta)
+
+
+def _inspect(args: argparse.Namespace, disk: str, meta: dict | None) -> int:
     from h2k.inspect import inspect_image, summary
 
     try:
-        facts = inspect_image(args.image, load_metadata(args.metadata))
+        facts = inspect_image(disk, meta)
     except NotWindows as exc:
-        result = _linux("inspect_image", exc)(args.image)
+        result = _linux("inspect_image", exc)(disk)
         _print_json(_as_dict(result)) if args.json else print(getattr(result, "summary", lambda: result)())
         return 0
     if args.json:
@@ -82,31 +89,62 @@ def _planner(args: argparse.Namespace):
 
 
 def cmd_fix(args: argparse.Namespace) -> int:
-    from h2k.fix import fix_image
+    from pathlib import Path
+
+    from h2k.inputs.cli_support import default_fix_output, engine_input
 
     if args.in_place and args.output:
         raise InputError("--in-place and -o/--output exclude each other")
+    # An OVA is unpacked next to the output, so the space it needs is on the output's file system.
+    workdir = Path(args.output).absolute().parent if args.output else None
+    with engine_input(args.image, args.metadata, workdir) as (disk, meta, res):
+        output = args.output
+        if res.extracted:
+            if args.in_place:
+                raise InputError(f"{args.image}: an archive cannot be fixed in place; use -o OUT.qcow2")
+            output = output or str(default_fix_output(args.image))  # the unpacked disk is temporary
+        return _fix(args, disk, meta, res, output)
+
+
+def _fix(args: argparse.Namespace, disk: str, meta: dict | None, res: Any, output: str | None) -> int:
+    from h2k.fix import fix_image
+    from h2k.inputs.cli_support import write_profiles
+
     try:
         report = fix_image(
-            args.image, _planner(args), output=args.output, in_place=args.in_place, ems=args.ems,
-            metadata=load_metadata(args.metadata),
+            disk, _planner(args), output=output, in_place=args.in_place, ems=args.ems,
+            metadata=meta,
         )
     except NotWindows as exc:
         fn = _linux("fix_image", exc)
-        result = fn(args.image, output=args.output, in_place=args.in_place)
+        result = fn(disk, output=output, in_place=args.in_place)
         _print_json(_as_dict(result)) if args.json else print(getattr(result, "summary", lambda: result)())
+        if res.machine is not None:  # metadata came with the input: keep firmware, MACs, CPUs, memory
+            written = getattr(result, "output", None) or output or disk
+            prof = write_profiles(written, res.machine, meta, _as_dict(getattr(result, "facts", None)) or {}, "linux", args.bus)
+            print(f"h2k: machine profiles (bootstrap, final) in {prof}", file=sys.stderr)
         return 0
     _print_json(report.to_dict()) if args.json else print(report.summary())
+    if res.machine is not None:
+        prof = write_profiles(report.output, res.machine, meta, report.facts, "windows", args.bus)
+        print(f"h2k: machine profiles (bootstrap, final) in {prof}", file=sys.stderr)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from h2k.inputs.cli_support import engine_input
+
+    with engine_input(args.image, args.metadata) as (disk, meta, _res):
+        return _verify(args, disk, meta)
+
+
+def _verify(args: argparse.Namespace, disk: str, meta: dict | None) -> int:
     from h2k.verify import verify_image
 
     try:
-        report = verify_image(args.image, args.bus, load_metadata(args.metadata))
+        report = verify_image(disk, args.bus, meta)
     except NotWindows as exc:
-        result = _linux("verify_image", exc)(args.image, args.bus)
+        result = _linux("verify_image", exc)(disk, args.bus)
         _print_json(_as_dict(result)) if args.json else print(getattr(result, "summary", lambda: result)())
         passed = getattr(result, "passed", True)
         if not passed:
@@ -142,8 +180,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "BCD location, storage/network drivers, other hypervisors' tools, static IPs and blockers. "
         "Exits 4 when a blocker (hibernation, Fast Startup, BitLocker, dynamic disk) is found, 3 on bad input.",
     )
-    p.add_argument("image", help="disk image (qcow2, raw, vmdk, vhdx ...); opened read-only")
-    p.add_argument("--metadata", help="source metadata (.vmx, or JSON like {\"firmware\": \"uefi\"}); wins over guessing")
+    p.add_argument("image", help="disk image (qcow2, raw, vmdk, vhd, vhdx ...) or VM (.vmx, .ovf, .ova, Hyper-V .xml); opened read-only")
+    p.add_argument("--metadata", help="source metadata (.vmx, .ovf, .ova, Hyper-V .xml, or JSON like {\"firmware\": \"uefi\"}); wins over guessing")
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
     p.set_defaults(func=cmd_inspect)
 
@@ -156,14 +194,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and the BCD are backed up in the guest and every change is journalled (h2k rollback undoes it). "
         "A second run reports 'nothing to do'.",
     )
-    p.add_argument("image", help="disk image to fix")
+    p.add_argument("image", help="disk image, or a VM (.vmx, .ovf, .ova, Hyper-V .xml): an OVA goes to -o (default VM.h2k.qcow2) "
+                   "plus OUT.machine.json, the bootstrap and final profiles keeping firmware, MACs, CPUs and memory")
     p.add_argument("--drivers", required=True, help="virtio-win directory, ISO, or JSON/YAML manifest")
     p.add_argument("--bus", required=True, help=BUS_HELP)
     out = p.add_mutually_exclusive_group()
     out.add_argument("-o", "--output", help="write a standalone copy here (qcow2, or raw for .raw/.img)")
     out.add_argument("--in-place", action="store_true", help="write the image itself (no overlay, no copy)")
     p.add_argument("--ems", action="store_true", help="enable the EMS serial console on COM1 at 115200 in the BCD")
-    p.add_argument("--metadata", help="source metadata (.vmx or JSON); firmware from it wins")
+    p.add_argument("--metadata", help="source metadata (.vmx, .ovf, .ova, Hyper-V .xml or JSON); firmware from it wins")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_fix)
 

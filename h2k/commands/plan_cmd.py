@@ -53,6 +53,12 @@ def load_facts(path: str) -> WindowsFacts:
     p = Path(path)
     if not p.exists():
         raise InputError(f"{path}: no such file")
+    if p.suffix.lower() in (".vmx", ".ovf", ".ova", ".xml", ".vmcx"):  # a VM: its disk, with its metadata
+        from h2k.inputs.cli_support import engine_input
+        from h2k.inspect import inspect_image
+
+        with engine_input(str(p)) as (disk, meta, _res):
+            return inspect_image(disk, meta)
     if p.suffix.lower() == ".json" or _starts_with_brace(p):
         try:
             data = json.loads(p.read_text())
@@ -68,7 +74,10 @@ def load_facts(path: str) -> WindowsFacts:
         from h2k.inspect import inspect_image
     except ImportError:
         raise InputError(f"{path}: not a .json facts file, and image inspection is unavailable") from None
-    return inspect_image(str(p))
+    from h2k.inputs.cli_support import engine_input
+
+    with engine_input(str(p)) as (disk, meta, _res):  # any disk format; a JSON sidecar beside it counts
+        return inspect_image(disk, meta)
 
 
 def _starts_with_brace(p: Path) -> bool:
