@@ -94,7 +94,7 @@ def parse_vmdk_descriptor(text: str, where: str = "descriptor") -> VmdkDescripto
                 raise InputError(f"{where}: corrupt or truncated extent line {n}: {line[:60]!r}")
             access, sectors, etype, fname, offset = m.groups()
             if etype not in EXTENT_TYPES:
-                raise InputError(f"{where}: unknown extent type {etype!r} on line {n}")
+                raise InputError(f"{where}: corrupt or truncated extent line {n}: unknown extent type {etype!r}")
             if etype != "ZERO" and not fname:
                 raise InputError(f"{where}: extent on line {n} names no file")
             extents.append(VmdkExtent(access, int(sectors), etype, fname, int(offset or 0)))

@@ -142,9 +142,9 @@ def load_machine(path: str | Path) -> SourceMachine:
         raise InputError(hyperv.VMCX_MESSAGE.format(path=p))
     if kind in ("hyperv", "xml"):
         text = hyperv.read_text(p)
-        if "<Envelope" in text[:4096] or "ovf:" in text[:4096]:
-            return ovf.parse(text, str(p)).machine
-        return hyperv.parse(text, str(p))
+        if "<Envelope" in text[:4096]:  # an OVF saved as .xml
+            return ovf.load(p).machine
+        return hyperv.load(p)
     if kind == "cloud":
         return cloud.load(p)
     raise InputError(f"{p}: not a metadata file (.vmx, .ovf, .ova, Hyper-V .xml or .json)")
