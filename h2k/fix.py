@@ -22,9 +22,11 @@ A run that finds everything already in place changes nothing and says so.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import shutil
+import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -142,32 +144,55 @@ class _Session:
 
     # ---------------------------------------------------------- files
 
-    def write_file(self, change: FileCopy | FileWrite) -> str | None:
+    def write_folder(self, parent: str, changes: list[FileCopy | FileWrite]) -> list[str]:
+        """Stage the files of one guest folder with ONE ``tar_in`` (the tar is built on the host).
+
+        Per folder: the (cached) mkdir -p, one ``ls`` to find existing names
+        (case-insensitively, as NTFS), one ``tar_in``. Per file: a read of an
+        existing file to compare (identical: skipped, for idempotence; different:
+        backed up first) and one read-back after the write. Every written file
+        is journalled with its hashes, as before.
+        """
         g, root, m = self.g, self.facts.root, self.mounts
-        if isinstance(change, FileCopy):
-            try:
-                content = Path(change.source).read_bytes()
-            except OSError as exc:
-                raise InputError(f"driver pack file {change.source}: {exc.strerror}") from exc
-        else:
-            content = change.content
-        want = _sha(content)
-        parent, name = change.dest.rstrip("/").rsplit("/", 1)
         rparent = self.mkdirs(root, parent or "/")
-        real = guest_path(g, f"{rparent}/{name}") or f"{rparent}/{name}"
-        rel = m.rel(root, real)
-        before = backup = None
-        if g.is_file(real):
-            before = guest_sha256(g, real, self.tmp)
-            if before == want:
-                return None  # already there: idempotence
-            backup = self.backup_file(root, rel)
-        g.write(real, content)
-        after = guest_sha256(g, real, self.tmp)
-        if after != want:
-            raise H2KError(f"read-back mismatch for {rel}: wrote {want[:12]}, read {after[:12]}")
-        self.journal.files.append(FileRecord(device=root, path=rel, sha256_after=after, sha256_before=before, backup_path=backup))
-        return rel
+        existing = {n.lower(): n for n in g.ls(rparent)}
+        todo: dict[str, tuple[str, bytes, str | None, str | None]] = {}  # lower name -> (name, data, before, backup)
+        for change in changes:
+            content = _content(change)
+            name = change.dest.rstrip("/").rsplit("/", 1)[1]
+            real_name = existing.get(name.lower(), name)
+            real = f"{rparent}/{real_name}"
+            before = backup = None
+            if name.lower() in existing and g.is_file(real):
+                before = guest_sha256(g, real, self.tmp)
+                if before == _sha(content):
+                    todo.pop(name.lower(), None)
+                    continue  # already there: idempotence
+                backup = self.backup_file(root, m.rel(root, real))
+            todo[name.lower()] = (real_name, content, before, backup)
+        if not todo:
+            return []
+        tar_path = self.tmp / "folder.tar"
+        now = int(time.time())
+        with tarfile.open(tar_path, "w") as tar:
+            for real_name, content, _, _ in todo.values():
+                info = tarfile.TarInfo(real_name)
+                info.size, info.mode, info.mtime = len(content), 0o644, now
+                tar.addfile(info, io.BytesIO(content))
+        g.tar_in(str(tar_path), rparent)
+        tar_path.unlink()
+        written = []
+        for real_name, content, before, backup in todo.values():
+            real = f"{rparent}/{real_name}"
+            rel = m.rel(root, real)
+            want = _sha(content)
+            after = guest_sha256(g, real, self.tmp, size=len(content))
+            if after != want:
+                raise H2KError(f"read-back mismatch for {rel}: wrote {want[:12]}, read {after[:12]}")
+            self.journal.files.append(FileRecord(device=root, path=rel, sha256_after=after, sha256_before=before,
+                                                 backup_path=backup))
+            written.append(rel)
+        return written
 
     # ---------------------------------------------------------- hives
 
@@ -197,9 +222,21 @@ class _Session:
         )
 
 
-def guest_sha256(g, path: str, tmp: Path) -> str:
-    """SHA-256 of a guest file, hashed on the host (the appliance's sha256sum is a process per call)."""
-    if g.filesize(path) <= 2 << 20:
+def _content(change: FileCopy | FileWrite) -> bytes:
+    if isinstance(change, FileWrite):
+        return change.content
+    try:
+        return Path(change.source).read_bytes()
+    except OSError as exc:
+        raise InputError(f"driver pack file {change.source}: {exc.strerror}") from exc
+
+
+def guest_sha256(g, path: str, tmp: Path, size: int | None = None) -> str:
+    """SHA-256 of a guest file, hashed on the host (the appliance's sha256sum is a process per call).
+
+    ``size``: the expected size when known (saves the ``filesize`` round trip for small files).
+    """
+    if (size if size is not None else g.filesize(path)) <= 2 << 20:
         return _sha(g.read_file(path))
     local = tmp / "sha.bin"
     g.download(path, str(local))
@@ -281,11 +318,12 @@ def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool
             )
 
             progress.step("files")
+            folders: dict[str, list[FileCopy | FileWrite]] = {}  # guest folder (as planned) -> its files, plan order
             for change in changes:
                 if isinstance(change, (FileCopy, FileWrite)):
-                    written = sess.write_file(change)
-                    if written:
-                        report.files_written.append(written)
+                    folders.setdefault(change.dest.rstrip("/").rsplit("/", 1)[0].lower(), []).append(change)
+            for files in folders.values():
+                report.files_written += sess.write_folder(files[0].dest.rstrip("/").rsplit("/", 1)[0], files)
 
             progress.step("registry")
             for name, local in insp.local_hives.items():
