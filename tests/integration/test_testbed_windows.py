@@ -32,7 +32,10 @@ GROUPS = {
     "broken": ["bad-truncated-hive"],
 }
 GROUP_OF = {name: g for g, names in GROUPS.items() for name in names}
-assert sorted(GROUP_OF) == sorted(VARIANTS), "every variant must be checked"
+# Checked through the engine in tests/integration/test_windows_blockers.py (their raw bytes there too,
+# without a launch): an appliance with a BitLocker/LDM disk in it would only slow these groups down.
+ELSEWHERE = {"bad-bitlocker", "bad-dynamic", "bad-faststartup", "dirty-hive"}
+assert sorted(GROUP_OF) == sorted(set(VARIANTS) - ELSEWHERE), "every variant must be checked"
 
 VALID = [n for n, r in VARIANTS.items() if isinstance(r, WindowsRecipe) and r.defect is None]
 

@@ -49,6 +49,30 @@ def _one_error_line(stderr: str) -> str:
     return errors[0].lower()
 
 
+def _sector(image: Path, lba: int, tmp: Path) -> bytes:
+    """One 512-byte sector of a qcow2, read with qemu-img (no appliance launch; its count is an end, not a length)."""
+    out = tmp / f"sector-{lba}"
+    subprocess.run(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", "bs=512", f"skip={lba}", f"count={lba + 1}",
+                    f"if={image}", f"of={out}"], check=True, capture_output=True)
+    return out.read_bytes()[:512]
+
+
+def test_blocker_disks_carry_their_defect(tmp_path) -> None:
+    """The test bed wrote what a real disk in that state has, where Windows/Linux look for it."""
+    for name in ("bad-bitlocker", "bad-dynamic"):
+        r = windisk.VARIANTS[name]
+        img = windisk.build(name)
+        mbr = _sector(img, 0, tmp_path)
+        types = [mbr[446 + 16 * i + 4] for i in range(4)]
+        win = next(p for p in windisk.layout(r) if p.role == "windows")
+        boot = _sector(img, win.start, tmp_path)
+        if name == "bad-dynamic":
+            assert types[:2] == [windisk.LDM_MBR_TYPE] * 2 and boot[3:11] == b"NTFS    "
+        else:
+            assert types[:2] == [0x07, 0x07] and boot[3:11] == windisk.BITLOCKER_OEM_ID
+    assert windisk.VARIANTS["bad-faststartup"].hiberboot == 1
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(n)) for n in sorted(BLOCKERS)])
 def test_inspect_reports_the_blocker(name) -> None:
     src = windisk.build(name)
