@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="output disk (.qcow2, or .raw/.img for raw)")
     p.add_argument("-O", "--format", choices=("qcow2", "raw"), help="output format (default: from OUT's suffix, else qcow2)")
     p.add_argument("--flatten", action="store_true", help="merge a snapshot chain (qcow2 backing files, VMDK parents) into one disk")
+    p.add_argument("--no-checksum", action="store_true", help="skip the SHA-256 of the result (it reads the output once more)")
     p.add_argument("--json", action="store_true", help="print the result (outputs, checksums, source machine) as JSON")
     p.set_defaults(func=run)
 
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
                 if chain.is_chain:
                     print(f"h2k: snapshot chain of {len(chain.layers)} layers:\n{chain.describe()}", file=sys.stderr)
                 with Progress(f"convert {Path(disk).name}", 10) as prog:
-                    results.append(convert_disk(disk, out, fmt=args.format, flatten=args.flatten, progress=prog))
+                    results.append(convert_disk(disk, out, fmt=args.format, flatten=args.flatten, progress=prog,
+                                                checksum=not args.no_checksum))
                 written.append(out)
         except BaseException:
             for o in written:  # several disks: all or nothing
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for r in results:
             print(f"{r.output}: {r.format}, {r.virtual_size / 2**30:.2f} GiB virtual, "
-                  f"{r.bytes_on_disk / 2**20:.1f} MiB on disk, sha256 {r.sha256} ({r.seconds:.1f}s)")
+                  f"{r.bytes_on_disk / 2**20:.1f} MiB on disk, sha256 {r.sha256 or 'skipped'} ({r.seconds:.1f}s)")
         if res.machine:
             m = res.machine
             nics = ", ".join(f"{n.model or '?'} {n.mac or '-'}" for n in m.nics) or "none"
