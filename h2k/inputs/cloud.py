@@ -87,12 +87,27 @@ def load(path: str | Path) -> SourceMachine:
 
 
 def sidecar_for(disk: str | Path) -> SourceMachine | None:
-    """The machine from ``<disk>.json`` or ``<stem>.json`` next to a disk, if one exists."""
+    """The machine from ``<disk>.json`` or ``<stem>.json`` next to a disk, if one exists.
+
+    ``<disk>.json`` is our convention, so a broken one is an error. ``<stem>.json`` is a
+    common name for other things (e.g. saved ``h2k inspect --json`` facts): it counts only
+    when it is a JSON object with nothing but sidecar keys.
+    """
     d = Path(disk)
-    for cand in (d.with_name(d.name + ".json"), d.with_suffix(".json")):
-        if cand.is_file() and cand != d:
-            m = load(cand)
-            if not m.disks:
-                m.disks = [SourceDisk(str(d.resolve()))]
-            return m
-    return None
+    own = d.with_name(d.name + ".json")
+    if own.is_file():
+        m = load(own)
+    else:
+        stem = d.with_suffix(".json")
+        if stem == d or not stem.is_file():
+            return None
+        try:
+            data = json.loads(stem.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(data, dict) or not data or set(data) - KNOWN:
+            return None
+        m = parse(data, stem.resolve().parent, str(stem))
+    if not m.disks:
+        m.disks = [SourceDisk(str(d.resolve()))]
+    return m

@@ -271,3 +271,15 @@ def test_progress_parse() -> None:
     assert parse_percent("    (42.17/100%)") == 42.17
     assert parse_percent("(100.00/100%)") == 100.0
     assert parse_percent("garbage") is None
+
+
+def test_stem_json_that_is_not_a_sidecar_is_ignored(tmp_path: Path) -> None:
+    disk = tmp_path / "win.qcow2"
+    disk.write_bytes(b"")
+    (tmp_path / "win.json").write_text(json.dumps({"facts": {"firmware": "bios"}}))  # saved inspect output
+    assert cloud.sidecar_for(disk) is None
+    (tmp_path / "win.json").write_text(json.dumps({"firmware": "uefi"}))
+    assert cloud.sidecar_for(disk).firmware == "uefi"
+    (tmp_path / "win.qcow2.json").write_text("{broken")
+    with pytest.raises(InputError, match="not valid JSON"):
+        cloud.sidecar_for(disk)
