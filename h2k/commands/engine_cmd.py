@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from typing import Any
 
@@ -95,8 +96,16 @@ def cmd_fix(args: argparse.Namespace) -> int:
 
     if args.in_place and args.output:
         raise InputError("--in-place and -o/--output exclude each other")
-    # An OVA is unpacked next to the output, so the space it needs is on the output's file system.
-    workdir = Path(args.output).absolute().parent if args.output else None
+    from h2k.inputs.source import input_kind
+
+    # An OVA is unpacked next to the output (default VM.h2k.qcow2 beside it), so the space it
+    # needs is on the output's file system, not in a possibly small /tmp.
+    if args.output:
+        workdir = Path(args.output).absolute().parent
+    elif os.path.isfile(args.image) and input_kind(args.image) == "ova":
+        workdir = default_fix_output(args.image).absolute().parent
+    else:
+        workdir = None
     with engine_input(args.image, args.metadata, workdir) as (disk, meta, res):
         output = args.output
         if res.extracted:
