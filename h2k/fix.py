@@ -112,6 +112,7 @@ class _Session:
         self.journal = journal
         self.tmp = tmp
         self.dirs: dict[tuple[str, str], str] = {}  # (device, lower-case path) -> real path
+        self.made: set[str] = set()  # real paths of the directories this run created (known empty)
 
     def mkdirs(self, device: str, path: str) -> str:
         """mkdir -p (case-insensitive, cached) recording the directories it creates; returns the real path."""
@@ -129,6 +130,7 @@ class _Session:
             if real is None:
                 real = f"{rparent}/{name}"
                 g.mkdir(real)
+                self.made.add(real)
                 self.journal.created_dirs.append([device, m.rel(device, real)])
         self.dirs[key] = real
         return real
@@ -155,7 +157,7 @@ class _Session:
         """
         g, root, m = self.g, self.facts.root, self.mounts
         rparent = self.mkdirs(root, parent or "/")
-        existing = {n.lower(): n for n in g.ls(rparent)}
+        existing = {} if rparent in self.made else {n.lower(): n for n in g.ls(rparent)}
         todo: dict[str, tuple[str, bytes, str | None, str | None]] = {}  # lower name -> (name, data, before, backup)
         for change in changes:
             content = _content(change)

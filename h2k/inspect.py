@@ -615,9 +615,11 @@ def _recover_dirty(g, insp: Inspection, name: str, real: str, local: Path, workd
         return []  # clean, or not regf at all (hivex will say corrupt)
     logs: dict[str, bytes] = {}
     for suffix in (".LOG1", ".LOG2", ".LOG"):
-        path = guest_path(insp.mounts.g, real + suffix)
+        path = guest_path(g, real + suffix)
         if path is not None and g.is_file(path):
-            logs[name + suffix] = g.read_file(path) if g.filesize(path) <= 64 << 20 else b""
+            dest = workdir / f"{name}{suffix}"
+            g.download(path, str(dest))  # logs reach megabytes: read_file is capped by the protocol
+            logs[name + suffix] = dest.read_bytes()
     state = f"primary sequence {base.seq1} != secondary {base.seq2}" if base.checksum_ok else "base block checksum wrong"
     try:
         rec = hivelog.replay(data, logs)
