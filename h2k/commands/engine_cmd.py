@@ -100,9 +100,12 @@ def cmd_fix(args: argparse.Namespace) -> int:
 
     # An OVA is unpacked next to the output (default VM.h2k.qcow2 beside it), so the space it
     # needs is on the output's file system, not in a possibly small /tmp.
+    is_ova = os.path.isfile(args.image) and input_kind(args.image) == "ova"
+    if is_ova and args.in_place:  # refuse before unpacking anything
+        raise InputError(f"{args.image}: an archive cannot be fixed in place; use -o OUT.qcow2")
     if args.output:
         workdir = Path(args.output).absolute().parent
-    elif os.path.isfile(args.image) and input_kind(args.image) == "ova":
+    elif is_ova:
         workdir = default_fix_output(args.image).absolute().parent
     else:
         workdir = None
