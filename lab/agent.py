@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lab.unixsock import connect_unix
+
 
 class AgentError(Exception):
     pass
@@ -35,18 +37,10 @@ class AgentClient:
         self._buf = b""
 
     def connect(self, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(self.path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                sock.close()
-                if time.monotonic() >= deadline:
-                    raise AgentError(f"cannot connect to the agent socket {self.path}: {exc}") from exc
-                time.sleep(0.02)
-        self._sock = sock
+        try:
+            self._sock = connect_unix(self.path, timeout)
+        except OSError as exc:
+            raise AgentError(f"cannot connect to the agent socket {self.path}: {exc}") from exc
 
     def close(self) -> None:
         if self._sock is not None:

@@ -46,7 +46,7 @@ from h2k.errors import H2KError, InputError
 from h2k.profile import MachineProfile
 from lab import backend_qemu
 from lab.console import ConsoleScanner, SocketWatcher
-from lab.scoring import AgentChecker, Decision, Scorer, Signal, SignalBus, score
+from lab.scoring import AgentChecker, Decision, Scorer, Signal, SignalBus, finish_evidence, score
 from lab.verdict import BootResult, Expect
 
 try:  # python3-libvirt from Debian (the venv has --system-site-packages)
@@ -437,24 +437,15 @@ class LibvirtBoot:
             return False
 
     def _evidence(self, decision: Decision) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.opts.screendump and self._active():
-            t0 = time.monotonic()
+        def screendump() -> None:
             try:
                 self._qmp_command("screendump", {"filename": str(self.outdir / "screen.png"), "format": "png"})
             except (libvirt.libvirtError, ValueError):
                 pass
-            self.timings["screendump"] = round(time.monotonic() - t0, 4)
-        if self.opts.shutdown_on_pass and decision.verdict in ("passed", "softfailed"):
-            t0 = time.monotonic()
-            ok, how = self._clean_shutdown()
-            self.timings["clean_shutdown"] = round(time.monotonic() - t0, 3)
-            if ok:
-                out["reason_suffix"] = f"; shut down cleanly ({how})"
-            else:
-                out["verdict"] = "failed"
-                out["reason_suffix"] = f"; but the guest did not shut down cleanly ({how})"
-        return out
+
+        return finish_evidence(decision, self.timings,
+                               screendump=screendump if self.opts.screendump and self._active() else None,
+                               clean_shutdown=self._clean_shutdown if self.opts.shutdown_on_pass else None)
 
     def _clean_shutdown(self) -> tuple[bool, str]:
         """Agent shutdown when the agent answered, else ACPI; proof: SHUTDOWN reason guest-shutdown."""

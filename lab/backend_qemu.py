@@ -33,7 +33,7 @@ from h2k.profile import MachineProfile
 from lab import firmware, qemu_cmd
 from lab.console import ConsoleScanner, SocketWatcher
 from lab.qmp import QMPClient, QMPError
-from lab.scoring import AgentChecker, Decision, Scorer, Signal, SignalBus, score
+from lab.scoring import AgentChecker, Decision, Scorer, Signal, SignalBus, finish_evidence, score
 from lab.verdict import BootResult, Expect
 
 TAG_PREFIX = "h2k-"
@@ -396,24 +396,16 @@ class QemuBoot:
 
     # -- evidence and shutdown -----------------------------------------------
     def _evidence(self, decision: Decision) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.opts.screendump and self.qmp is not None and not self.qmp.closed.is_set():
-            t0 = time.monotonic()
+        def screendump() -> None:
+            assert self.qmp is not None
             try:
                 self.qmp.execute("screendump", {"filename": str(self.outdir / "screen.png"), "format": "png"}, timeout=10)
             except QMPError:
                 pass
-            self.timings["screendump"] = round(time.monotonic() - t0, 4)
-        if self.opts.shutdown_on_pass and decision.verdict in ("passed", "softfailed"):
-            t0 = time.monotonic()
-            ok, how = self._clean_shutdown()
-            self.timings["clean_shutdown"] = round(time.monotonic() - t0, 3)
-            if ok:
-                out["reason_suffix"] = f"; shut down cleanly ({how})"
-            else:
-                out["verdict"] = "failed"
-                out["reason_suffix"] = f"; but the guest did not shut down cleanly ({how})"
-        return out
+
+        can_dump = self.opts.screendump and self.qmp is not None and not self.qmp.closed.is_set()
+        return finish_evidence(decision, self.timings, screendump=screendump if can_dump else None,
+                               clean_shutdown=self._clean_shutdown if self.opts.shutdown_on_pass else None)
 
     def _clean_shutdown(self) -> tuple[bool, str]:
         """Agent guest-shutdown if the agent is connected, else ACPI system_powerdown;

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from lab import stopcodes
 from lab.verdict import Expect, Pattern
+from lab.unixsock import connect_unix
 
 # CSI (ESC [ ... final), OSC (ESC ] ... BEL/ST), two-byte ESC sequences, and charset selects.
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Za-z]|\x1b[@-Z\\-_=>]")
@@ -218,18 +219,7 @@ class SocketWatcher:
         self.bytes_read = 0
 
     def start(self, connect_timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + connect_timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(self.path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                sock.close()
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.02)  # only if the socket was not pre-opened
-        self._sock = sock
+        self._sock = connect_unix(self.path, connect_timeout)
         self._thread = threading.Thread(target=self._loop, name=f"watch-{self.name}", daemon=True)
         self._thread.start()
 

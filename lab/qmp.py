@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from lab.unixsock import connect_unix
+
 
 class QMPError(Exception):
     """A QMP command returned an error, or the connection failed."""
@@ -56,25 +58,16 @@ class QMPClient:
         ``alive`` (e.g. "the QEMU process still runs") stops the retries early when QEMU died.
         """
         deadline = time.monotonic() + timeout
-        last_err: Exception | None = None
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(self.path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                sock.close()
-                last_err = exc
-                if time.monotonic() >= deadline or (alive is not None and not alive()):
-                    raise QMPError(f"cannot connect to QMP socket {self.path}: {exc}") from exc
-                # QEMU creates the socket during start-up; retry briefly.
-                time.sleep(0.02)
+        try:
+            sock = connect_unix(self.path, timeout, alive)
+        except OSError as exc:
+            raise QMPError(f"cannot connect to QMP socket {self.path}: {exc}") from exc
         self._sock = sock
         sock.settimeout(max(0.1, deadline - time.monotonic()))
         fh = sock.makefile("rb")
         line = fh.readline()
         if not line:
-            raise QMPError("QMP closed before its greeting") from last_err
+            raise QMPError("QMP closed before its greeting")
         self.greeting = json.loads(line)
         self._log("in", self.greeting)
         sock.settimeout(None)

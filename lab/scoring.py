@@ -213,6 +213,33 @@ CRASH_PATTERNS = {"kernel-panic"}
 CORROBORATE_SECONDS = 0.5
 
 
+def finish_evidence(
+    decision: Decision,
+    timings: dict[str, float],
+    *,
+    screendump: Callable[[], None] | None,
+    clean_shutdown: Callable[[], tuple[bool, str]] | None,
+) -> dict[str, Any]:
+    """What both backends do once a verdict is decided: a screendump (timed; failures ignored,
+    the picture is evidence, not a signal) and, when asked, a clean shutdown after a pass,
+    whose failure turns the verdict into "failed". Returns overrides for the result."""
+    out: dict[str, Any] = {}
+    if screendump is not None:
+        t0 = time.monotonic()
+        screendump()
+        timings["screendump"] = round(time.monotonic() - t0, 4)
+    if clean_shutdown is not None and decision.verdict in ("passed", "softfailed"):
+        t0 = time.monotonic()
+        ok, how = clean_shutdown()
+        timings["clean_shutdown"] = round(time.monotonic() - t0, 3)
+        if ok:
+            out["reason_suffix"] = f"; shut down cleanly ({how})"
+        else:
+            out["verdict"] = "failed"
+            out["reason_suffix"] = f"; but the guest did not shut down cleanly ({how})"
+    return out
+
+
 def _tail(text: str | None) -> str:
     if not text:
         return ""
