@@ -114,8 +114,10 @@ def test_raw_output_is_sparse(tmp_path: Path) -> None:
     run("qemu-img", "create", "-f", "qcow2", str(src), "256M")
     run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x77 {100 * MIB} {BLOCK}", str(src))
     out = tmp_path / "out.raw"
-    r = h2k("convert", str(src), "-o", str(out))
+    r = h2k("convert", str(src), "-o", str(out), env={"H2K_QUIET": "0"})
     assert r.returncode == 0, r.stderr
+    # qemu-img -p progress turned into h2k.progress lines, one per 10 %
+    assert "[convert small.qcow2] 10/10 100% converted" in r.stderr and "50% converted" in r.stderr
     assert out.stat().st_size == 256 * MIB and out.stat().st_blocks * 512 <= 2 * MIB  # holes stay holes
     with open(out, "rb") as f:
         f.seek(100 * MIB)
