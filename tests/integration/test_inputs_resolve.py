@@ -136,3 +136,16 @@ def test_write_profiles_source_metadata_wins(tmp_path: Path) -> None:
     assert prof["final"]["firmware"] == prof["bootstrap"]["firmware"] == "uefi-secureboot"
     assert prof["final"]["disk_bus"] == "virtio-scsi" and prof["macs"] == meta["macs"]
     assert (prof["final"]["cpus"], prof["final"]["memory_mb"], prof["final"]["mac"]) == (4, 8192, "00:50:56:00:00:01")
+
+
+def test_differencing_vhd_refused_with_advice(tmp_path: Path) -> None:
+    """A VHD whose footer says 'differencing' (type 4, a Hyper-V checkpoint) is refused before qemu-img reads it."""
+    vhd = tmp_path / "child.avhd"
+    qimg("create", "-f", "vpc", str(vhd), "16M")
+    data = bytearray(vhd.read_bytes())
+    data[60:64] = (4).to_bytes(4, "big")  # footer copy at the start
+    data[-512 + 60:-512 + 64] = (4).to_bytes(4, "big")  # footer at the end
+    vhd.write_bytes(bytes(data))
+    r = h2k("convert", str(vhd), "-o", str(tmp_path / "x.qcow2"))
+    assert r.returncode == 3 and "differencing VHD" in r.stderr and "Merge" in r.stderr
+    assert not (tmp_path / "x.qcow2").exists()
