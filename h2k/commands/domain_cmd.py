@@ -86,13 +86,14 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.stage} disk bus must be one of {', '.join(buses)}, not {args.bus!r}")
     if args.virtio_iso and args.stage != "bootstrap":
         raise InputError("--virtio-iso belongs to the bootstrap stage")
-    from h2k.inputs.cli_support import metadata_dict
+    from h2k.inputs.cli_support import metadata_dict, profiles_beside
     from h2k.inputs.source import input_kind
 
     if input_kind(image) in ("vmx", "ovf", "ova", "hyperv", "xml", "vmcx"):
         raise InputError(f"{args.image}: a VM, not a disk: 'h2k convert' (or 'h2k fix') it first, then "
                          f"'h2k domain DISK --metadata {args.image}'")
-    metadata = metadata_dict(args.metadata)  # .vmx/.ovf/.ova/Hyper-V .xml/JSON: firmware, MAC, CPUs, memory
+    # .vmx/.ovf/.ova/Hyper-V .xml/JSON, or the IMAGE.machine.json 'h2k fix' left: firmware, MAC, CPUs, memory
+    metadata = metadata_dict(args.metadata or profiles_beside(image))
     source = _source(args, metadata)
     meta = metadata or {}
     common = dict(name=name, mac=args.mac or meta.get("mac"), memory_mb=args.memory or _int_or_none(meta.get("memory_mb")),

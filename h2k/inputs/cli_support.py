@@ -31,9 +31,40 @@ def metadata_dict(path: str | Path | None) -> dict[str, Any] | None:
         raise InputError(f"cannot read metadata {p}: no such file")
     if input_kind(p) in RICH_METADATA:
         return load_machine(p).to_metadata()
+    saved = _saved_profiles(p)
+    if saved is not None:
+        return saved
     from h2k.inspect import load_metadata
 
     return load_metadata(p)
+
+
+def _saved_profiles(p: Path) -> dict[str, Any] | None:
+    """The metadata kept in an ``OUT.machine.json`` written by :func:`write_profiles`, else None."""
+    if not p.name.endswith(PROFILE_SUFFIX):
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{p}: not a machine profile file ({exc})") from None
+    if not isinstance(data, dict) or "final" not in data:
+        raise InputError(f"{p}: not a machine profile file (no 'final' profile)")
+    final = data["final"]
+    fw = final.get("firmware", "bios")
+    meta: dict[str, Any] = {"firmware": "uefi" if fw.startswith("uefi") else "bios",
+                            "secure_boot": fw == "uefi-secureboot"}
+    for key in ("mac", "memory_mb", "cpus"):
+        if final.get(key) is not None:
+            meta[key] = final[key]
+    if data.get("macs"):
+        meta["macs"] = data["macs"]
+    return meta
+
+
+def profiles_beside(image: str | Path) -> Path | None:
+    """``IMAGE.machine.json`` if ``h2k fix`` left one next to the disk."""
+    cand = Path(str(image) + PROFILE_SUFFIX)
+    return cand if cand.is_file() else None
 
 
 @contextmanager

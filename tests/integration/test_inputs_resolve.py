@@ -149,3 +149,15 @@ def test_differencing_vhd_refused_with_advice(tmp_path: Path) -> None:
     r = h2k("convert", str(vhd), "-o", str(tmp_path / "x.qcow2"))
     assert r.returncode == 3 and "differencing VHD" in r.stderr and "Merge" in r.stderr
     assert not (tmp_path / "x.qcow2").exists()
+
+
+def test_domain_picks_up_the_profiles_fix_left(tmp_path: Path) -> None:
+    img = tmp_path / "fixed.qcow2"
+    qimg("create", "-f", "qcow2", str(img), "16M")
+    meta = {"firmware": "uefi", "mac": "00:50:56:00:00:07", "macs": ["00:50:56:00:00:07"], "cpus": 3, "memory_mb": 1536}
+    write_profiles(img, None, meta, {"firmware": "bios"}, "windows", "virtio-blk")
+    r = h2k("domain", str(img), "--os", "windows", "--domain-type", "qemu", "--no-validate")
+    assert r.returncode == 0, r.stderr
+    root = ET.fromstring(r.stdout)
+    assert root.find("devices/interface/mac").get("address") == "00:50:56:00:00:07"
+    assert root.findtext("vcpu") == "3" and root.findtext("memory") == "1536" and root.find("os/loader") is not None
