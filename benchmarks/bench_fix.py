@@ -6,10 +6,14 @@ plans and applies in the same single launch; target: fix <= 1.5 x baseline.
 Runs alternate (baseline, fix, baseline, fix ...) so load drifts hit both alike.
 
     python benchmarks/bench_fix.py [VARIANT] [ROUNDS]      (default win2019-bios 2)
+
+It also counts the appliance calls one fix makes (all, and ``tar_in``), so a
+regression to per-file round trips shows up as a number, not only as time.
 """
 
 from __future__ import annotations
 
+import collections
 import statistics
 import sys
 import tempfile
@@ -36,14 +40,43 @@ def bare_inspection(image: Path) -> float:
     return time.monotonic() - t0
 
 
-def one_fix(image: Path, pack, out_dir: Path, n: int) -> float:
+class CountingGuest:
+    """A libguestfs handle that counts the calls made through it (each one is a round trip)."""
+
+    def __init__(self, g, counts: collections.Counter) -> None:
+        self._g, self._counts = g, counts
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._g, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            self._counts[name] += 1
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def one_fix(image: Path, pack, out_dir: Path, n: int, counts: collections.Counter) -> float:
+    from h2k import fix as fixmod
     from h2k.fix import fix_image
     from h2k.plan import build_plan
 
+    real_open = fixmod.open_guest
+
+    def counted_open(*args, **kwargs):
+        return CountingGuest(real_open(*args, **kwargs), counts)
+
     out = out_dir / f"fixed-{n}.qcow2"
+    fixmod.open_guest = counted_open
     t0 = time.monotonic()
-    report = fix_image(image, lambda facts: build_plan(facts, pack, "virtio-blk"), output=out, ems=True)
+    try:
+        report = fix_image(image, lambda facts: build_plan(facts, pack, "virtio-blk"), output=out, ems=True)
+    finally:
+        fixmod.open_guest = real_open
     took = time.monotonic() - t0
+    counts["files written"] += len(report.files_written)
     assert not report.nothing_to_do and report.registry_changes > 0
     out.unlink()
     Path(report.journal).unlink()
@@ -51,7 +84,7 @@ def one_fix(image: Path, pack, out_dir: Path, n: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = [] if argv is None else argv  # benchmarks/run.py calls main() with no arguments
     variant = argv[0] if argv else "win2019-bios"
     rounds = int(argv[1]) if len(argv) > 1 else 2
     import os
@@ -66,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="h2k-bench-fix-") as tmp:
         for n in range(rounds):
             base.append(bare_inspection(image))
-            fix.append(one_fix(image, pack, Path(tmp), n))
-            print(f"round {n + 1}: inspection {base[-1]:.1f}s  fix {fix[-1]:.1f}s", flush=True)
+            counts: collections.Counter = collections.Counter()
+            fix.append(one_fix(image, pack, Path(tmp), n, counts))
+            print(f"round {n + 1}: inspection {base[-1]:.1f}s  fix {fix[-1]:.1f}s  "
+                  f"(appliance calls {sum(v for k, v in counts.items() if k != 'files written')}, "
+                  f"tar_in {counts['tar_in']}, files written {counts['files written']})", flush=True)
     b, f = statistics.median(base), statistics.median(fix)
     ratio = f / b
     print(f"{'image':<16}{'inspect (s)':>12}{'fix (s)':>10}{'ratio':>8}{'target':>8}")
@@ -77,4 +113,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))
