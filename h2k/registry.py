@@ -222,6 +222,7 @@ def apply_changes(path: str | Path, hive: str, changes: Iterable[RegValue | RegD
     except RuntimeError as exc:
         raise InputError(f"{hive} hive is unreadable ({exc})") from exc
     ccs = current_control_set(h) if hive.upper() == "SYSTEM" else None
+    mine = _last_write_wins(mine, ccs)
     records: list[RegChange] = []
     for change in mine:
         key = resolve_key(change.key, ccs)
@@ -238,6 +239,25 @@ def apply_changes(path: str | Path, hive: str, changes: Iterable[RegValue | RegD
         del h
         read_back(path, records)
     return HiveResult(hive=hive, changes=records, control_set=ccs)
+
+
+def _last_write_wins(changes: list, ccs: int | None) -> list:
+    """Drop a value write that a later write of the same value supersedes.
+
+    The final hive is the same either way; without this, a list that sets one
+    value twice (0 then 1) would "change" it again on every run and a second fix
+    would never be a no-op.
+    """
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for change in reversed(changes):
+        if isinstance(change, RegValue):
+            ident = (resolve_key(change.key, ccs).lower(), change.name.lower())
+            if ident in seen:
+                continue
+            seen.add(ident)
+        kept.append(change)
+    return kept[::-1]
 
 
 def _apply_value(h: hivex.Hivex, hive: str, key: str, change: RegValue) -> RegChange | None:
