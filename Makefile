@@ -9,11 +9,10 @@ STAMPS     := .stamps
 JOBS       ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: setup system venv test test-full demo bench clean help
+.PHONY: setup system venv test demo bench clean help
 
 help:
 	@echo "make test   - install what is needed, then run the whole test suite"
-	@echo "make test-full - the same plus the Debian guests and the Linux fix under TCG (slow without KVM)"
 	@echo "make demo   - install what is needed, then run the end-to-end demo on the test bed"
 	@echo "make bench  - run the benchmarks (ratios against baselines measured in the same run)"
 
@@ -45,15 +44,11 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/system
 venv: $(STAMPS)/venv
 setup: venv
 
-# `make test`: every tier but the one that builds the Debian guests and runs the
-# Linux fix inside a TCG appliance (tens of minutes on 2 cores); `make test-full`
-# runs that too. Both show each test and the slowest ones.
+# `make test`: every tier, in parallel (pytest-xdist; tests that share a built image
+# share a group), showing each test and the slowest ones.
 TEST_FLAGS := -n $(JOBS) --dist loadgroup -v --durations=30 -p no:cacheprovider
 
 test: setup
-	$(PY) -m pytest $(TEST_FLAGS) -m "not full" $(PYTEST_ARGS)
-
-test-full: setup
 	$(PY) -m pytest $(TEST_FLAGS) $(PYTEST_ARGS)
 
 demo: setup

