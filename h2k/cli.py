@@ -16,22 +16,33 @@ import sys
 from h2k import __version__
 from h2k.errors import H2KError
 
-# Order is the order shown in --help.
-COMMAND_MODULES = [
-    "h2k.commands.accel_cmd",
-    "h2k.commands.engine_cmd",
-    "h2k.commands.convert_cmd",
-    "h2k.commands.plan_cmd",
-    "lab.testbed.cli",
-    "lab.commands_boot",
-    "matrix.cli",
-    "h2k.commands.domain_cmd",
-    "h2k.commands.linux_cmd",
-    "h2k.demo",
-]
+# Module -> the subcommands it registers. Order is the order shown in --help. Only the module
+# of the command being run is imported (a conversion should not pay for importing the matrix
+# runner); --help and unknown commands import them all.
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "h2k.commands.accel_cmd": ("accel",),
+    "h2k.commands.engine_cmd": ("inspect", "fix", "verify", "rollback"),
+    "h2k.commands.convert_cmd": ("convert",),
+    "h2k.commands.plan_cmd": ("plan",),
+    "lab.testbed.cli": ("testbed",),
+    "lab.commands_boot": ("boot",),
+    "matrix.cli": ("matrix",),
+    "h2k.commands.domain_cmd": ("domain",),
+    "h2k.commands.linux_cmd": ("linux",),
+    "h2k.demo": ("demo",),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def modules_for(argv: list[str]) -> list[str]:
+    """The command modules needed to parse ``argv``: the one owning its subcommand, or all."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    for module, commands in COMMAND_MODULES.items():
+        if first in commands:
+            return [module]
+    return list(COMMAND_MODULES)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="h2k",
         description=(
@@ -43,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    for name in COMMAND_MODULES if argv is None else modules_for(argv):
         try:
             module = importlib.import_module(name)
         except ImportError as exc:  # keep the rest of the tool usable
@@ -54,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
