@@ -111,6 +111,16 @@ def test_driver_gate_runs_both_packs_then_gates():
     assert wanted <= set(data["jobs"]["gate"]["env"])
 
 
+def test_driver_gate_pack_file_has_what_the_workflow_reads():
+    data = load(ROOT / ".github" / "workflows" / "driver-gate.yml")
+    script = "\n".join(step.get("run", "") for step in data["jobs"]["gate"]["steps"])
+    assert "driver-packs/current.json" in script and "driver-packs/**" in data["on"]["pull_request"]["paths"]
+    pack = json.loads((ROOT / "driver-packs" / "current.json").read_text())
+    read = set(re.findall(r'd(?:\.get\(|\[)"(\w+)"', script))
+    assert read == {"path", "version"} and read <= set(pack)
+    assert pack["path"] and isinstance(pack["version"], str)
+
+
 def test_matrix_commands_in_workflows_parse():
     """Every 'h2k matrix ...' line in a workflow is accepted by h2k's own argument parser."""
     from h2k.cli import build_parser
