@@ -18,7 +18,7 @@ from lab.testbed import linux_guest
 
 boot_mod = pytest.importorskip("lab.boot")
 
-pytestmark = [pytest.mark.boot, pytest.mark.guestfs, pytest.mark.slow]
+pytestmark = [pytest.mark.boot, pytest.mark.guestfs, pytest.mark.slow, pytest.mark.full]
 
 FIRMWARES = ["bios", "uefi"]
 BUSES = ["virtio-blk", "virtio-scsi", "sata"]

@@ -22,7 +22,7 @@ from h2k.linux.verify import rules
 from h2k.overlay import create_overlay, sha256_file
 from lab.testbed import linux_guest
 
-pytestmark = [pytest.mark.guestfs, pytest.mark.slow]
+pytestmark = [pytest.mark.guestfs, pytest.mark.slow, pytest.mark.full]
 
 FIRMWARES = ["bios", "uefi"]
 

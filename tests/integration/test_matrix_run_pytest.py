@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 XSD = ROOT / "tests" / "data" / "junit.xsd"
 
-pytestmark = [pytest.mark.guestfs, pytest.mark.boot, pytest.mark.slow]
+pytestmark = [pytest.mark.guestfs, pytest.mark.boot, pytest.mark.slow, pytest.mark.full]
 
 
 @pytest.fixture(scope="module")
