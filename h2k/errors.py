@@ -23,3 +23,14 @@ class CheckFailed(H2KError):
     """A verification or gate found a failure; details were already printed."""
 
     exit_code = 1
+
+
+def read_input_file(path, what: str = "") -> bytes:
+    """The bytes of an input file, or InputError "<path>: cannot read[ what]: <reason>"."""
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read{' ' + what if what else ''}: {exc.strerror}") from None

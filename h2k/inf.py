@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from h2k.errors import InputError
+from h2k.errors import InputError, read_input_file
 
 _TOKEN = re.compile(r"%([^%]*)%")
 
@@ -405,10 +405,7 @@ def parse_text(text: str, path: str | None = None) -> InfFile:
 
 def parse_file(path: str | Path) -> InfFile:
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read INF {p}: {exc.strerror}") from None
+    data = read_input_file(p, "INF")
     return parse_text(_decode(data), str(p))
 
 

@@ -18,7 +18,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path, PureWindowsPath
 
-from h2k.errors import InputError
+from h2k.errors import InputError, read_input_file
 from h2k.inputs.source import SourceController, SourceDisk, SourceMachine, SourceNic
 
 VMCX_MESSAGE = (
@@ -34,10 +34,7 @@ DISK_SUFFIXES = (".vhd", ".vhdx", ".avhd", ".avhdx")
 
 
 def read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    data = read_input_file(path)
     if len(data) > 8 << 20:
         raise InputError(f"{path}: configuration XML is implausibly large")
     # Hyper-V writes UTF-16 with a BOM.

@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from h2k.errors import InputError
+from h2k.errors import InputError, read_input_file
 from h2k.inputs.source import SourceController, SourceDisk, SourceMachine, SourceNic
 
 MAX_OVF = 8 << 20
@@ -217,10 +217,7 @@ def _read_text(data: bytes, where: str) -> str:
 def load(path: str | Path) -> OvfPackage:
     """A loose .ovf next to its disks."""
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise InputError(f"{p}: cannot read: {exc.strerror}") from None
+    data = read_input_file(p)
     pkg = parse(_read_text(data, str(p)), str(p))
     pkg.base = p.resolve().parent
     pkg.disks = [str(pkg.base / f) for f in pkg.disk_files]

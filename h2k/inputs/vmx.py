@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from h2k.errors import InputError
+from h2k.errors import InputError, read_input_file
 from h2k.inputs.source import SourceController, SourceDisk, SourceMachine, SourceNic
 
 _LINE = re.compile(r'^\s*([A-Za-z0-9_.:\-]+)\s*=\s*"(.*)"\s*$')
@@ -114,10 +114,7 @@ def parse(text: str, base: Path, where: str = "vmx") -> SourceMachine:
 
 def load(path: str | Path) -> SourceMachine:
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise InputError(f"{p}: cannot read: {exc.strerror}") from None
+    raw = read_input_file(p)
     if len(raw) > 1 << 20 or b"\x00" in raw:
         raise InputError(f"{p}: not a .vmx text file")
     return parse(raw.decode("utf-8", errors="replace"), p.resolve().parent, str(p))
