@@ -72,6 +72,11 @@ case "$mode" in
     say "h2k-tinyguest: powering off"
     poweroff -f ;;
   panic)
+    # Panic only once the pvpanic driver is bound (its notifier is what QEMU reports).
+    for i in $(seq 1 100); do
+      ls -d /sys/bus/pci/drivers/pvpanic-pci/0000:* /sys/bus/platform/drivers/pvpanic-mmio/* >/dev/null 2>&1 && break
+      sleep 0.1
+    done
     say "h2k-tinyguest: panicking"
     echo 1 > /proc/sys/kernel/sysrq
     echo c > /proc/sysrq-trigger ;;
