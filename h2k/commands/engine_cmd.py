@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from h2k.errors import CheckFailed, H2KError, InputError
-from h2k.inspect import NotWindows, blocker_error, load_metadata
+from h2k.inspect import NotWindows, blocker_error
 
 
 def _linux(func: str, exc: NotWindows, *, any_os: bool = False):
@@ -111,9 +111,7 @@ def cmd_fix(args: argparse.Namespace) -> int:
         workdir = None
     with engine_input(args.image, args.metadata, workdir) as (disk, meta, res):
         output = args.output
-        if res.extracted:
-            if args.in_place:
-                raise InputError(f"{args.image}: an archive cannot be fixed in place; use -o OUT.qcow2")
+        if res.extracted:  # (--in-place on an OVA was refused above, before unpacking)
             output = output or str(default_fix_output(args.image))  # the unpacked disk is temporary
         return _fix(args, disk, meta, res, output)
 
