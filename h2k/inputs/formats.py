@@ -145,6 +145,35 @@ def _vhd_footer_type(path: Path) -> int | None:
     return struct.unpack(">I", foot[60:64])[0]
 
 
+# Metadata must look like text from its first byte: one stray "<" or "{" at the start of binary data is not XML
+# or JSON (random bytes started with one about once in a hundred runs).
+_XML_START = re.compile(r"\s*<(\?xml|!--|!DOCTYPE|[A-Za-z_])")
+_JSON_START = re.compile(r"\s*\{\s*(\"|\})")
+
+
+def _text_start(head: bytes) -> str | None:
+    """The first few hundred characters if the head is UTF-8 or UTF-16 text with no control bytes, else None."""
+    sample = head[:512]
+    if sample[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        encoding, sample = ("utf-16-le" if sample[:2] == b"\xff\xfe" else "utf-16-be"), sample[2:]
+    else:
+        encoding, sample = "utf-8", sample.removeprefix(b"\xef\xbb\xbf")
+    text = sample.decode(encoding, errors="ignore") if encoding != "utf-8" else _decode_prefix(sample)
+    if text is None or any(ord(c) < 32 and c not in "\t\r\n" for c in text):
+        return None
+    return text
+
+
+def _decode_prefix(sample: bytes) -> str | None:
+    """UTF-8 decode, forgiving only a character cut off at the end of the sample."""
+    for cut in range(4):
+        try:
+            return sample[: len(sample) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return None
+
+
 def sniff(path: str | Path) -> str:
     """What the first bytes say: qcow2, vmdk-sparse, vmdk-descriptor, vhdx, vhd, vhd-fixed, tar, xml, json, or raw."""
     path = Path(path)
@@ -163,10 +192,10 @@ def sniff(path: str | Path) -> str:
         return "vhd"
     if len(head) > 262 and head[257:262] == b"ustar":
         return "tar"
-    stripped = head.lstrip(b"\xef\xbb\xbf\xff\xfe\xfe\xff\x00 \t\r\n")
-    if stripped.startswith(b"<") or head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+    text = _text_start(head)
+    if text is not None and _XML_START.match(text):
         return "xml"
-    if stripped[:1] in (b"{",):
+    if text is not None and _JSON_START.match(text):
         return "json"
     if _vhd_footer_type(path) is not None:
         return "vhd-fixed"  # qemu-img would call this raw
