@@ -100,6 +100,7 @@ class ConsoleScanner:
         self._pos: dict[int, int] = {}
         self._ems_pos = 0
         self._bp_pos = 0
+        self._eof = False
         self.events: list[ConsoleEvent] = []
 
     def feed(self, data: bytes) -> list[ConsoleEvent]:
@@ -131,6 +132,10 @@ class ConsoleScanner:
             m = rx.search(self.text, rel)
             if not m or m.end() == m.start():
                 break
+            if self._line_unfinished(rx, m):
+                # Its detail runs to the end of what has arrived: wait for the rest of the line.
+                self._pos[key] = self._base + m.start()
+                return matches
             matches.append(m)
             rel = m.end()
         if matches:
@@ -139,6 +144,18 @@ class ConsoleScanner:
             # Keep a window so a match still in the making is found later.
             self._pos[key] = max(start, end - WINDOW)
         return matches
+
+    def _line_unfinished(self, rx: re.Pattern[str], m: re.Match[str]) -> bool:
+        """A match with a ``detail`` group that ends where the text ends may still be growing
+        ("Kernel panic - not syncing: sysrq trigge" arrives before "red crash")."""
+        return not self._eof and "detail" in rx.groupindex and m.end() == len(self.text)
+
+    def finish(self) -> list[ConsoleEvent]:
+        """The stream ended: report matches held back for an unfinished last line."""
+        self._eof = True
+        found = self._scan()
+        self.events.extend(found)
+        return found
 
     def _scan(self) -> list[ConsoleEvent]:
         out: list[ConsoleEvent] = []
@@ -244,6 +261,8 @@ class SocketWatcher:
                     fh.flush()
                 for ev in self.scanner.feed(chunk):
                     self.on_event(ev)
+            for ev in self.scanner.finish():
+                self.on_event(ev)
         finally:
             if fh:
                 fh.close()

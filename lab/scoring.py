@@ -274,19 +274,33 @@ def score(bus: SignalBus, scorer: Scorer, deadline: float,
             on_signal(sig)
         d = scorer.handle(sig)
         if d is not None:
-            if d.data.get("crash") and corroborate > 0:
+            if (d.data.get("crash") or d.signal.startswith("qmp-panic")) and corroborate > 0:
                 return _corroborate(bus, scorer, d, min(deadline, time.monotonic() + corroborate), on_signal)
             return d
 
 
 def _corroborate(bus: SignalBus, scorer: Scorer, first: Decision, until: float,
                  on_signal: Callable[[Signal], None] | None) -> Decision:
+    """The same crash seen by the other witness, ms apart: QMP names it best, the console says why."""
     while True:
         sig = bus.get(until - time.monotonic())
         if sig is None:
             return first
         if on_signal:
             on_signal(sig)
+        if first.signal.startswith("qmp-panic"):
+            if sig.source in ("console", "firmware"):
+                ev = sig.data["event"]
+                if ev.kind == "ems-bluescreen" or (ev.kind == "failure" and ev.name in CRASH_PATTERNS):
+                    seen = scorer._console(sig)
+                    assert seen is not None
+                    if first.stop_code is None and seen.stop_code is not None:
+                        first.stop_code, first.stop_name = seen.stop_code, seen.stop_name
+                    first.reason += f"; console: {seen.reason}"
+                    first.data = {**seen.data, **first.data}
+                    scorer.decision = first
+                    return first
+            continue
         if sig.source == "qmp" and sig.name == "GUEST_PANICKED":
             d = scorer._qmp(sig)
             assert d is not None

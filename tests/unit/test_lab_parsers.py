@@ -109,6 +109,20 @@ def test_kernel_panic_detail_and_marker_split_by_escapes():
     assert sc.feed(b"\x1b[0m more\r\n") == []
 
 
+def test_panic_line_cut_between_reads_waits_for_its_end():
+    # A loaded CI run scored "kernel-panic: sysrq trigge": the detail must be the whole line.
+    sc = ConsoleScanner(Expect())
+    assert sc.feed(b"[   14.2] Kernel panic - not syncing: sysrq trigge") == []
+    evs = sc.feed(b"red crash\r\nCPU: 0 PID: 1\r\n")
+    assert [(e.name, e.data["detail"]) for e in evs] == [("kernel-panic", "sysrq triggered crash")]
+    # Reported once, and a stream that ends mid-line still reports what it has.
+    assert sc.feed(b"more\n") == []
+    sc = ConsoleScanner(Expect())
+    assert sc.feed(b"Kernel panic - not syncing: Attempted to kill in") == []
+    assert [e.data["detail"] for e in sc.finish()] == ["Attempted to kill in"]
+    assert sc.finish() == []
+
+
 def test_firmware_patterns_apply_only_to_their_source():
     exp = Expect()
     fw = ConsoleScanner(exp, source="firmware")

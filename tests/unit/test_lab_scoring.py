@@ -140,6 +140,26 @@ def test_first_conclusive_signal_wins_and_console_crash_waits_for_qmp():
     assert d.signal == "qmp-panic" and "sysrq triggered crash" in d.reason
 
 
+def test_qmp_panic_first_waits_for_the_console_line():
+    # The other order (seen in a loaded CI run): GUEST_PANICKED is read before the console's panic line.
+    exp = Expect()
+    bus = SignalBus()
+    bus.put(qsig(qmp_events("qmp_pvpanic_linux.jsonl")[0]))
+    line = console_signals(b"Kernel panic - not syncing: sysrq triggered crash\n", exp)
+    threading.Timer(0.1, lambda: [bus.put(s) for s in line]).start()
+    d = score(bus, Scorer(exp), time.monotonic() + 10)
+    assert d.signal == "qmp-panic" and "pvpanic" in d.reason and "sysrq triggered crash" in d.reason
+
+
+def test_qmp_panic_alone_decides_after_the_short_wait():
+    bus = SignalBus()
+    bus.put(qsig(qmp_events("qmp_pvpanic_linux.jsonl")[0]))
+    t0 = time.monotonic()
+    d = score(bus, Scorer(Expect()), time.monotonic() + 10)
+    assert d.signal == "qmp-panic" and "console:" not in d.reason
+    assert time.monotonic() - t0 < 1.0
+
+
 def test_console_crash_without_qmp_still_decides_quickly():
     exp = Expect()
     bus = SignalBus()
