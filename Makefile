@@ -9,12 +9,11 @@ STAMPS     := .stamps
 JOBS       ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: setup system venv test test-linux test-full demo bench clean help
+.PHONY: setup system venv test test-linux demo bench clean help
 
 help:
 	@echo "make test   - install what is needed, then run the test suite (all but the Linux end-to-end tier)"
-	@echo "make test-linux - the Linux end-to-end tier: Debian guests fixed under TCG and booted (slow without KVM)"
-	@echo "make test-full - both"
+	@echo "make test-linux - only the Linux end-to-end tier (Debian guests fixed and booted; part of make test)"
 	@echo "make demo   - install what is needed, then run the end-to-end demo on the test bed"
 	@echo "make bench  - run the benchmarks (ratios against baselines measured in the same run)"
 
@@ -46,21 +45,21 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/system
 venv: $(STAMPS)/venv
 setup: venv
 
-# `make test`: every tier but the Linux end-to-end one (marked `full`: Debian guests, their
-# fix inside the libguestfs appliance and 15 real boots, ~35 CPU-minutes under TCG);
-# `make test-linux` runs that tier alone (its own CI job), `make test-full` everything.
+# `make test`: every tier, the Linux end-to-end one included (marked `linux`: Debian guests,
+# their fix inside the libguestfs appliance and real boots); `make test-linux` runs that tier alone.
 # In parallel (pytest-xdist; tests that share a built image share a group), showing each
 # test and the slowest ones.
 TEST_FLAGS := -n $(JOBS) --dist loadgroup -v --durations=30 -p no:cacheprovider
 
+# The test bed is built first, $(JOBS) artefacts at once (cached by recipe hash), so no test
+# worker waits on another's build lock.
 test: setup
-	$(PY) -m pytest $(TEST_FLAGS) -m "not full" $(PYTEST_ARGS)
+	$(VENV)/bin/h2k testbed build --jobs $(JOBS) all
+	$(PY) -m pytest $(TEST_FLAGS) $(PYTEST_ARGS)
 
 test-linux: setup
-	$(PY) -m pytest $(TEST_FLAGS) -m full $(PYTEST_ARGS)
-
-test-full: setup
-	$(PY) -m pytest $(TEST_FLAGS) $(PYTEST_ARGS)
+	$(VENV)/bin/h2k testbed build --jobs $(JOBS) linux-rootfs linux-bios linux-uefi
+	$(PY) -m pytest $(TEST_FLAGS) -m linux $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/h2k demo

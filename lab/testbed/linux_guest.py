@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -366,7 +367,14 @@ def _build_disk(firmware: str, out: Path) -> None:
             progress.step("install GRUB and generate grub.cfg with the guest's tools")
             _install_grub(g, firmware)
             progress.step("check the came-from-VMware state")
-            _check_grub(g)
+            try:
+                _check_grub(g)
+            except RuntimeError as first:
+                # Seen twice in one loaded run, cause not yet known (the message carries the
+                # evidence): say so, and give update-grub one more try before failing the build.
+                print(f"[build {name}] {first}; running update-grub once more", file=sys.stderr, flush=True)
+                _sh_checked(g, "update-grub")
+                _check_grub(g)
             g.umount_all()
             g.shutdown()
         finally:
@@ -434,6 +442,12 @@ def build_disk(firmware: str) -> Path:
         lambda tmp: _build_disk(firmware, tmp),
         suffix=".qcow2",
     )
+
+
+# For ``h2k testbed build``: the root file system first, the disks made from it after;
+# the fixed disks are h2k's own output, built by the tests that check them.
+BUILD_STAGES = {"linux-rootfs": 0, "linux-bios": 2, "linux-uefi": 2, "linux-bios-fixed": 3, "linux-uefi-fixed": 3}
+DERIVED = ("linux-bios-fixed", "linux-uefi-fixed")
 
 
 def builders() -> dict:

@@ -18,9 +18,11 @@ from lab.testbed import linux_guest
 
 boot_mod = pytest.importorskip("lab.boot")
 
-pytestmark = [pytest.mark.boot, pytest.mark.guestfs, pytest.mark.slow, pytest.mark.full]
+pytestmark = [pytest.mark.boot, pytest.mark.guestfs, pytest.mark.slow, pytest.mark.linux]
 
-FIRMWARES = ["bios", "uefi"]
+# One xdist group per firmware: its disk build, fix and boots run on one worker, in order, so
+# no worker sits waiting on another's build lock.
+FIRMWARES = [pytest.param(f, marks=pytest.mark.xdist_group(f"linux-{f}"), id=f) for f in ("bios", "uefi")]
 BUSES = ["virtio-blk", "virtio-scsi", "sata"]
 TIMEOUT = 900  # TCG on a busy 2-core host; a boot normally takes 20-60 s
 

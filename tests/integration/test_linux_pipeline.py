@@ -22,9 +22,10 @@ from h2k.linux.verify import rules
 from h2k.overlay import create_overlay, sha256_file
 from lab.testbed import linux_guest
 
-pytestmark = [pytest.mark.guestfs, pytest.mark.slow, pytest.mark.full]
+pytestmark = [pytest.mark.guestfs, pytest.mark.slow, pytest.mark.linux]
 
-FIRMWARES = ["bios", "uefi"]
+# The same groups as tests/e2e: a firmware's build, fix and boots share one worker.
+FIRMWARES = [pytest.param(f, marks=pytest.mark.xdist_group(f"linux-{f}"), id=f) for f in ("bios", "uefi")]
 
 
 @pytest.fixture(scope="module", params=FIRMWARES)
