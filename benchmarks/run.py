@@ -29,12 +29,16 @@ def main(argv: list[str]) -> int:
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         start = time.monotonic()
+        saved_argv = sys.argv
+        sys.argv = [str(path)]  # each benchmark runs with its own defaults, not run.py's arguments
         try:
             spec.loader.exec_module(module)
             rc = int(module.main() or 0)
         except Exception:  # report and go on with the other benchmarks
             traceback.print_exc()
             rc = 1
+        finally:
+            sys.argv = saved_argv
         print(f"=== {short}: {'ok' if rc == 0 else 'FAILED'} in {time.monotonic() - start:.1f}s ===", flush=True)
         if rc:
             failures.append(short)
