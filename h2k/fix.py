@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import shutil
 import tarfile
 import tempfile
@@ -260,30 +259,8 @@ def fix_image(
     """Fix ``image`` per ``plan`` (a Plan, or a callable building one from the facts)."""
     t0 = time.monotonic()
     image = Path(image)
-    overlay.image_format(image)  # unreadable image -> InputError before anything is created
-    if in_place and output is not None:
-        raise InputError("--in-place and -o/--output exclude each other")
-    if in_place:
-        final, work = image, image
-    else:
-        final = Path(output) if output is not None else overlay.default_overlay(image)
-        if final.exists():
-            raise InputError(f"{final} already exists; remove it or choose another -o")
-        if final.resolve() == image.resolve():
-            raise InputError("the output must differ from the image (or use --in-place)")
-        work = final.with_name(f".{final.name}.h2k-tmp-{os.getpid()}.qcow2")
-        overlay.create_overlay(image, work)
-    try:
-        report = _fix_on(work, image, final, plan, ems=ems, metadata=metadata, in_place=in_place)
-        if not in_place:
-            if output is not None:
-                overlay.convert(work, final)
-            else:
-                os.replace(work, final)
-                work = final
-    finally:
-        if not in_place and work != final:
-            overlay.remove(work)
+    with overlay.fix_target(image, output, in_place) as target:
+        report = _fix_on(target.work, image, target.final, plan, ems=ems, metadata=metadata, in_place=in_place)
     if report.journal is not None:
         Journal.from_json(Path(report.journal).read_text())  # it parses
     report.seconds = time.monotonic() - t0

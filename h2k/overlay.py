@@ -12,6 +12,9 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from h2k.errors import H2KError, InputError
@@ -77,3 +80,45 @@ def remove(path: str | Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+@dataclass
+class FixTarget:
+    """The disk a fix works on (``work``) and the one it leaves (``final``)."""
+
+    image: Path
+    final: Path
+    work: Path
+    in_place: bool
+
+
+@contextmanager
+def fix_target(image: str | Path, output: str | Path | None, in_place: bool) -> Iterator[FixTarget]:
+    """Set up where a fix writes, for the Windows engine and the Linux pipeline alike.
+
+    In place: the image itself. Otherwise a temporary overlay next to the result, which on
+    success becomes the default overlay (renamed) or ``output`` (flattened by qemu-img
+    convert); on any failure it is removed, so a refused fix leaves nothing behind.
+    """
+    image = Path(image)
+    image_format(image)  # unreadable image -> InputError before anything is created
+    if in_place and output is not None:
+        raise InputError("--in-place and -o/--output exclude each other")
+    if in_place:
+        yield FixTarget(image, image, image, True)
+        return
+    final = Path(output) if output is not None else default_overlay(image)
+    if final.exists():  # the image itself included: -o never overwrites
+        raise InputError(f"{final} already exists; remove it or choose another -o")
+    target = FixTarget(image, final, final.with_name(f".{final.name}.h2k-tmp-{os.getpid()}.qcow2"), False)
+    create_overlay(image, target.work)
+    try:
+        yield target
+        if output is not None:
+            convert(target.work, final)
+        else:
+            os.replace(target.work, final)
+            target.work = final
+    finally:
+        if target.work != final:
+            remove(target.work)

@@ -441,23 +441,10 @@ def fix_image(
     ``output``: a standalone copy; ``in_place``: the image itself."""
     t0 = time.monotonic()
     image = Path(image)
-    overlay.image_format(image)
-    if in_place and output is not None:
-        raise InputError("--in-place and -o/--output exclude each other")
-    if in_place:
-        final = work = image
-    else:
-        final = Path(output) if output is not None else overlay.default_overlay(image)
-        if final.exists():
-            raise InputError(f"{final} already exists; remove it or choose another -o")
-        if final.resolve() == image.resolve():
-            raise InputError("the output must differ from the image (or use --in-place)")
-        work = final.with_name(f".{final.name}.h2k-tmp-{os.getpid()}.qcow2")
-        overlay.create_overlay(image, work)
-    report = LinuxFixReport(image=str(image), output=str(final))
-    try:
+    with overlay.fix_target(image, output, in_place) as target:
+        report = LinuxFixReport(image=str(image), output=str(target.final))
         progress = Progress(f"fix {image.name}", 6)
-        g, root = open_linux(work, readonly=False)
+        g, root = open_linux(target.work, readonly=False)
         try:
             progress.step("launched; inspecting")
             with tempfile.TemporaryDirectory(prefix="h2k-linux-fix-") as tmp:
@@ -466,18 +453,9 @@ def fix_image(
             g.shutdown()
         finally:
             g.close()
-        if not in_place:
-            if output is not None:
-                overlay.convert(work, final)
-            else:
-                os.replace(work, final)
-                work = final
-        if journal is not None:
-            report.journal = str(journal_path := host_journal_path(final, journal.run_id))
-            journal_path.write_text(journal.to_json())
-        progress.done()
-    finally:
-        if not in_place and work != final:
-            overlay.remove(work)
+    if journal is not None:
+        report.journal = str(journal_path := host_journal_path(target.final, journal.run_id))
+        journal_path.write_text(journal.to_json())
+    progress.done()
     report.seconds = time.monotonic() - t0
     return report
