@@ -5,8 +5,9 @@ One ``h2k matrix run`` (two workers) mixes:
   each fixed once with the fake virtio-win pack and verified per VirtIO bus;
 * a hibernated phony disk: the engine refuses it (failed), and a known issue
   turns its virtio-scsi cell into softfailed;
-(Real boots of the Linux test bed through the runner's executor are in
-test_matrix_run_pytest.py, which drives the same executor through the pytest plugin.)
+* the Debian test-bed guest after ``h2k.linux.fix_image`` (the cached fixed disk of tests/e2e):
+  the runner's own fix runs on it and finds nothing to do, then one real boot on virtio-blk,
+  scored by the lab (console marker, guest agent);
 Then the JUnit file is validated against the schema, and the gate and report
 commands run on the real results.
 """
@@ -28,7 +29,8 @@ from matrix.reports import load_results
 ROOT = Path(__file__).resolve().parents[2]
 XSD = ROOT / "tests" / "data" / "junit.xsd"
 
-pytestmark = [pytest.mark.guestfs, pytest.mark.boot, pytest.mark.slow]
+# In the linux-bios group: the fixed Debian disk is made there, so this worker never waits on it.
+pytestmark = [pytest.mark.guestfs, pytest.mark.boot, pytest.mark.slow, pytest.mark.xdist_group("linux-bios")]
 
 MATRIX = textwrap.dedent(
     """
@@ -37,6 +39,7 @@ MATRIX = textwrap.dedent(
       - {name: win2019, kind: windows, recipe: win2019-bios, os: windows-server-2019, mode: fix+verify, firmware: [bios]}
       - {name: win2022, kind: windows, recipe: win2022-uefi, os: windows-server-2022, mode: fix+verify, firmware: [uefi]}
       - {name: hibernated, kind: windows, recipe: bad-hibernated, mode: fix+verify, firmware: [bios]}
+      - {name: debian, kind: linux, path: "DEBIAN_DISK", os: debian-12, firmware: [bios]}
     packs:
       - {name: virtio-win, recipe: virtio-win-tree}
     firmware: [bios, uefi]
@@ -44,17 +47,22 @@ MATRIX = textwrap.dedent(
     nic: [virtio-net]
     boot_mode: [direct]
     timeouts: {default: 600}
+    exclude:
+      - {image: debian, bus: virtio-scsi}  # one real boot is the point here; tests/e2e boots every bus
     known_issues:
       - {match: {image: hibernated, bus: virtio-scsi}, reason: "the test bed's hibernated disk is refused by design"}
     """
 )
+DEBIAN_CELL = "debian.bios.virtio-blk.virtio-net"
 
 
 @pytest.fixture(scope="module")
 def matrix_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("matrix")
     m = tmp / "itest.yaml"
-    m.write_text(MATRIX)
+    from lab.testbed import linux_guest
+
+    m.write_text(MATRIX.replace("DEBIAN_DISK", str(linux_guest.fixed_disk("bios")[0])))
     out = tmp / "out"
     proc = subprocess.run([sys.executable, "-m", "h2k", "matrix", "run", str(m), "-j", "2", "-o", str(out)],
                           capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, H2K_QUIET="0"),
@@ -69,7 +77,7 @@ def test_matrix_verdicts(matrix_run):
     assert set(by) == {
         "win2019.bios.virtio-blk.virtio-net", "win2019.bios.virtio-scsi.virtio-net",
         "win2022.uefi.virtio-blk.virtio-net", "win2022.uefi.virtio-scsi.virtio-net",
-        "hibernated.bios.virtio-blk.virtio-net", "hibernated.bios.virtio-scsi.virtio-net",
+        "hibernated.bios.virtio-blk.virtio-net", "hibernated.bios.virtio-scsi.virtio-net", DEBIAN_CELL,
     }, proc.stderr
     for cid in ("win2019.bios.virtio-blk.virtio-net", "win2019.bios.virtio-scsi.virtio-net",
                 "win2022.uefi.virtio-blk.virtio-net", "win2022.uefi.virtio-scsi.virtio-net"):
@@ -82,10 +90,15 @@ def test_matrix_verdicts(matrix_run):
     assert hib.verdict == "failed" and "hibernat" in hib.reason.lower()
     soft = by["hibernated.bios.virtio-scsi.virtio-net"]
     assert soft.verdict == "softfailed" and soft.note.startswith("known issue: the test bed's hibernated disk")
+    # the Debian guest really booted: the lab's verdict from its console marker and agent
+    deb = by[DEBIAN_CELL]
+    assert deb.verdict == "passed", (deb.reason, proc.stderr[-3000:])
+    assert "H2K-BOOT-OK" in Path(deb.artifacts["serial.log"]).read_text(errors="replace")
     assert proc.returncode == 1  # one cell failed
     # each (image, pack) was fixed once; every cell ran on its own overlay of that fix
     prepared = results.extra["prepared"]
-    assert set(prepared) == {"win2019.virtio-win", "win2022.virtio-win", "hibernated.virtio-win"}
+    assert set(prepared) == {"win2019.virtio-win", "win2022.virtio-win", "hibernated.virtio-win", "debian.nopack"}
+    assert "nothing to do" in json.dumps(prepared["debian.nopack"]["info"])
     assert prepared["win2022.virtio-win"]["info"]["facts"]["build"] == 20348
     for cid, r in by.items():
         if r.cell.image == "hibernated":
@@ -104,8 +117,9 @@ def test_matrix_reports(matrix_run):
                           capture_output=True, text=True)
     assert lint.returncode == 0, lint.stderr
     root = ET.parse(out / "junit.xml").getroot()
-    assert root.get("tests") == "6" and root.get("failures") == "1"
-    assert {s.get("name") for s in root.findall("testsuite")} == {"itest.win2019", "itest.win2022", "itest.hibernated"}
+    assert root.get("tests") == "7" and root.get("failures") == "1"
+    assert {s.get("name") for s in root.findall("testsuite")} == {"itest.win2019", "itest.win2022", "itest.hibernated",
+                                                                  "itest.debian"}
     md = (out / "summary.md").read_text()
     assert "| win2019 | PASS | PASS | - | - |" in md and "| hibernated | FAIL | SOFTFAIL | - | - |" in md
     # report rebuilds the same files from results.json alone
