@@ -49,7 +49,7 @@ setup: venv
 # their fix inside the libguestfs appliance and real boots); `make test-linux` runs that tier alone.
 # In parallel (pytest-xdist; tests that share a built image share a group), showing each
 # test and the slowest ones.
-TEST_FLAGS := -n $(JOBS) --dist loadgroup -v --durations=30 -p no:cacheprovider
+TEST_FLAGS := -n $(JOBS) --dist loadgroup --no-loadscope-reorder -v --durations=30 -p no:cacheprovider
 
 # The test bed is built first, $(JOBS) artefacts at once (cached by recipe hash), so no test
 # worker waits on another's build lock.

@@ -18,3 +18,25 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def accel_decision() -> accel.AccelDecision:
     return accel.decide(announce=False)
+
+
+# The longest xdist groups (each firmware's Linux fix and boots: ~15 min under TCG) go first.
+# With --no-loadscope-reorder (the Makefile passes it) xdist hands out groups in this order, one
+# to each worker to begin with, so the two start at once on different workers; by default it
+# orders groups by test count, which could give both to one worker, late.
+LONG_GROUPS = ("linux-bios", "linux-uefi")
+
+
+def _group(item: pytest.Item) -> str | None:
+    mark = item.get_closest_marker("xdist_group")
+    if mark is None:
+        return None
+    return mark.args[0] if mark.args else mark.kwargs.get("name")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        group = _group(item)
+        return LONG_GROUPS.index(group) if group in LONG_GROUPS else len(LONG_GROUPS)
+
+    items.sort(key=rank)  # stable: the order within and outside the groups is kept
