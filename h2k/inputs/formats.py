@@ -217,7 +217,10 @@ def embedded_descriptor(path: Path) -> str:
         data = f.read(desc_size * SECTOR)
     if len(data) < desc_size * SECTOR:
         raise InputError(f"{path}: VMDK file is truncated (descriptor past its end)")
-    return data.decode("utf-8", errors="replace")
+    # The embedded descriptor is a C string: it ends at the first NUL, as VMware and qemu read it.
+    # What follows may be stale bytes: qemu rewrites the region whole when it updates the CID, and
+    # a CID one hex digit shorter than the last leaves the old tail behind the new NUL (~1 in 16).
+    return data.split(b"\0", 1)[0].decode("utf-8", errors="replace")
 
 
 def vmdk_descriptor(path: str | Path) -> VmdkDescriptor:

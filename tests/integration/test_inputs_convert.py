@@ -109,6 +109,28 @@ def test_convert_roundtrip(base_raw: Path, tmp_path: Path, name: str, opts: list
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
 
 
+def test_sparse_vmdk_descriptor_ends_at_its_first_nul(base_raw: Path, tmp_path: Path) -> None:
+    # qemu rewrites the whole embedded descriptor when it updates the CID; a CID one hex digit
+    # shorter than the previous one leaves stale bytes after the new NUL (seen in CI, ~1 in 16
+    # conversions). VMware and qemu stop at the NUL; so must h2k.
+    import struct
+
+    src = tmp_path / "d.vmdk"
+    run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse", str(base_raw), str(src))
+    with open(src, "r+b") as f:
+        head = f.read(512)
+        desc_off, desc_size = struct.unpack_from("<QQ", head, 28)
+        f.seek(desc_off * 512)
+        region = f.read(desc_size * 512)
+        end = region.index(b"\0")
+        f.seek(desc_off * 512 + end + 1)
+        f.write(b'ddb.stale.tail = "1"\n')  # behind the NUL, as qemu leaves it
+    out = tmp_path / "out.qcow2"
+    r = h2k("convert", str(src), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert_pattern(read_back(out, "qcow2", tmp_path))
+
+
 def test_raw_output_is_sparse(tmp_path: Path) -> None:
     src = tmp_path / "small.qcow2"
     run("qemu-img", "create", "-f", "qcow2", str(src), "256M")
