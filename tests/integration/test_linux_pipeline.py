@@ -105,6 +105,11 @@ def test_fix_makes_it_boot_ready_and_leaves_the_source_alone(firmware):
 
 
 def test_verify_idempotence_and_rollback(firmware, tmp_path):
+    if firmware == "uefi":
+        # Idempotence and rollback work on files and packages, the same on both firmwares (the
+        # UEFI guest's grub.cfg lives at the same path); three more appliance launches under TCG
+        # would prove nothing new. The UEFI fix itself is checked above and booted in tests/e2e.
+        pytest.skip("firmware-independent: proven on the BIOS guest")
     fixed, _ = linux_guest.fixed_disk(firmware)
     fixed_sha = sha256_file(fixed)
     # (verify's rules on the fixed disk are asserted in the test above, on the same facts)
