@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: setup system venv test test-linux demo bench clean help
 
 help:
-	@echo "make test   - install what is needed, then run the test suite (all but the Linux end-to-end tier)"
+	@echo "make test   - install what is needed, build the test bed, then run the whole test suite"
 	@echo "make test-linux - only the Linux end-to-end tier (Debian guests fixed and booted; part of make test)"
 	@echo "make demo   - install what is needed, then run the end-to-end demo on the test bed"
 	@echo "make bench  - run the benchmarks (ratios against baselines measured in the same run)"

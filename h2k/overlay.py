@@ -86,10 +86,8 @@ def remove(path: str | Path) -> None:
 class FixTarget:
     """The disk a fix works on (``work``) and the one it leaves (``final``)."""
 
-    image: Path
     final: Path
     work: Path
-    in_place: bool
 
 
 @contextmanager
@@ -105,12 +103,12 @@ def fix_target(image: str | Path, output: str | Path | None, in_place: bool) -> 
     if in_place and output is not None:
         raise InputError("--in-place and -o/--output exclude each other")
     if in_place:
-        yield FixTarget(image, image, image, True)
+        yield FixTarget(image, image)
         return
     final = Path(output) if output is not None else default_overlay(image)
     if final.exists():  # the image itself included: -o never overwrites
         raise InputError(f"{final} already exists; remove it or choose another -o")
-    target = FixTarget(image, final, final.with_name(f".{final.name}.h2k-tmp-{os.getpid()}.qcow2"), False)
+    target = FixTarget(final, final.with_name(f".{final.name}.h2k-tmp-{os.getpid()}.qcow2"))
     create_overlay(image, target.work)
     try:
         yield target
