@@ -5,14 +5,16 @@ A migrated Windows guest first boots on hardware it already has drivers for
 CD-ROM; an e1000e NIC) so its first-boot service can install the VirtIO
 drivers properly; then it runs on VirtIO (``final``: virtio-blk or virtio-scsi;
 virtio-net). The firmware is never changed by a migration: it comes from the
-inspection (or the source metadata) and both profiles keep it. The MAC, memory
-and CPU count come from the source VM's metadata when known.
+inspection (or the source metadata) and both profiles keep it. The MACs (one NIC
+each), memory and CPU count come from the source VM's metadata when known.
 
 Input is either an :class:`h2k.facts.WindowsFacts` or a plain dict, so Linux
 guests (and callers without an inspection) can use the same code::
 
-    {"os": "linux", "firmware": "uefi", "name": "web1", "mac": "52:54:00:..",
+    {"os": "linux", "firmware": "uefi", "name": "web1", "macs": ["52:54:00:.."],
      "memory_mb": 2048, "cpus": 2}
+
+(a single ``"mac"`` is read too). Every MAC becomes one NIC, in order.
 
 Nothing here touches a disk; the result is a :class:`h2k.profile.MachineProfile`
 that ``h2k.libvirt_xml`` (libvirt) or the lab's direct backend turns into a VM.
@@ -22,18 +24,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from h2k.errors import InputError
 from h2k.facts import WindowsFacts
-from h2k.profile import FIRMWARES, NIC_MODELS, MachineProfile
+from h2k.profile import FIRMWARES, NIC_MODELS, MachineProfile, normalize_mac
 
 BOOTSTRAP_BUSES = ("sata", "ide")
 FINAL_BUSES = ("virtio-blk", "virtio-scsi")
 OS_TYPES = ("windows", "linux")
 WINDOWS11_MIN_BUILD = 22000  # Windows 11 still says "Windows 10" in ProductName
-
-_MAC_RE = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$", re.I)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class GuestSummary:
     firmware: str  # bios | uefi | uefi-secureboot
     windows11: bool = False
     server: bool = False
-    mac: str | None = None
+    macs: tuple[str, ...] = ()
     memory_mb: int | None = None
     cpus: int | None = None
 
@@ -75,16 +75,16 @@ def summarize(facts_or_meta: WindowsFacts | Mapping[str, Any], name: str | None 
     build = int(meta.get("build") or 0)
     server = bool(meta.get("is_server") or meta.get("server"))
     win11 = os_type == "windows" and (bool(meta.get("windows11")) or (build >= WINDOWS11_MIN_BUILD and not server))
-    mac = meta.get("mac")
-    if mac is not None and not _MAC_RE.match(str(mac)):
-        raise InputError(f"MAC address {mac!r} is not six hex bytes")
+    macs = meta.get("macs") or ([meta["mac"]] if meta.get("mac") else [])
+    if isinstance(macs, str) or not isinstance(macs, Sequence):
+        raise InputError(f"macs must be a list of MAC addresses, not {macs!r}")
     return GuestSummary(
         name=name or _safe_name(str(meta.get("name") or "")) or os_type,
         os=os_type,
         firmware=firmware,
         windows11=win11,
         server=server,
-        mac=str(mac).lower().replace("-", ":") if mac else None,
+        macs=_check_macs(macs),
         memory_mb=_positive_int(meta, "memory_mb"),
         cpus=_positive_int(meta, "cpus"),
     )
@@ -97,7 +97,7 @@ def bootstrap_profile(
     bus: str = "sata",
     nic: str = "e1000e",
     virtio_iso: str | None = None,
-    mac: str | None = None,
+    macs: Sequence[str] | None = None,
     memory_mb: int | None = None,
     cpus: int | None = None,
 ) -> MachineProfile:
@@ -105,7 +105,7 @@ def bootstrap_profile(
     if bus not in BOOTSTRAP_BUSES:
         raise InputError(f"bootstrap disk bus must be one of {', '.join(BOOTSTRAP_BUSES)}, not {bus!r}")
     g = summarize(facts_or_meta, name)
-    return _profile(g, "bootstrap", bus, nic, [virtio_iso] if virtio_iso else [], mac, memory_mb, cpus)
+    return _profile(g, "bootstrap", bus, nic, [virtio_iso] if virtio_iso else [], macs, memory_mb, cpus)
 
 
 def final_profile(
@@ -114,7 +114,7 @@ def final_profile(
     name: str | None = None,
     bus: str = "virtio-blk",
     nic: str = "virtio-net",
-    mac: str | None = None,
+    macs: Sequence[str] | None = None,
     memory_mb: int | None = None,
     cpus: int | None = None,
 ) -> MachineProfile:
@@ -122,7 +122,7 @@ def final_profile(
     if bus not in FINAL_BUSES:
         raise InputError(f"final disk bus must be one of {', '.join(FINAL_BUSES)}, not {bus!r}")
     g = summarize(facts_or_meta, name)
-    return _profile(g, "final", bus, nic, [], mac, memory_mb, cpus)
+    return _profile(g, "final", bus, nic, [], macs, memory_mb, cpus)
 
 
 def _profile(
@@ -131,7 +131,7 @@ def _profile(
     bus: str,
     nic: str,
     cdroms: list[str],
-    mac: str | None,
+    macs: Sequence[str] | None,
     memory_mb: int | None,
     cpus: int | None,
 ) -> MachineProfile:
@@ -146,8 +146,6 @@ def _profile(
     machine = "pc" if bus == "ide" else "q35"
     if machine == "pc" and firmware == "uefi-secureboot":
         raise InputError("IDE needs the i440fx machine, which cannot run Secure Boot (SMM): use --bus sata")
-    if mac is not None and not _MAC_RE.match(mac):
-        raise InputError(f"MAC address {mac!r} is not six hex bytes")
     return MachineProfile(
         name=f"{g.name}-{stage}",
         stage=stage,
@@ -155,7 +153,7 @@ def _profile(
         machine_type=machine,
         disk_bus=bus,
         nic_model=nic,
-        mac=(mac or g.mac or None) and (mac or g.mac).lower().replace("-", ":"),
+        macs=list(_check_macs(macs) if macs else g.macs),  # given MACs replace the source's
         memory_mb=memory_mb or g.memory_mb or _default_memory(g),
         cpus=cpus or g.cpus or 2,
         cdroms=list(cdroms),
@@ -171,6 +169,16 @@ def _default_memory(g: GuestSummary) -> int:
     if g.os == "windows":
         return 4096 if (g.windows11 or g.server) else 2048
     return 1024
+
+
+def _check_macs(macs: Sequence[Any]) -> tuple[str, ...]:
+    try:
+        out = tuple(normalize_mac(m) for m in macs)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if len(set(out)) != len(out):
+        raise InputError(f"the same MAC address twice in {', '.join(out)}")
+    return out
 
 
 def _check_firmware(fw: str) -> str:

@@ -250,10 +250,10 @@ def _devices(dom: ET.Element, p: MachineProfile, files: DomainFiles, opts: XmlOp
         ET.SubElement(cd, "target", dev=name, bus=cd_bus)
         ET.SubElement(cd, "readonly")
 
-    if p.nic_model != "none":
+    for i in range(p.nic_count):  # one per MAC kept from the source, in its order
         nic = ET.SubElement(dev, "interface", type="user")  # slirp: 10.0.2.x, nothing leaves the host
-        if p.mac:
-            ET.SubElement(nic, "mac", address=p.mac)
+        if i < len(p.macs):
+            ET.SubElement(nic, "mac", address=p.macs[i])
         ET.SubElement(nic, "model", type=_NIC_MODEL[p.nic_model])
         if opts.disable_netboot:
             ET.SubElement(nic, "rom", enabled="no")  # no iPXE option ROM: no network boot

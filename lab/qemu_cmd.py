@@ -119,13 +119,17 @@ def nic_args(profile: MachineProfile) -> list[str]:
     if profile.nic_model == "none":
         return []
     dev = NIC_DEVICES[profile.nic_model]
-    # slirp only; restrict=on keeps the guest off every network outside the lab
-    # (DHCP, the gateway and DNS at 10.0.2.x still answer).
-    net = ["-netdev", "user,id=net0,restrict=on"]
-    opts = f"{dev},netdev=net0,romfile="  # no option ROM: no iPXE in the boot order
-    if profile.mac:
-        opts += f",mac={profile.mac}"
-    return net + ["-device", opts]
+    out: list[str] = []
+    macs: list[str | None] = list(profile.macs) or [None]
+    for i, mac in enumerate(macs):
+        # slirp only, one per NIC; restrict=on keeps the guest off every network outside the
+        # lab (DHCP, the gateway and DNS at 10.0.2.x still answer).
+        out += ["-netdev", f"user,id=net{i},restrict=on"]
+        opts = f"{dev},netdev=net{i},romfile="  # no option ROM: no iPXE in the boot order
+        if mac:
+            opts += f",mac={mac}"
+        out += ["-device", opts]
+    return out
 
 
 def build(

@@ -35,9 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--facts", metavar="JSON", help="inspection facts (WindowsFacts JSON, e.g. from 'h2k inspect --json') to take the firmware and OS from")
     p.add_argument("--os", choices=domain.OS_TYPES, help="guest OS, skipping inspection (with --firmware, default bios)")
     p.add_argument("--firmware", choices=FIRMWARES, help="firmware (overrides facts and metadata)")
-    p.add_argument("--metadata", metavar="FILE", help="source VM metadata: JSON (firmware, mac, memory_mb, cpus), a VMware .vmx, an .ovf/.ova or a Hyper-V configuration .xml")
+    p.add_argument("--metadata", metavar="FILE", help="source VM metadata: JSON (firmware, macs, memory_mb, cpus), a VMware .vmx, an .ovf/.ova or a Hyper-V configuration .xml")
     p.add_argument("--name", help="domain name prefix (default: from the image file name)")
-    p.add_argument("--mac", help="MAC address to keep from the source VM")
+    p.add_argument("--mac", action="append", metavar="MAC",
+                   help="MAC address to keep from the source VM; repeat for several NICs (one NIC each, in order); "
+                        "replaces the MACs from --metadata")
     p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
     p.add_argument("--cpus", type=int, help="virtual CPUs")
     p.add_argument("--virtio-iso", metavar="ISO", help="VirtIO driver ISO to attach as a CD-ROM (bootstrap)")
@@ -92,11 +94,12 @@ def run(args: argparse.Namespace) -> int:
     if input_kind(image) in ("vmx", "ovf", "ova", "hyperv", "xml", "vmcx"):
         raise InputError(f"{args.image}: a VM, not a disk: 'h2k convert' (or 'h2k fix') it first, then "
                          f"'h2k domain DISK --metadata {args.image}'")
-    # .vmx/.ovf/.ova/Hyper-V .xml/JSON, or the IMAGE.machine.json 'h2k fix' left: firmware, MAC, CPUs, memory
+    # .vmx/.ovf/.ova/Hyper-V .xml/JSON, or the IMAGE.machine.json 'h2k fix' left: firmware, MACs, CPUs, memory
     metadata = metadata_dict(args.metadata or profiles_beside(image))
     source = _source(args, metadata)
     meta = metadata or {}
-    common = dict(name=name, mac=args.mac or meta.get("mac"), memory_mb=args.memory or _int_or_none(meta.get("memory_mb")),
+    macs = args.mac or meta.get("macs") or ([meta["mac"]] if meta.get("mac") else None)
+    common = dict(name=name, macs=macs, memory_mb=args.memory or _int_or_none(meta.get("memory_mb")),
                   cpus=args.cpus or _int_or_none(meta.get("cpus")))
     if args.stage == "bootstrap":
         profile = domain.bootstrap_profile(source, bus=args.bus or "sata", nic=args.nic or "e1000e", virtio_iso=args.virtio_iso and os.path.abspath(args.virtio_iso), **common)

@@ -53,11 +53,12 @@ def _saved_profiles(p: Path) -> dict[str, Any] | None:
     fw = final.get("firmware", "bios")
     meta: dict[str, Any] = {"firmware": "uefi" if fw.startswith("uefi") else "bios",
                             "secure_boot": fw == "uefi-secureboot"}
-    for key in ("mac", "memory_mb", "cpus"):
+    for key in ("memory_mb", "cpus"):
         if final.get(key) is not None:
             meta[key] = final[key]
-    if data.get("macs"):
-        meta["macs"] = data["macs"]
+    macs = data.get("macs") or final.get("macs") or ([final["mac"]] if final.get("mac") else [])
+    if macs:
+        meta["macs"] = list(macs)
     return meta
 
 
@@ -97,7 +98,7 @@ def write_profiles(disk_out: str | Path, machine: SourceMachine | None, meta: di
     firmware = meta.get("firmware") or facts.get("firmware") or "bios"  # source metadata wins
     spec = {
         "os": os_type, "firmware": firmware, "secure_boot": bool(meta.get("secure_boot")),
-        "name": meta.get("name") or Path(disk_out).name.split(".")[0], "mac": meta.get("mac"),
+        "name": meta.get("name") or Path(disk_out).name.split(".")[0], "macs": _macs(meta),
         "memory_mb": meta.get("memory_mb"), "cpus": meta.get("cpus"),
         "build": facts.get("build") or 0, "is_server": facts.get("is_server", False),
     }
@@ -106,9 +107,13 @@ def write_profiles(disk_out: str | Path, machine: SourceMachine | None, meta: di
     data = {
         "disk": str(Path(disk_out).resolve()),
         "source": machine.to_dict() if machine else None,
-        "macs": list(meta.get("macs") or ([meta["mac"]] if meta.get("mac") else [])),
+        "macs": _macs(meta),
         "bootstrap": domain.bootstrap_profile(spec).to_dict(),
         "final": domain.final_profile(spec, bus=final_bus).to_dict(),
     }
     out.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _macs(meta: dict[str, Any]) -> list[str]:
+    return list(meta.get("macs") or ([meta["mac"]] if meta.get("mac") else []))

@@ -30,6 +30,7 @@ SHORT = 20  # for boots that must end in a timeout
 HANG = 45
 
 NET = Expect(require_agent=True, require_network=True)
+TWO_MACS = ["52:54:00:4b:00:01", "52:54:00:4b:00:02"]
 
 # id: (firmware, mode or None for the empty disk, how: kernel|disk|empty, profile overrides, expect, timeout)
 CASES = {
@@ -41,7 +42,9 @@ CASES = {
     "bios-timeout": ("bios", "hang", "kernel", {}, Expect(), HANG),
     "bios-silent": ("bios", "silent", "kernel", {}, Expect(), SHORT),
     "bios-no-bootable": ("bios", None, "empty", {}, Expect(), LONG),
-    "bios-disk-sata-e1000e": ("bios", "pass", "disk", {"disk_bus": "sata", "nic_model": "e1000e"}, NET, LONG),
+    # Two NICs, as a source VM with two MACs gets: one slirp network each, MACs in order.
+    "bios-disk-sata-e1000e": ("bios", "pass", "disk", {"disk_bus": "sata", "nic_model": "e1000e", "macs": TWO_MACS},
+                              NET, LONG),
     "uefi-pass-net": ("uefi", "pass", "kernel", {}, NET, LONG),
     "uefi-panic": ("uefi", "panic", "kernel", {}, Expect(), LONG),
     "uefi-reboot": ("uefi", "reboot", "kernel", {}, Expect(), LONG),
@@ -130,6 +133,13 @@ def test_passed_with_network(results, case):
     assert r.agent["gateway_ping"]["exitcode"] == 0
     _evidence(r)
     assert "H2K-BOOT-OK" in Path(r.artifacts["serial.log"]).read_text(errors="replace")
+
+
+def test_every_kept_mac_is_a_nic_the_guest_sees(results):
+    r = results["bios-disk-sata-e1000e"]
+    assert r.verdict == "passed", r.reason
+    seen = [i.get("hardware-address") for i in r.agent["interfaces"] if i.get("name") != "lo"]
+    assert sorted(seen) == TWO_MACS, r.agent["interfaces"]
 
 
 @pytest.mark.parametrize("case", ["bios-panic", "uefi-panic"])

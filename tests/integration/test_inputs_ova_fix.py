@@ -93,7 +93,7 @@ def test_fix_ova_to_fixed_qcow2_and_profiles(ova: Path, tmp_path: Path) -> None:
     assert prof["macs"] == MACS
     for stage in ("bootstrap", "final"):
         p = prof[stage]
-        assert (p["firmware"], p["mac"], p["cpus"], p["memory_mb"]) == ("bios", MACS[0], 2, 3072), stage
+        assert (p["firmware"], p["macs"], p["cpus"], p["memory_mb"]) == ("bios", MACS, 2, 3072), stage
     assert prof["bootstrap"]["disk_bus"] == "sata" and prof["final"]["disk_bus"] == "virtio-blk"
     assert prof["source"]["controllers"] == [{"name": "scsi0", "model": "lsilogicsas"}]
     assert [n["model"] for n in prof["source"]["nics"]] == ["vmxnet3", "e1000e"]

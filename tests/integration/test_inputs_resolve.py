@@ -135,7 +135,7 @@ def test_write_profiles_source_metadata_wins(tmp_path: Path) -> None:
     prof = json.loads(path.read_text())
     assert prof["final"]["firmware"] == prof["bootstrap"]["firmware"] == "uefi-secureboot"
     assert prof["final"]["disk_bus"] == "virtio-scsi" and prof["macs"] == meta["macs"]
-    assert (prof["final"]["cpus"], prof["final"]["memory_mb"], prof["final"]["mac"]) == (4, 8192, "00:50:56:00:00:01")
+    assert (prof["final"]["cpus"], prof["final"]["memory_mb"], prof["final"]["macs"]) == (4, 8192, meta["macs"])
 
 
 def test_differencing_vhd_refused_with_advice(tmp_path: Path) -> None:
@@ -154,10 +154,11 @@ def test_differencing_vhd_refused_with_advice(tmp_path: Path) -> None:
 def test_domain_picks_up_the_profiles_fix_left(tmp_path: Path) -> None:
     img = tmp_path / "fixed.qcow2"
     qimg("create", "-f", "qcow2", str(img), "16M")
-    meta = {"firmware": "uefi", "mac": "00:50:56:00:00:07", "macs": ["00:50:56:00:00:07"], "cpus": 3, "memory_mb": 1536}
+    macs = ["00:50:56:00:00:07", "00:50:56:00:00:08"]
+    meta = {"firmware": "uefi", "mac": macs[0], "macs": macs, "cpus": 3, "memory_mb": 1536}
     write_profiles(img, None, meta, {"firmware": "bios"}, "windows", "virtio-blk")
     r = h2k("domain", str(img), "--os", "windows", "--domain-type", "qemu", "--no-validate")
     assert r.returncode == 0, r.stderr
     root = ET.fromstring(r.stdout)
-    assert root.find("devices/interface/mac").get("address") == "00:50:56:00:00:07"
+    assert [i.find("mac").get("address") for i in root.findall("devices/interface")] == macs  # one NIC each, in order
     assert root.findtext("vcpu") == "3" and root.findtext("memory") == "1536" and root.find("os/loader") is not None

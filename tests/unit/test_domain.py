@@ -68,7 +68,9 @@ def test_linux_from_a_dict_with_metadata() -> None:
     b = domain.bootstrap_profile({"os": "linux"})
     assert b.memory_mb == 1024 and b.firmware == "bios" and b.cdroms == []
     # explicit arguments win over metadata
-    assert domain.final_profile(meta, mac="52:54:00:00:00:01", cpus=1).mac == "52:54:00:00:00:01"
+    assert domain.final_profile(meta, macs=["52:54:00:00:00:01"], cpus=1).macs == ["52:54:00:00:00:01"]
+    two = {"os": "windows", "macs": ["00:50:56:00:00:01", "00-50-56-00-00-02"]}
+    assert domain.bootstrap_profile(two).macs == domain.final_profile(two).macs == ["00:50:56:00:00:01", "00:50:56:00:00:02"]
     assert domain.final_profile({"os": "windows", "firmware": "uefi", "secure_boot": True}).firmware == "uefi-secureboot"
 
 
@@ -78,6 +80,8 @@ def test_linux_from_a_dict_with_metadata() -> None:
         (lambda: domain.final_profile({"os": "plan9"}), "guest OS"),
         (lambda: domain.final_profile({"os": "linux", "firmware": "coreboot"}), "firmware"),
         (lambda: domain.final_profile({"os": "linux", "mac": "zz"}), "MAC"),
+        (lambda: domain.final_profile({"os": "linux", "macs": "00:50:56:00:00:01"}), "list of MAC"),
+        (lambda: domain.final_profile({"os": "linux"}, macs=["00:50:56:00:00:01"] * 2), "twice"),
         (lambda: domain.final_profile({"os": "linux", "memory_mb": -5}), "memory_mb"),
         (lambda: domain.final_profile({"os": "linux"}, bus="sata"), "final disk bus"),
         (lambda: domain.bootstrap_profile({"os": "linux"}, bus="virtio-blk"), "bootstrap disk bus"),
@@ -105,7 +109,7 @@ def test_cli_writes_valid_xml(tmp_path: Path) -> None:
     facts.write_text(json.dumps(win_facts(firmware="uefi").to_dict()))
     out = tmp_path / "boot.xml"
     r = _h2k("domain", str(img), "--stage", "bootstrap", "--facts", str(facts), "--virtio-iso", "/isos/v.iso",
-             "--mac", "52:54:00:01:02:03", "--domain-type", "qemu", "-o", str(out))
+             "--mac", "52:54:00:01:02:03", "--mac", "52:54:00:01:02:04", "--domain-type", "qemu", "-o", str(out))
     assert r.returncode == 0, r.stderr
     root = ET.parse(out).getroot()
     assert root.findtext("name") == "srv-bootstrap"
@@ -113,6 +117,7 @@ def test_cli_writes_valid_xml(tmp_path: Path) -> None:
     assert root.find("devices/disk/target").get("bus") == "sata"
     assert root.find("devices/disk/driver").get("type") == "qcow2"
     assert root.find("devices/interface/model").get("type") == "e1000e"
+    assert [i.find("mac").get("address") for i in root.findall("devices/interface")] == ["52:54:00:01:02:03", "52:54:00:01:02:04"]
     assert root.find("devices/disk[@device='cdrom']/source").get("file") == "/isos/v.iso"
     assert root.findtext("on_reboot") == "restart"  # a user's machine, not a lab one
 

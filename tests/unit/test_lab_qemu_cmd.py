@@ -70,10 +70,30 @@ def test_sata_on_pc_adds_ahci_and_cdroms():
 
 @pytest.mark.parametrize("nic,dev", [("virtio-net", "virtio-net-pci"), ("e1000e", "e1000e"), ("vmxnet3", "vmxnet3")])
 def test_nics_are_slirp_restricted_without_option_rom(nic, dev):
-    a = argv(MachineProfile("w", nic_model=nic, mac="52:54:00:12:34:56"))
+    a = argv(MachineProfile("w", nic_model=nic, macs=["52:54:00:12:34:56"]))
     assert opt_values(a, "-netdev") == ["user,id=net0,restrict=on"]
     assert f"{dev},netdev=net0,romfile=,mac=52:54:00:12:34:56" in a
     assert "-netdev" not in argv(MachineProfile("w", nic_model="none"))
+
+
+def test_one_nic_per_mac_in_order_and_one_without():
+    a = argv(MachineProfile("w", macs=["52:54:00:00:00:01", "52-54-00-00-00-0A"]))
+    assert opt_values(a, "-netdev") == ["user,id=net0,restrict=on", "user,id=net1,restrict=on"]
+    assert [d for d in opt_values(a, "-device") if "netdev=" in d] == [
+        "virtio-net-pci,netdev=net0,romfile=,mac=52:54:00:00:00:01",
+        "virtio-net-pci,netdev=net1,romfile=,mac=52:54:00:00:00:0a"]
+    plain = [d for d in opt_values(argv(MachineProfile("w")), "-device") if "netdev=" in d]
+    assert plain == ["virtio-net-pci,netdev=net0,romfile="]  # no MAC known: one NIC, QEMU picks its MAC
+
+
+@pytest.mark.parametrize("macs,msg", [(["zz"], "six hex bytes"), (["52:54:00:00:00:01", "52-54-00-00-00-01"], "twice")])
+def test_bad_macs_refused(macs, msg):
+    with pytest.raises(ValueError, match=msg):
+        MachineProfile("w", macs=macs)
+
+
+def test_profile_from_an_older_dict_with_one_mac():
+    assert MachineProfile.from_dict({"name": "w", "mac": "52:54:00:00:00:01"}).macs == ["52:54:00:00:00:01"]
 
 
 def test_uefi_vars_copy_and_no_network_boot(tmp_path):

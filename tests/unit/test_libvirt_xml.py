@@ -40,7 +40,8 @@ def profile_for(firmware: str, bus: str, nic: str, stage: str) -> MachineProfile
         firmware=firmware,
         disk_bus=bus,
         nic_model=nic,
-        mac="52:54:00:ab:cd:ef" if nic != "none" else None,
+        # the bootstrap machines carry two NICs (a source VM with two), the final ones one
+        macs=([] if nic == "none" else ["52:54:00:ab:cd:ef", "52:54:00:ab:cd:f0"][: 2 if stage == "bootstrap" else 1]),
         memory_mb=2048,
         cpus=2,
         cdroms=["/var/tmp/virtio-win.iso"] if stage == "bootstrap" else [],
@@ -108,11 +109,11 @@ def test_every_combination_validates(tmp_path: Path, firmware: str, bus: str, ni
     if nic == "none":
         assert nics == []
     else:
-        (iface,) = nics
-        assert iface.get("type") == "user"
-        assert iface.find("model").get("type") == {"virtio-net": "virtio", "e1000e": "e1000e"}[nic]
-        assert iface.find("mac").get("address") == "52:54:00:ab:cd:ef"
-        assert iface.find("rom").get("enabled") == "no"
+        assert [i.find("mac").get("address") for i in nics] == p.macs
+        for iface in nics:
+            assert iface.get("type") == "user"
+            assert iface.find("model").get("type") == {"virtio-net": "virtio", "e1000e": "e1000e"}[nic]
+            assert iface.find("rom").get("enabled") == "no"
 
     # Console, agent, panic devices, TPM, Hyper-V.
     serial = root.find("devices/serial")
