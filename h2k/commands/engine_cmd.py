@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 from typing import Any
 
-from h2k.errors import CheckFailed, H2KError, InputError
+from h2k.commands.report_out import require_ready, show
+from h2k.errors import H2KError, InputError
 from h2k.inspect import NotWindows, blocker_error
 
 
@@ -39,17 +39,6 @@ def _linux(func: str, exc: NotWindows, *, any_os: bool = False):
     return guarded
 
 
-def _print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, sort_keys=True, default=lambda o: getattr(o, "__dict__", str(o)))
-    sys.stdout.write("\n")
-
-
-def _as_dict(obj: Any) -> Any:
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    return getattr(obj, "__dict__", obj)
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     from h2k.inputs.cli_support import engine_input
 
@@ -64,10 +53,10 @@ def _inspect(args: argparse.Namespace, disk: str, meta: dict | None) -> int:
         facts = inspect_image(disk, meta)
     except NotWindows as exc:
         result = _linux("inspect_image", exc)(disk)
-        _print_json(_as_dict(result)) if args.json else print(getattr(result, "summary", lambda: result)())
+        show(result, args.json)
         return 0
     if args.json:
-        _print_json(facts.to_dict())
+        show(facts, True)
     else:
         print(summary(facts))
     err = blocker_error(facts)
@@ -81,9 +70,13 @@ def _planner(args: argparse.Namespace):
     from h2k.driverpack import open_pack
     from h2k.plan import build_plan
 
-    pack = open_pack(args.drivers)
+    # Opened before the launch, so a bad pack fails in a second; a Linux guest needs none.
+    pack = open_pack(args.drivers) if args.drivers else None
 
     def plan(facts):
+        if pack is None:
+            raise InputError(f"{args.image}: a Windows guest ({facts.product_name or 'Windows'}) needs "
+                             "--drivers (a virtio-win directory, ISO or manifest)")
         return build_plan(facts, pack, args.bus)
 
     return plan
@@ -128,13 +121,13 @@ def _fix(args: argparse.Namespace, disk: str, meta: dict | None, res: Any, outpu
     except NotWindows as exc:
         fn = _linux("fix_image", exc)
         result = fn(disk, output=output, in_place=args.in_place)
-        _print_json(_as_dict(result)) if args.json else print(getattr(result, "summary", lambda: result)())
+        show(result, args.json)
         if res.machine is not None:  # metadata came with the input: keep firmware, MACs, CPUs, memory
-            written = getattr(result, "output", None) or output or disk
-            prof = write_profiles(written, res.machine, meta, _as_dict(getattr(result, "facts", None)) or {}, "linux", args.bus)
+            written = result.output or output or disk
+            prof = write_profiles(written, res.machine, meta, {}, "linux", args.bus)
             print(f"h2k: machine profiles (bootstrap, final) in {prof}", file=sys.stderr)
         return 0
-    _print_json(report.to_dict()) if args.json else print(report.summary())
+    show(report, args.json)
     if res.machine is not None:
         prof = write_profiles(report.output, res.machine, meta, report.facts, "windows", args.bus)
         print(f"h2k: machine profiles (bootstrap, final) in {prof}", file=sys.stderr)
@@ -155,15 +148,11 @@ def _verify(args: argparse.Namespace, disk: str, meta: dict | None) -> int:
         report = verify_image(disk, args.bus, meta)
     except NotWindows as exc:
         result = _linux("verify_image", exc)(disk, args.bus)
-        _print_json(_as_dict(result)) if args.json else print(getattr(result, "summary", lambda: result)())
-        passed = getattr(result, "passed", True)
-        if not passed:
-            raise CheckFailed(f"{args.image}: not boot-ready on {args.bus}") from None
+        show(result, args.json)
+        require_ready(args.image, args.bus, result)
         return 0
-    _print_json(report.to_dict()) if args.json else print(report.summary())
-    if not report.passed:
-        failed = [f"{r.rule}/{r.subject}" for r in report.results if not r.passed]
-        raise CheckFailed(f"{args.image}: not boot-ready on {args.bus}: {', '.join(failed)} failed")
+    show(report, args.json)
+    require_ready(args.image, args.bus, report)
     return 0
 
 
@@ -174,9 +163,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         report = rollback_image(args.image)
     except NotWindows as exc:  # no NTFS at all: the Linux pipeline's journal, if any
         result = _linux("rollback_image", exc, any_os=True)(args.image)
-        _print_json(_as_dict(result)) if args.json else print(getattr(result, "summary", lambda: result)())
+        show(result, args.json)
         return 0
-    _print_json(report.to_dict()) if args.json else print(report.summary())
+    show(report, args.json)
     return 0
 
 
@@ -206,7 +195,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("image", help="disk image, or a VM (.vmx, .ovf, .ova, Hyper-V .xml): an OVA goes to -o (default VM.h2k.qcow2) "
                    "plus OUT.machine.json, the bootstrap and final profiles keeping firmware, MACs, CPUs and memory")
-    p.add_argument("--drivers", required=True, help="virtio-win directory, ISO, or JSON/YAML manifest")
+    p.add_argument("--drivers", help="virtio-win directory, ISO, or JSON/YAML manifest (required for Windows; "
+                   "a Linux guest uses its own kernel's VirtIO modules)")
     p.add_argument("--bus", required=True, help=BUS_HELP)
     out = p.add_mutually_exclusive_group()
     out.add_argument("-o", "--output", help="write a standalone copy here (qcow2, or raw for .raw/.img)")

@@ -8,31 +8,21 @@ Exit codes: 0 ok, 1 verify failed, 2 engine error, 3 bad input.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
-from h2k.errors import CheckFailed
-
-
-def _out(result, as_json: bool) -> None:
-    if as_json:
-        json.dump(result.to_dict(), sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
-    else:
-        print(result.summary())
+from h2k.commands.report_out import require_ready, show
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from h2k.linux import inspect_image
 
-    _out(inspect_image(args.image), args.json)
+    show(inspect_image(args.image), args.json)
     return 0
 
 
 def cmd_fix(args: argparse.Namespace) -> int:
     from h2k.linux import fix_image
 
-    _out(fix_image(args.image, output=args.output, in_place=args.in_place), args.json)
+    show(fix_image(args.image, output=args.output, in_place=args.in_place), args.json)
     return 0
 
 
@@ -40,17 +30,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from h2k.linux import verify_image
 
     report = verify_image(args.image, args.bus)
-    _out(report, args.json)
-    if not report.passed:
-        failed = [f"{r.rule}/{r.subject}" for r in report.results if not r.passed]
-        raise CheckFailed(f"{args.image}: not boot-ready on {args.bus}: {', '.join(failed)} failed")
+    show(report, args.json)
+    require_ready(args.image, args.bus, report)
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from h2k.linux import rollback_image
 
-    _out(rollback_image(args.image), args.json)
+    show(rollback_image(args.image), args.json)
     return 0
 
 

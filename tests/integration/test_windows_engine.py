@@ -300,7 +300,9 @@ def test_bad_variant_refused_with_nothing_left(name, tmp_path, pack_dir) -> None
     src = windisk.build(name)
     before = sha256_file(src)
     out = tmp_path / "out.qcow2"
-    proc = subprocess.run(H2K + ["fix", str(src), "--drivers", str(pack_dir), "--bus", "virtio-blk", "-o", str(out)],
+    # The Linux disk gets no --drivers: a Linux guest needs no driver pack.
+    drivers = [] if name == "bad-linux" else ["--drivers", str(pack_dir)]
+    proc = subprocess.run(H2K + ["fix", str(src), *drivers, "--bus", "virtio-blk", "-o", str(out)],
                           capture_output=True, text=True)
     code, words = BAD[name]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("h2k: error: ")]
@@ -308,6 +310,17 @@ def test_bad_variant_refused_with_nothing_left(name, tmp_path, pack_dir) -> None
     assert len(errors) == 1 and words in errors[0].lower(), proc.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no output, no temporary overlay
     assert sha256_file(src) == before
+
+
+@pytest.mark.xdist_group("win2019-bios")
+def test_windows_without_a_driver_pack_is_refused(tmp_path) -> None:
+    src = windisk.build("win2019-bios")
+    before = sha256_file(src)
+    out = tmp_path / "out.qcow2"
+    proc = subprocess.run(H2K + ["fix", str(src), "--bus", "virtio-blk", "-o", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 3 and proc.stderr.count("h2k: error: ") == 1, proc.stderr
+    assert "Windows guest" in proc.stderr and "needs --drivers" in proc.stderr
+    assert list(tmp_path.iterdir()) == [] and sha256_file(src) == before
 
 
 def test_unreadable_image_is_bad_input(tmp_path, pack_dir) -> None:
