@@ -48,6 +48,7 @@ CASES = {
     "uefi-pass-net": ("uefi", "pass", "kernel", {}, NET, LONG),
     "uefi-panic": ("uefi", "panic", "kernel", {}, Expect(), LONG),
     "uefi-reboot": ("uefi", "reboot", "kernel", {}, Expect(), LONG),
+    "uefi-timeout": ("uefi", "hang", "kernel", {}, Expect(), HANG),
     "uefi-silent": ("uefi", "silent", "kernel", {}, Expect(), SHORT),
     "uefi-no-bootable": ("uefi", None, "empty", {}, Expect(), LONG),
     "uefi-disk-virtio-scsi": ("uefi", "pass", "disk", {"disk_bus": "virtio-scsi"}, NET, LONG),
@@ -160,8 +161,9 @@ def test_reboot_loop(results, case):
     assert any(e["event"] == "SHUTDOWN" and e["data"]["reason"] == "guest-reset" for e in _qmp_events(r))
 
 
-def test_timeout(results):
-    r = results["bios-timeout"]
+@pytest.mark.parametrize("case", ["bios-timeout", "uefi-timeout"])
+def test_timeout(results, case):
+    r = results[case]
     assert r.verdict == "timeout" and r.signal == "deadline"
     assert HANG <= r.seconds < HANG + 15
     log = Path(r.artifacts["serial.log"]).read_text(errors="replace")

@@ -38,6 +38,7 @@ pytestmark = [
 ]
 
 TIMEOUT = 480  # per boot: ~15-80 s on a quiet 2-core host, but a starved one (load 30) needs minutes
+DEADLINE = {"hang": 45, "silent": 20}  # boots that must end in a timeout (as in test_lab_boot.py)
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +58,11 @@ CASES = [
     ("bios-reboot", "libvirt", "bios", "reboot", "kernel", "failed", "qmp-reset"),
     ("uefi-panic", "libvirt", "uefi", "panic", "kernel", "failed", "qmp-panic"),
     ("uefi-reboot", "libvirt", "uefi", "reboot", "kernel", "failed", "qmp-reset"),
+    # A guest that boots and then hangs, and one that never prints: both end at the deadline.
+    ("bios-timeout", "libvirt", "bios", "hang", "kernel", "timeout", "deadline"),
+    ("uefi-timeout", "libvirt", "uefi", "hang", "kernel", "timeout", "deadline"),
+    ("bios-silent", "libvirt", "bios", "silent", "kernel", "timeout", "deadline"),
+    ("uefi-silent", "libvirt", "uefi", "silent", "kernel", "timeout", "deadline"),
     # The same guest under the direct backend, side by side with its libvirt twin.
     ("bios-panic-direct", "qemu", "bios", "panic", "kernel", "failed", "qmp-panic"),
 ]
@@ -83,7 +89,8 @@ def _run_case(case, uri: str, root: Path):
         # The BIOS pass boot also proves the agent bridge: ping, OS info, IPv4, gateway ping.
         expect = Expect(require_agent=True, require_network=True) if cid == "bios-pass" else Expect()
     kw = {"connect": uri} if backend == "libvirt" else {}
-    res = boot(image, prof, timeout=TIMEOUT, outdir=out, expect=expect, backend=backend, vars_file=vars_file, **kw)
+    res = boot(image, prof, timeout=DEADLINE.get(mode, TIMEOUT), outdir=out, expect=expect, backend=backend,
+               vars_file=vars_file, **kw)
     return res, time.monotonic() - t
 
 
@@ -134,6 +141,16 @@ def test_verdicts_match_the_direct_backend(results, case) -> None:
     if mode == "reboot":
         resets = [m for m in qmp if m.get("event") == "SHUTDOWN" and m["data"].get("reason") == "guest-reset"]
         assert resets and resets[0]["data"]["guest"] is True
+    if mode in DEADLINE:
+        assert DEADLINE[mode] <= res.seconds < DEADLINE[mode] + 30, res.seconds
+        assert "H2K-BOOT-OK" not in serial
+        # Nothing from the guest: no panic, no reset or shutdown of its own (the lab's destroy at
+        # the deadline is a SHUTDOWN with guest=false).
+        guest = [m for m in qmp if m.get("event") == "GUEST_PANICKED"
+                 or (m.get("event") == "SHUTDOWN" and m["data"].get("guest"))]
+        assert guest == [], guest
+    if mode == "silent":
+        assert "h2k-tinyguest" not in serial and "Linux version" not in serial
     xml = (out / "domain.xml").read_text()
     assert ("<loader" in xml) == (fw == "uefi")
 
