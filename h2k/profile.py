@@ -68,7 +68,7 @@ class MachineProfile:
 
     @property
     def mac(self) -> str | None:
-        """The first NIC's MAC (the one the lab's network check expects an address on)."""
+        """The first NIC's MAC, None when QEMU or libvirt chooses it."""
         return self.macs[0] if self.macs else None
 
     @property
