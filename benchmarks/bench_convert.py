@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                             str(base), str(inputs[sub])], check=True)
         base.unlink()
         for sub, src in inputs.items():
-            plain, nosum, full = [], [], []  # (wall, cpu) per run
+            wall: dict[str, list[float]] = {"plain": [], "nosum": [], "full": []}  # seconds per run
+            cpu = dict.fromkeys(wall, 0.0)  # CPU seconds over all runs
             out = d / "out.qcow2"
 
             def h2k(*extra: str) -> None:
@@ -99,23 +100,23 @@ def main(argv: list[str] | None = None) -> int:
                                check=True, capture_output=True, env=env)
 
             runs = [
-                (plain, lambda: subprocess.run(["qemu-img", "convert", "-f", "vmdk", "-O", "qcow2", str(src), str(out)],
-                                               check=True)),
-                (nosum, lambda: h2k("--no-checksum")),
-                (full, h2k),
+                ("plain", lambda: subprocess.run(["qemu-img", "convert", "-f", "vmdk", "-O", "qcow2", str(src), str(out)],
+                                                 check=True)),
+                ("nosum", lambda: h2k("--no-checksum")),
+                ("full", h2k),
             ]
             for r in range(rounds):
-                for times, run in runs[r % 3:] + runs[: r % 3]:  # each takes each place in turn
-                    times.append(timed(run))
+                for name, run in runs[r % 3:] + runs[: r % 3]:  # each takes each place in turn
+                    seconds, cpu_seconds = timed(run)
+                    wall[name].append(seconds)
+                    cpu[name] += cpu_seconds
                     out.unlink()
-            wall = {name: [w for w, _ in runs_of] for name, runs_of in (("plain", plain), ("nosum", nosum), ("full", full))}
-            cpu_ratio = sum(c for _, c in plain) / sum(c for _, c in nosum)
             rows.append((sub, src.stat().st_size, _median(wall["plain"]), _median(wall["nosum"]), _median(wall["full"]),
                          _median([p / n for p, n in zip(wall["plain"], wall["nosum"])]),
-                         _median([p / f for p, f in zip(wall["plain"], wall["full"])]), cpu_ratio))
+                         _median([p / f for p, f in zip(wall["plain"], wall["full"])]), cpu["plain"] / cpu["nosum"]))
             print(f"{sub}: qemu-img {_spread(wall['plain'])}; --no-checksum {_spread(wall['nosum'])}; "
-                  f"+sha256 {_spread(wall['full'])}; CPU seconds qemu-img {sum(c for _, c in plain):.1f}, "
-                  f"--no-checksum {sum(c for _, c in nosum):.1f}", flush=True)
+                  f"+sha256 {_spread(wall['full'])}; CPU seconds qemu-img {cpu['plain']:.1f}, "
+                  f"--no-checksum {cpu['nosum']:.1f}", flush=True)
     print(f"{'input':<18} {'MiB':>6} {'qemu-img':>9} {'h2k convert --no-checksum':>26} {'ratio':>6} {'CPU ratio':>9} "
           f"{'h2k convert (+sha256)':>22} {'ratio':>6}")
     ok = True
