@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 from h2k.errors import InputError
 from h2k.facts import WindowsFacts
-from h2k.profile import FIRMWARES, NIC_MODELS, MachineProfile, normalize_mac
+from h2k.profile import FIRMWARES, NIC_MODELS, MachineProfile
 
 BOOTSTRAP_BUSES = ("sata", "ide")
 FINAL_BUSES = ("virtio-blk", "virtio-scsi")
@@ -45,7 +45,7 @@ class GuestSummary:
     firmware: str  # bios | uefi | uefi-secureboot
     windows11: bool = False
     server: bool = False
-    macs: tuple[str, ...] = ()
+    macs: tuple[str, ...] = ()  # as given; MachineProfile checks and normalizes them
     memory_mb: int | None = None
     cpus: int | None = None
 
@@ -75,16 +75,13 @@ def summarize(facts_or_meta: WindowsFacts | Mapping[str, Any], name: str | None 
     build = int(meta.get("build") or 0)
     server = bool(meta.get("is_server") or meta.get("server"))
     win11 = os_type == "windows" and (bool(meta.get("windows11")) or (build >= WINDOWS11_MIN_BUILD and not server))
-    macs = meta.get("macs") or ([meta["mac"]] if meta.get("mac") else [])
-    if isinstance(macs, str) or not isinstance(macs, Sequence):
-        raise InputError(f"macs must be a list of MAC addresses, not {macs!r}")
     return GuestSummary(
         name=name or _safe_name(str(meta.get("name") or "")) or os_type,
         os=os_type,
         firmware=firmware,
         windows11=win11,
         server=server,
-        macs=_check_macs(macs),
+        macs=tuple(macs_of(meta)),
         memory_mb=_positive_int(meta, "memory_mb"),
         cpus=_positive_int(meta, "cpus"),
     )
@@ -146,23 +143,26 @@ def _profile(
     machine = "pc" if bus == "ide" else "q35"
     if machine == "pc" and firmware == "uefi-secureboot":
         raise InputError("IDE needs the i440fx machine, which cannot run Secure Boot (SMM): use --bus sata")
-    return MachineProfile(
-        name=f"{g.name}-{stage}",
-        stage=stage,
-        firmware=firmware,
-        machine_type=machine,
-        disk_bus=bus,
-        nic_model=nic,
-        macs=list(_check_macs(macs) if macs else g.macs),  # given MACs replace the source's
-        memory_mb=memory_mb or g.memory_mb or _default_memory(g),
-        cpus=cpus or g.cpus or 2,
-        cdroms=list(cdroms),
-        hyperv=windows,  # Linux does not need enlightenments; Windows gets hv-crash stop codes
-        pvpanic=True,
-        tpm=tpm,
-        guest_agent=True,
-        serial_console=True,
-    )
+    try:
+        return MachineProfile(
+            name=f"{g.name}-{stage}",
+            stage=stage,
+            firmware=firmware,
+            machine_type=machine,
+            disk_bus=bus,
+            nic_model=nic,
+            macs=list(macs or g.macs),  # given MACs replace the source's
+            memory_mb=memory_mb or g.memory_mb or _default_memory(g),
+            cpus=cpus or g.cpus or 2,
+            cdroms=list(cdroms),
+            hyperv=windows,  # Linux does not need enlightenments; Windows gets hv-crash stop codes
+            pvpanic=True,
+            tpm=tpm,
+            guest_agent=True,
+            serial_console=True,
+        )
+    except ValueError as exc:  # the profile's own checks (bad or repeated MACs) are bad input here
+        raise InputError(str(exc)) from None
 
 
 def _default_memory(g: GuestSummary) -> int:
@@ -171,14 +171,12 @@ def _default_memory(g: GuestSummary) -> int:
     return 1024
 
 
-def _check_macs(macs: Sequence[Any]) -> tuple[str, ...]:
-    try:
-        out = tuple(normalize_mac(m) for m in macs)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
-    if len(set(out)) != len(out):
-        raise InputError(f"the same MAC address twice in {', '.join(out)}")
-    return out
+def macs_of(meta: Mapping[str, Any]) -> list[str]:
+    """The MAC addresses in metadata: its ``macs`` list, else its single ``mac``, else none."""
+    macs = meta.get("macs") or ([meta["mac"]] if meta.get("mac") else [])
+    if isinstance(macs, str) or not isinstance(macs, Sequence):
+        raise InputError(f"macs must be a list of MAC addresses, not {macs!r}")
+    return list(macs)
 
 
 def _check_firmware(fw: str) -> str:

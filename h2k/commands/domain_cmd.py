@@ -98,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
     metadata = metadata_dict(args.metadata or profiles_beside(image))
     source = _source(args, metadata)
     meta = metadata or {}
-    macs = args.mac or meta.get("macs") or ([meta["mac"]] if meta.get("mac") else None)
-    common = dict(name=name, macs=macs, memory_mb=args.memory or _int_or_none(meta.get("memory_mb")),
+    common = dict(name=name, macs=args.mac or domain.macs_of(meta), memory_mb=args.memory or _int_or_none(meta.get("memory_mb")),
                   cpus=args.cpus or _int_or_none(meta.get("cpus")))
     if args.stage == "bootstrap":
         profile = domain.bootstrap_profile(source, bus=args.bus or "sata", nic=args.nic or "e1000e", virtio_iso=args.virtio_iso and os.path.abspath(args.virtio_iso), **common)

@@ -56,9 +56,11 @@ def _saved_profiles(p: Path) -> dict[str, Any] | None:
     for key in ("memory_mb", "cpus"):
         if final.get(key) is not None:
             meta[key] = final[key]
-    macs = data.get("macs") or final.get("macs") or ([final["mac"]] if final.get("mac") else [])
+    from h2k.domain import macs_of
+
+    macs = macs_of(data) or macs_of(final)  # older files kept one "mac" in the profile
     if macs:
-        meta["macs"] = list(macs)
+        meta["macs"] = macs
     return meta
 
 
@@ -94,11 +96,12 @@ def write_profiles(disk_out: str | Path, machine: SourceMachine | None, meta: di
     from h2k import domain
 
     meta = dict(meta or {})
+    macs = domain.macs_of(meta)
     facts = facts or {}
     firmware = meta.get("firmware") or facts.get("firmware") or "bios"  # source metadata wins
     spec = {
         "os": os_type, "firmware": firmware, "secure_boot": bool(meta.get("secure_boot")),
-        "name": meta.get("name") or Path(disk_out).name.split(".")[0], "macs": _macs(meta),
+        "name": meta.get("name") or Path(disk_out).name.split(".")[0], "macs": macs,
         "memory_mb": meta.get("memory_mb"), "cpus": meta.get("cpus"),
         "build": facts.get("build") or 0, "is_server": facts.get("is_server", False),
     }
@@ -107,13 +110,10 @@ def write_profiles(disk_out: str | Path, machine: SourceMachine | None, meta: di
     data = {
         "disk": str(Path(disk_out).resolve()),
         "source": machine.to_dict() if machine else None,
-        "macs": _macs(meta),
+        "macs": macs,
         "bootstrap": domain.bootstrap_profile(spec).to_dict(),
         "final": domain.final_profile(spec, bus=final_bus).to_dict(),
     }
     out.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return out
 
-
-def _macs(meta: dict[str, Any]) -> list[str]:
-    return list(meta.get("macs") or ([meta["mac"]] if meta.get("mac") else []))
