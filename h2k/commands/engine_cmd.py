@@ -123,8 +123,7 @@ def _fix(args: argparse.Namespace, disk: str, meta: dict | None, res: Any, outpu
         result = fn(disk, output=output, in_place=args.in_place)
         show(result, args.json)
         if res.machine is not None:  # metadata came with the input: keep firmware, MACs, CPUs, memory
-            written = result.output or output or disk
-            prof = write_profiles(written, res.machine, meta, {}, "linux", args.bus)
+            prof = write_profiles(result.output, res.machine, meta, {}, "linux", args.bus)
             print(f"h2k: machine profiles (bootstrap, final) in {prof}", file=sys.stderr)
         return 0
     show(report, args.json)
