@@ -640,7 +640,8 @@ def _recover_dirty(g, insp: Inspection, name: str, real: str, local: Path, workd
     local.write_bytes(rec.data)
     insp.hive_originals[name] = original
     insp.facts.replayed_hives.append(
-        f"{name}: {state}; replayed {', '.join(rec.logs_used)} entries {rec.applied[0]}..{rec.applied[-1]}")
+        f"{name}: {state}; replayed {', '.join(rec.logs_used)} entries {rec.applied[0]}..{rec.applied[-1]}"
+        + "".join(f"; not applied after them: {note}" for note in rec.notes))
     log.info("%s was dirty; replayed %s", name, insp.facts.replayed_hives[-1])
     return []
 
