@@ -255,3 +255,23 @@ def test_facts_carry_the_replay_summary() -> None:
     assert "hive log       SYSTEM: primary sequence 4" in summary(facts)
     assert "ghost nic      {x} 10.0.0.1" in summary(facts)
     assert WindowsFacts.from_dict(json.loads(json.dumps(facts.to_dict()))) == facts
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, 20000), flips=st.lists(st.tuples(st.integers(0, 20000), st.integers(1, 255)), max_size=8))
+def test_damaged_logs_never_crash_the_reader(states, cut, flips) -> None:
+    """Untrusted input: any truncation or bit damage of real logs gives a replay or a ReplayError, nothing else."""
+    reconciled, mid, new = states
+    primary, logs = writer.dirty_hive(reconciled, [writer.Flush(mid, "LOG1"), writer.Flush(new, "LOG2")])
+    damaged = {}
+    for name, data in logs.items():
+        buf = bytearray(data[:cut] if cut < len(data) else data)
+        for at, x in flips:
+            if at < len(buf):
+                buf[at] ^= x
+        damaged[f"SYSTEM.{name}"] = bytes(buf)
+    try:
+        rec = hivelog.replay(primary, damaged)
+    except hivelog.ReplayError:
+        return
+    assert rec.applied and rec.applied[0] >= 2107 and not hivelog.read_base_block(rec.data).dirty
