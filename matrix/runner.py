@@ -78,6 +78,7 @@ class CellOutcome:
     artifacts: dict[str, str] = field(default_factory=dict)
     agent: dict[str, Any] = field(default_factory=dict)
     phases: list[dict[str, Any]] = field(default_factory=list)
+    proof: str = ""  # how the verdict was reached (model.PROOF_MODES); empty = from the cell's mode
 
 
 class CellExecutor(Protocol):
@@ -338,6 +339,7 @@ class Runner:
                 agent=dict(out.agent),
                 phases=list(out.phases),
                 host=host,
+                proof=out.proof,
             )
         except Interrupted as exc:
             result = CellResult(cell, "incomplete", reason=f"interrupted: {exc or 'the run was stopped'}", host=host)

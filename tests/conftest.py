@@ -40,3 +40,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return LONG_GROUPS.index(group) if group in LONG_GROUPS else len(LONG_GROUPS)
 
     items.sort(key=rank)  # stable: the order within and outside the groups is kept
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's headless Chromium (tests/browser.py); missing, it fails the test: it is in apt-packages.txt."""
+    from browser import Chromium, find_chromium
+
+    exe = find_chromium()
+    if exe is None:
+        pytest.fail("chromium is not installed: packaging/apt-packages.txt lists it and `make test` installs it")
+    return Chromium(exe)
