@@ -191,3 +191,20 @@ def test_report_command_rebuilds_everything(tmp_path, capsys):
     assert [c.id for c in merged.cells] == [c.id for c in r.cells]
     xmllint_ok(tmp_path / "m" / "junit.xml")
     assert junit_tree(merged).getroot().get("tests") == "7"
+
+
+def test_guest_text_stays_text_in_junit_and_markdown(tmp_path):
+    """A reason quotes the guest's console: control characters and markup must not break or inject."""
+    r = sample()
+    r.cells[1].reason = ("\x1b[31mPANIC\x00\x07 <script>x</script> [click](http://evil) ![i](http://evil/i.png) "
+                         "`tick` | pipe \udc80")
+    paths = write_all(r, tmp_path)
+    xmllint_ok(paths["junit"])  # characters XML cannot carry were replaced, the file stays valid
+    fail = {c.get("name"): c for c in ET.parse(paths["junit"]).getroot().iter("testcase")}[
+        "win2019.uefi.virtio-scsi.virtio-net"].find("failure")
+    assert "\ufffd[31mPANIC\ufffd\ufffd <script>x</script>" in fail.get("message")
+    md = paths["markdown"].read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| `win2019.uefi.virtio-scsi"))
+    assert "&lt;script&gt;" in row and "<script>" not in md
+    assert "\\[click\\](http://evil)" in row and "!\\[i\\]" in row and "\\`tick\\`" in row and "\\| pipe" in row
+    assert "\x00" not in md and "\x1b" not in md
