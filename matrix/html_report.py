@@ -241,7 +241,10 @@ def _prepared(results: RunResults, key: str) -> str:
     if not isinstance(info, dict):
         return ""
     secs = info.get("seconds")
-    what = f"prepared (fixed once) in {float(secs):.1f} s" if isinstance(secs, (int, float)) else "prepared"
+    fix = (info.get("info") or {}).get("fix") if isinstance(info.get("info"), dict) else None
+    what = "prepared once" + (f" in {float(secs):.1f} s" if isinstance(secs, (int, float)) else "")
+    if isinstance(fix, str) and fix:
+        what += f": {esc(fix.splitlines()[0][:REASON_CUT])}"  # the summary's head line
     if info.get("ok") is False:
         what = f"could not be prepared: {esc(info.get('error') or '?')}"
     return f'<p class="meta">{what}</p>'

@@ -87,7 +87,7 @@ def run_dir(tmp: Path, runner_root: Path | None = None) -> tuple[RunResults, Pat
     results[1].reason = HOSTILE
     run = RunResults(matrix="nightly", cells=results, started="2026-11-26T01:00:00+00:00",
                      finished="2026-11-26T02:00:00+00:00",
-                     extra={"prepared": {"win2019.vw": {"seconds": 31.5, "ok": True},
+                     extra={"prepared": {"win2019.vw": {"seconds": 31.5, "ok": True, "info": {"fix": "12 changes"}},
                                          "phony.vw": {"seconds": 2.0, "ok": False, "error": HOSTILE}}})
     return run, out
 
@@ -125,7 +125,7 @@ def test_grid_is_firmware_x_bus_by_nic_x_boot_mode(tmp_path):
     assert rows == ["firmware · bus", "bios · virtio-blk", "bios · virtio-scsi",
                     "uefi · virtio-blk", "uefi · virtio-scsi"]
     assert "<th>e1000e · direct</th>" in win
-    assert "prepared (fixed once) in 31.5 s" in win
+    assert "prepared once in 31.5 s: 12 changes" in win
     assert "6.0 s" in text and "final 6.0 s" in text
 
 
