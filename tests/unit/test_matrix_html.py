@@ -197,3 +197,20 @@ def test_results_json_names_the_html_beside_it(tmp_path):
     assert {p.name for p in paths.values()} == {"results.json", "junit.xml", "summary.md", "report.html"}
     assert json.loads(paths["results"].read_text())["proof_counts"]["static verify"] == 4
     assert load_results(paths["results"]).to_dict() == run.to_dict()
+
+
+def test_demo_puts_its_runs_on_one_page(tmp_path):
+    """`h2k demo` ends with one report.html: each run's grids, cells kept apart, links into each run."""
+    from matrix.demo import combined_report
+
+    first, out1 = run_dir(tmp_path / "a")
+    second, out2 = run_dir(tmp_path / "b")
+    page = combined_report([("unfixed", first, out1), ("fixed", second, out2)], tmp_path)
+    assert page == tmp_path / "report.html"
+    text = page.read_text()
+    assert set(cells_in(text)) == {f"{label}.{r.id}" for label, run in (("unfixed", first), ("fixed", second))
+                                   for r in run.cells}
+    assert '<h2 id="image-win2019__unfixed_">win2019 (unfixed)</h2>' in text
+    hrefs = [a["href"] for a in Elements(text).tags("a") if not a["href"].startswith("#")]
+    assert any(h.startswith("./a/out/cells/") for h in hrefs) and any(h.startswith("./b/out/cells/") for h in hrefs)
+    assert all((tmp_path / h).is_file() for h in hrefs)
