@@ -100,9 +100,10 @@ def test_known_issue_turns_pass_into_softfail():
 
 
 def test_ems_machine_info_passes_and_bluescreen_fails_with_code():
-    exp = Expect()
-    d = Scorer(exp).handle(console_signals((REC / "ems_boot.txt").read_bytes(), exp)[0])
-    assert d.verdict == "passed" and "EMS machine-info" in d.reason
+    exp = Expect.for_os("windows")
+    [sig] = console_signals((REC / "ems_boot.txt").read_bytes(), exp)
+    d = Scorer(exp).handle(sig)
+    assert d.verdict == "passed" and "EMS machine-info" in d.reason and d.evidence == ["ems"]
     assert d.data["machine_info"]["os-build-number"] == "17763"
     d = Scorer(exp).handle(console_signals((REC / "ems_bluescreen.txt").read_bytes(), exp)[0])
     assert (d.verdict, d.stop_code, d.stop_name) == ("failed", 0x7B, "INACCESSIBLE_BOOT_DEVICE")
