@@ -44,9 +44,10 @@ CONSOLE_EVIDENCE_PATTERNS: dict[str, list[str]] = {
     # agetty's prompt: "<host> login: " at the start of a line, never followed by a newline; a kernel
     # message may land right after it on the same line.
     "login": [r"^(?!Last login)(?P<host>[A-Za-z0-9][A-Za-z0-9._-]{0,62}) login: *(?=$|\[ *\d+\.\d+\])"],
-    # systemd's status line for its default target (systemd 249+ names the unit first).
-    "systemd-target": [r"Reached target (?P<detail>(?:multi-user|graphical)\.target\b[^\n]*"
-                       r"|Multi-User System[^\n]*|Graphical Interface[^\n]*)"],
+    # systemd's status line for its default target; systemd 249+ names the unit first and cuts a
+    # long name to the column ("multi-user.…get - Multi-User System."), so the description counts.
+    "systemd-target": [r"Reached target (?P<detail>[^\n]*?(?:Multi-User System|Graphical Interface"
+                       r"|multi-user\.target|graphical\.target)[^\n]*)"],
     "ems": [r"^SAC>"],  # the SAC prompt; <machine-info> is parsed apart (never inside a <BP>)
 }
 

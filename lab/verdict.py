@@ -57,6 +57,20 @@ BUILTIN_FAILURES: tuple[Pattern, ...] = (
     Pattern("root-missing", r"ALERT! +(?P<detail>\S+) does not exist"),
     Pattern("root-wait-gave-up", r"Gave up waiting for root (?:file system )?device"),
     Pattern("initramfs-shell", r"\(initramfs\) $"),
+    # dracut (Fedora, RHEL, SUSE; Debian's dracut package): the root wait times out (rd.retry, 2/3 of
+    # it), then "Could not boot", the root device, the emergency shell and its prompt.
+    Pattern("dracut-timeout", r"Warning: dracut-initqueue: (?P<detail>timeout[^\n]*)"),
+    Pattern("dracut-could-not-boot", r"Warning: Could not boot\."),
+    Pattern("root-missing", r"^Warning: (?P<detail>/dev/\S+) does not exist"),
+    Pattern("dracut-emergency", r"Entering emergency mode\. Exit the shell to continue\."),
+    Pattern("dracut-shell", r"^dracut:/# ?$"),
+    # The kernel itself, with no initramfs able to find the root (its panic line may be mangled).
+    Pattern("vfs-no-root", r"VFS: (?:Cannot open root device|Unable to mount root fs on) (?P<detail>[^\n]*)"),
+    # systemd in the real root: a mount (fstab) or the root itself failed. Nobody is at the
+    # console to log in, so a login prompt cannot come after these.
+    Pattern("systemd-emergency", r"You are in (?:emergency|rescue) mode\."),
+    Pattern("systemd-emergency", r"Reached target (?P<detail>[^\n]*?(?:Emergency Mode|Rescue Mode|emergency\.target"
+                                 r"|rescue\.target)[^\n]*)"),
     # Boot loaders
     Pattern("grub-rescue", r"^grub rescue> ?$"),
     Pattern("grub-no-device", r"error: (?:no such device|unknown filesystem)[^\n]*"),
