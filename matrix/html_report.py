@@ -187,6 +187,25 @@ def _reason(r: CellResult) -> str:
             f'<details><summary>full reason</summary><div class="reason">{esc(text)}</div></details>')
 
 
+def _words(value: object) -> str:
+    """A lab-setup value as words: success alternatives [[a, b], [c]] read "a + b or c"."""
+    if isinstance(value, list):
+        if value and all(isinstance(v, list) for v in value):
+            return " or ".join(" + ".join(map(str, v)) for v in value)
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def _lab_setup(r: CellResult) -> str:
+    """What decided a pass, and what the lab changed on its own copy to observe the boot (EMS ...)."""
+    out = f'<div class="time">evidence: {esc(", ".join(map(str, r.evidence)))}</div>' if r.evidence else ""
+    setup = r.lab_setup if isinstance(r.lab_setup, dict) else {}
+    if setup:
+        items = "".join(f"<li>{esc(k)}: {esc(_words(v))}</li>" for k, v in setup.items())
+        out += f'<details><summary>lab setup</summary><ul class="rules">{items}</ul></details>'
+    return out
+
+
 def cell_html(r: CellResult, art: Artifacts, id_prefix: str = "") -> str:
     stop = f'<div class="stop">{esc(stop_text(r))}</div>' if r.stop_code is not None else ""
     host = f'<div class="time">on {esc(r.host)}</div>' if r.host else ""
@@ -198,7 +217,7 @@ def cell_html(r: CellResult, art: Artifacts, id_prefix: str = "") -> str:
         f'<span class="word">{esc(STATUS_WORDS.get(r.verdict, r.verdict))}</span>'
         f'<span class="proof">{esc(r.proof)}</span>'
         f"{stop}{_reason(r)}{known}"
-        f'<div class="time">{_seconds(r)}</div>{host}'
+        f'<div class="time">{_seconds(r)}</div>{host}{_lab_setup(r)}'
         f"{_thumb(r, art)}{_rules(r)}{_links(r, art)}</td>"
     )
 

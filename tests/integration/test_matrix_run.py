@@ -124,7 +124,9 @@ def test_matrix_reports(matrix_run):
     assert {s.get("name") for s in root.findall("testsuite")} == {"itest.win2019", "itest.win2022", "itest.hibernated",
                                                                   "itest.debian"}
     md = (out / "summary.md").read_text()
-    assert "| win2019 | PASS | PASS | - | - |" in md and "| hibernated | FAIL | SOFTFAIL | - | - |" in md
+    assert "| win2019 | static verify | PASS | PASS | - | - |" in md
+    assert "| hibernated | static verify | FAIL | SOFTFAIL | - | - |" in md
+    assert "| debian | real boot | PASS | - | - | - |" in md and "Proof: 1 real boot, 6 static verify." in md
     # report rebuilds the same files from results.json alone
     again = tmp / "again"
     subprocess.run([sys.executable, "-m", "h2k", "matrix", "report", str(out / "results.json"), "-o", str(again)],

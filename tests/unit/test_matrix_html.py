@@ -85,6 +85,8 @@ def run_dir(tmp: Path, runner_root: Path | None = None) -> tuple[RunResults, Pat
                 {"rule": "binding", "subject": "viostor", "passed": False, "reason": HOSTILE}]}]
         results.append(r)
     results[1].reason = HOSTILE
+    results[0].evidence = ["agent", "login"]
+    results[0].lab_setup = {"ems": "EMS on COM1 in the lab's copy", "success": [["agent", "login"], [HOSTILE]]}
     run = RunResults(matrix="nightly", cells=results, started="2026-11-26T01:00:00+00:00",
                      finished="2026-11-26T02:00:00+00:00",
                      extra={"prepared": {"win2019.vw": {"seconds": 31.5, "ok": True, "info": {"fix": "12 changes"}},
@@ -114,6 +116,8 @@ def test_page_is_self_contained_and_escapes_what_a_guest_controls(tmp_path):
     hrefs = [a["href"] for a in page.tags("a") if not a["href"].startswith("#")]
     assert hrefs and all(h.startswith("./cells/") and (out / h).is_file() for h in hrefs)
     assert "bootstrap/screen.png (missing)" in text
+    assert "evidence: agent, login" in text and "ems: EMS on COM1 in the lab&#x27;s copy" in text
+    assert "success: agent + login or &lt;/td&gt;" in text
     assert len(text) < 3000 * len(run.cells)  # small: screens are linked, not inlined
 
 
