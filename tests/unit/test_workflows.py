@@ -122,6 +122,13 @@ def test_driver_gate_pack_file_has_what_the_workflow_reads():
     assert pack["path"] and isinstance(pack["version"], str)
 
 
+def _matrix_argv(cmd: str) -> list[str]:
+    """An 'h2k matrix ...' workflow line as argv from 'matrix' on (expressions and shell arrays stubbed)."""
+    words = shlex.split(re.sub(r"\$\{\{[^}]*\}\}", "X", cmd).replace('"${only[@]}"', "")
+                        .replace('"${version[@]}"', "").replace("|| true", ""))
+    return words[words.index("matrix"):]
+
+
 def test_matrix_commands_in_workflows_parse():
     """Every 'h2k matrix ...' line in a workflow is accepted by h2k's own argument parser."""
     from h2k.cli import build_parser
@@ -129,9 +136,7 @@ def test_matrix_commands_in_workflows_parse():
     parser = build_parser()
     for path in WORKFLOWS:
         for cmd in _h2k_commands(load(path)):
-            words = shlex.split(re.sub(r"\$\{\{[^}]*\}\}", "X", cmd).replace('"${only[@]}"', "")
-                                .replace('"${version[@]}"', "").replace("|| true", ""))
-            words = words[words.index("matrix"):]
+            words = _matrix_argv(cmd)
             args = parser.parse_args(words)
             if hasattr(args, "matrix") and isinstance(args.matrix, str) and not args.matrix.startswith("$"):
                 assert (ROOT / args.matrix).exists(), args.matrix
@@ -139,9 +144,7 @@ def test_matrix_commands_in_workflows_parse():
 
 def _outputs(cmd: str) -> list[str]:
     """The HTML reports an 'h2k matrix ...' line writes (run/report: <out>/report.html; gate: --html)."""
-    words = shlex.split(re.sub(r"\$\{\{[^}]*\}\}", "X", cmd).replace('"${only[@]}"', "")
-                        .replace('"${version[@]}"', "").replace("|| true", ""))
-    words = words[words.index("matrix"):]
+    words = _matrix_argv(cmd)
     from h2k.cli import build_parser
 
     args = build_parser().parse_args(words)
