@@ -94,17 +94,21 @@ class Artifacts:
         self.root_for = root_for
 
     def locate(self, cell_id: str, path: str) -> Path | None:
+        """The file now, or None. Only files inside the run's folder: a results file names paths,
+        and a tampered one must not make the page point people at other files of the host."""
         p = Path(path)
-        root = Path(self.root_for(cell_id))
+        root = Path(self.root_for(cell_id)).resolve()
         parts = p.parts
+        candidates = []
         if "cells" in parts:  # the run's layout: <out>/cells/<id>/...; the folder may have moved
             i = len(parts) - 1 - parts[::-1].index("cells")
-            moved = root.joinpath(*parts[i:])
-            if moved.is_file():
-                return moved
-        if not p.is_absolute():
-            p = root / p
-        return p if p.is_file() else None
+            candidates.append(root.joinpath(*parts[i:]))
+        candidates.append(p if p.is_absolute() else root / p)
+        for c in candidates:
+            c = c.resolve()
+            if c.is_file() and c.is_relative_to(root):
+                return c
+        return None
 
     def href(self, cell_id: str, path: str) -> str | None:
         found = self.locate(cell_id, path)

@@ -116,6 +116,13 @@ def test_page_is_self_contained_and_escapes_what_a_guest_controls(tmp_path):
     hrefs = [a["href"] for a in page.tags("a") if not a["href"].startswith("#")]
     assert hrefs and all(h.startswith("./cells/") and (out / h).is_file() for h in hrefs)
     assert "bootstrap/screen.png (missing)" in text
+    # a results file naming a host file outside the run's folder gets no link to it
+    outside = tmp_path / "secret.txt"
+    outside.write_text("x")
+    art = Artifacts(out, lambda _: out)
+    assert art.href(run.cells[0].id, str(outside)) is None
+    assert art.href(run.cells[0].id, str(out / "cells" / ".." / ".." / "secret.txt")) is None
+    assert art.href(run.cells[0].id, run.cells[0].artifacts["verdict.json"]).startswith("./cells/")
     assert "evidence: agent, login" in text and "ems: EMS on COM1 in the lab&#x27;s copy" in text
     assert "success: agent + login or &lt;/td&gt;" in text
     assert len(text) < 3000 * len(run.cells)  # small: screens are linked, not inlined
