@@ -225,3 +225,27 @@ def test_demo_puts_its_runs_on_one_page(tmp_path):
     hrefs = [a["href"] for a in Elements(text).tags("a") if not a["href"].startswith("#")]
     assert any(h.startswith("./a/out/cells/") for h in hrefs) and any(h.startswith("./b/out/cells/") for h in hrefs)
     assert all((tmp_path / h).is_file() for h in hrefs)
+
+
+def test_demo_ends_by_printing_its_report(tmp_path, monkeypatch, capsys):
+    """`make demo` (h2k demo): whatever the verdicts, the last line names the one report.html."""
+    import argparse
+
+    from matrix import demo
+
+    def fake_run_matrix(stage, out_root, jobs):  # the three matrix runs, as their output folders
+        run, out = run_dir(out_root / f"{stage.out}-src")
+        for r in run.cells:  # the lab decodes consoles with errors="replace": no lone surrogates in its runs
+            r.reason = r.reason.replace("\udc80", "")
+        write_all(run, out_root / stage.out)
+        shutil.rmtree(out_root / stage.out / "cells", ignore_errors=True)
+        shutil.copytree(out / "cells", out_root / stage.out / "cells")
+        return out_root / stage.out / "results.json"
+
+    monkeypatch.setattr(demo, "_run_matrix", fake_run_matrix)
+    monkeypatch.setattr(demo.accel, "decide", lambda announce=False: argparse.Namespace(describe=lambda: "tcg"))
+    rc = demo.run(argparse.Namespace(out=str(tmp_path / "demo"), jobs=None))
+    assert rc == 1  # these stand-in runs do not hold the demo's proof
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"h2k demo: report: {(tmp_path / 'demo' / 'report.html').resolve()}"
+    assert len(cells_in((tmp_path / "demo" / "report.html").read_text())) == 3 * 20
