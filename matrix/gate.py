@@ -29,8 +29,6 @@ class Change:
     candidate: str | None  # verdict, None = missing from the candidate
     kind: str  # regression | incomparable | fixed | new | dropped | changed | same
     detail: str = ""
-    baseline_proof: str | None = None  # model.PROOF_MODES
-    candidate_proof: str | None = None
 
     @property
     def regression(self) -> bool:
@@ -71,8 +69,7 @@ def compare(baseline: RunResults, candidate: RunResults) -> list[Change]:
         if b is not None and c is not None and b.proof != c.proof:
             kind = "incomparable"  # never weigh a static verify against a real boot
             detail = f"proof mode differs: baseline {b.proof}, candidate {c.proof}"
-        out.append(Change(cid, b.verdict if b else None, c.verdict if c else None, kind, detail.strip(),
-                          b.proof if b else None, c.proof if c else None))
+        out.append(Change(cid, b.verdict if b else None, c.verdict if c else None, kind, detail.strip()))
     return out
 
 
