@@ -1,0 +1,118 @@
+"""What the libvirt backend reads through libvirt streams: the serial console and the screen.
+
+Neither needs a file or socket on the libvirt host to be reachable from the lab:
+
+- ``ConsoleStream``: COM1 (a pty on the host) through ``virDomainOpenConsole``, read on
+  libvirt's event-loop thread from a non-blocking stream, teed to the local
+  ``serial.log`` and fed to the same ``ConsoleScanner`` (and callback) as the direct
+  backend's ``SocketWatcher``.
+- ``screenshot``: ``virDomainScreenshot`` of the first head, fetched over a stream
+  (PNG from QEMU >= 7.1; older hosts send PPM).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import libvirt
+
+from lab.console import ConsoleEvent, ConsoleScanner
+
+_IO_EVENTS = libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
+SCREEN_NAMES = {"image/png": "screen.png", "image/x-portable-pixmap": "screen.ppm"}
+
+
+class ConsoleStream:
+    """The domain's console over a libvirt stream. The event loop (``virEventRegisterDefaultImpl``)
+    must be running; open it while the domain is paused so no output is missed."""
+
+    def __init__(self, conn: "libvirt.virConnect", dom: "libvirt.virDomain", scanner: ConsoleScanner,
+                 on_event: Callable[[ConsoleEvent], None], tee: Path) -> None:
+        self.conn = conn
+        self.dom = dom
+        self.scanner = scanner
+        self.on_event = on_event
+        self.tee = tee
+        self.bytes_read = 0
+        self._stream: "libvirt.virStream | None" = None
+        self._fh: Any = None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+
+    def start(self) -> None:
+        self._fh = open(self.tee, "ab")
+        self._stream = self.conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+        # FORCE: a console session someone left open on the host must not keep us out.
+        self.dom.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        self._stream.eventAddCallback(_IO_EVENTS, self._on_io, None)
+
+    def _on_io(self, stream: "libvirt.virStream", events: int, opaque: Any) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                return
+            if events & libvirt.VIR_STREAM_EVENT_READABLE:
+                while True:
+                    try:
+                        data = stream.recv(65536)
+                    except libvirt.libvirtError:
+                        self._close(abort=True)
+                        return
+                    if data == -2:  # nothing more for now
+                        break
+                    if not data:  # end of stream: the domain is gone
+                        self._close(abort=False)
+                        return
+                    self._consume(data)
+            if events & (libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP):
+                self._close(abort=True)
+
+    def _consume(self, data: bytes) -> None:
+        self.bytes_read += len(data)
+        self._fh.write(data)
+        self._fh.flush()
+        for ev in self.scanner.feed(data):
+            self.on_event(ev)
+
+    def _close(self, abort: bool) -> None:
+        # Called with the lock held, once.
+        self._closed.set()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            for call in (stream.eventRemoveCallback, stream.abort if abort else stream.finish):
+                try:
+                    call()
+                except libvirt.libvirtError:
+                    pass
+        for ev in self.scanner.finish():
+            self.on_event(ev)
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def wait_closed(self, timeout: float) -> bool:
+        """True once the stream has ended (the domain is gone and the last bytes are read)."""
+        return self._closed.wait(timeout)
+
+    def stop(self) -> None:
+        with self._lock:
+            if not self._closed.is_set():
+                self._close(abort=True)
+
+
+def screenshot(conn: "libvirt.virConnect", dom: "libvirt.virDomain") -> tuple[bytes, str]:
+    """The screen of head 0 and its MIME type."""
+    stream = conn.newStream(0)
+    buf = bytearray()
+    try:
+        mime = dom.screenshot(stream, 0, 0)
+        stream.recvAll(lambda st, data, acc: acc.extend(data) or len(data), buf)
+        stream.finish()
+    except BaseException:
+        try:
+            stream.abort()
+        except libvirt.libvirtError:
+            pass
+        raise
+    return bytes(buf), mime
