@@ -327,7 +327,7 @@ class LibvirtBoot:
             extra = self._evidence(decision)
         finally:
             t0 = time.monotonic()
-            self._teardown()
+            self.teardown()
             self.timings["teardown"] = round(time.monotonic() - t0, 4)
         agent_data = dict(self.agent_checker.result) if self.agent_checker else {}
         if decision.data.get("machine_info"):
@@ -355,30 +355,7 @@ class LibvirtBoot:
     # -- start ---------------------------------------------------------------
     def _start(self, accel: accelmod.AccelDecision) -> None:
         t0 = time.monotonic()
-        ensure_event_loop()
-        _quiet_libvirt_errors()
-        self.workdir = backend_qemu.make_workdir()  # the lab's side: agent bridge socket, a flattened disk
-        with _live_lock:
-            _live[self.tag] = self
-        try:
-            self.conn = libvirt.open(self.uri)
-        except libvirt.libvirtError as exc:
-            raise H2KError(f"cannot connect to libvirt at {self.uri}: {_one_line(exc)}") from None
-        self.volumes = libvirt_storage.BootVolumes(self.conn, self.tag)
-        self.host = self._upload(self.volumes)
-        self.timings["upload"] = round(time.monotonic() - t0, 4)
-        self.timings["upload_mb"] = round(self.volumes.bytes_sent / 2**20, 1)
-
-        xml = libvirt_xml.domain_xml(self.host.profile, self.host.files, libvirt_xml.XmlOptions(
-            domain_type=accel.libvirt_domain_type(), lab=True, firmware_autoselect=True))
-        (self.outdir / "domain.xml").write_text(xml)
-        self._qmp_log = open(self.outdir / "qmp.jsonl", "a", buffering=1)
-        flags = libvirt.VIR_DOMAIN_START_PAUSED | libvirt.VIR_DOMAIN_START_AUTODESTROY
-        dom = self.conn.createXML(xml, flags)
-        self.dom = dom
-        self._note_event("created paused")
-        # What the host runs, with the paths and QEMU user it chose.
-        (self.outdir / "domain.live.xml").write_text(dom.XMLDesc(0))
+        dom = self.create_paused(accel)
         # Paused: nothing has run yet, so registering now misses no event or console byte.
         cid = libvirt_qemu.qemuMonitorEventRegister(self.conn, dom, None, self._on_qmp_event, None, 0)
         self._callbacks.append(("qemu", cid))
@@ -390,11 +367,57 @@ class LibvirtBoot:
                                          self.bus.console_listener("console"), self.outdir / "serial.log")
             self.console.start()
         if self.profile.guest_agent:
+            assert self.workdir is not None
             self.bridge = AgentBridge(self.workdir / "agent.sock", dom)
             self.bridge.start()
         dom.resume()
         self.timings["_t_cont"] = time.monotonic()
         self.timings["lab_start"] = round(time.monotonic() - t0, 4)
+
+    def create_paused(self, accel: accelmod.AccelDecision) -> "libvirt.virDomain":
+        """Connect, upload the boot's files and create the domain paused (no guest code has run)."""
+        t0 = time.monotonic()
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        ensure_event_loop()
+        _quiet_libvirt_errors()
+        self.workdir = backend_qemu.make_workdir()  # the lab's side: agent bridge socket, a flattened disk
+        with _live_lock:
+            _live[self.tag] = self
+        try:
+            self.conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            raise H2KError(f"cannot connect to libvirt at {self.uri}: {_one_line(exc)}") from None
+        self.volumes = libvirt_storage.BootVolumes(self.conn, self.tag)
+        self.host = self._upload(self.volumes)
+        for local, name, size in self.volumes.uploads:
+            self._note_event(f"uploaded {local} ({size} bytes) as volume {name}")
+        self.timings["upload"] = round(time.monotonic() - t0, 4)
+        self.timings["upload_mb"] = round(self.volumes.bytes_sent / 2**20, 1)
+
+        xml = libvirt_xml.domain_xml(self.host.profile, self.host.files, libvirt_xml.XmlOptions(
+            domain_type=self._domain_type(accel), lab=True, firmware_autoselect=True))
+        (self.outdir / "domain.xml").write_text(xml)
+        self._qmp_log = open(self.outdir / "qmp.jsonl", "a", buffering=1)
+        flags = libvirt.VIR_DOMAIN_START_PAUSED | libvirt.VIR_DOMAIN_START_AUTODESTROY
+        dom = self.conn.createXML(xml, flags)
+        self.dom = dom
+        self._note_event("created paused")
+        # What the host runs, with the paths and QEMU user it chose.
+        (self.outdir / "domain.live.xml").write_text(dom.XMLDesc(0))
+        return dom
+
+    def _domain_type(self, accel: accelmod.AccelDecision) -> str:
+        """KVM only when this machine's accel decision says so and the host offers it too."""
+        assert self.conn is not None
+        wanted = accel.libvirt_domain_type()
+        if wanted != "kvm":
+            return wanted
+        try:
+            self.conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
+        except libvirt.libvirtError as exc:
+            self._note_event(f"the host offers no KVM ({_one_line(exc)}): domain type qemu (TCG)")
+            return "qemu"
+        return "kvm"
 
     def _upload(self, vols: libvirt_storage.BootVolumes) -> HostSide:
         """Every file the domain reads, into the host's pool; the XML then names only host paths."""
@@ -406,6 +429,8 @@ class LibvirtBoot:
             shape = libvirt_storage.image_shape(src)
             if libvirt_storage.needs_flattening(shape):
                 src = libvirt_storage.flatten(src, self.workdir / "disk.qcow2")
+                self._note_event(f"flattened {self.image} ({shape.format}, {shape.chain} image(s) in its chain) "
+                                 "to one qcow2 for the upload")
             else:
                 fmt = shape.format
             disk = vols.upload(src, f"disk.{fmt}")
@@ -516,7 +541,8 @@ class LibvirtBoot:
         return reason == "guest-shutdown", f"{how}, SHUTDOWN reason {reason}"
 
     # -- teardown ------------------------------------------------------------
-    def _teardown(self) -> None:
+    def teardown(self) -> None:
+        """Destroy the domain, fetch the NVRAM, delete the volumes and the local temp dir."""
         self._tearing_down.set()
         if self.agent_checker is not None:
             self.agent_checker.stop()
@@ -524,14 +550,14 @@ class LibvirtBoot:
                 self.agent_checker.client.close()
         if self.bridge is not None:
             self.bridge.stop()
+        if self.console is not None:
+            # Before the destroy: closing a console while the host tears its domain down can hang.
+            self.console.close(domain_running=self._active())
         if self.dom is not None:
             try:
                 self.dom.destroy()
             except libvirt.libvirtError:
                 pass  # already gone (reboot, poweroff)
-        if self.console is not None:
-            self.console.wait_closed(2.0)  # the pty's last bytes, then end of stream
-            self.console.stop()
         self._fetch_nvram()
         self.release_host_side()
         with self._qmp_lock:

@@ -146,6 +146,7 @@ class BootVolumes:
         self.pool = ensure_pool(conn, pool_name, pool_path)
         self.dir = pool_dir(self.pool)
         self.names: list[str] = []  # volumes this boot made (or had libvirt make), to delete
+        self.uploads: list[tuple[str, str, int]] = []  # (local file, volume, bytes)
         self.bytes_sent = 0
 
     def name(self, role: str) -> str:
@@ -180,6 +181,7 @@ class BootVolumes:
                 pass
             raise
         self.bytes_sent += size
+        self.uploads.append((str(local), name, size))
         return name
 
     def expect(self, role: str) -> str:

@@ -24,9 +24,31 @@ _IO_EVENTS = libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_ERROR 
 SCREEN_NAMES = {"image/png": "screen.png", "image/x-portable-pixmap": "screen.ppm"}
 
 
+def call_on_event_loop(fn: Callable[[], None], timeout: float) -> bool:
+    """Run ``fn`` on libvirt's event-loop thread (where the stream callbacks run) and wait for it.
+    False if it did not finish within ``timeout`` seconds."""
+    done = threading.Event()
+
+    def tick(timer: int, opaque: Any) -> None:
+        libvirt.virEventRemoveTimeout(timer)
+        try:
+            fn()
+        finally:
+            done.set()
+
+    libvirt.virEventAddTimeout(0, tick, None)
+    return done.wait(timeout)
+
+
 class ConsoleStream:
     """The domain's console over a libvirt stream. The event loop (``virEventRegisterDefaultImpl``)
-    must be running; open it while the domain is paused so no output is missed."""
+    must be running; open it while the domain is paused so no output is missed.
+
+    Every stream operation after the start runs on the event-loop thread, and the stream is
+    closed while the domain still runs (``close`` before ``virDomainDestroy``): a console stream
+    finished or aborted while the host tears the domain down can hang the client or libvirtd.
+    At the end of the stream (the guest powered off or reset) nothing is sent to the host.
+    """
 
     def __init__(self, conn: "libvirt.virConnect", dom: "libvirt.virDomain", scanner: ConsoleScanner,
                  on_event: Callable[[ConsoleEvent], None], tee: Path) -> None:
@@ -38,7 +60,6 @@ class ConsoleStream:
         self.bytes_read = 0
         self._stream: "libvirt.virStream | None" = None
         self._fh: Any = None
-        self._lock = threading.Lock()
         self._closed = threading.Event()
 
     def start(self) -> None:
@@ -48,25 +69,25 @@ class ConsoleStream:
         self.dom.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
         self._stream.eventAddCallback(_IO_EVENTS, self._on_io, None)
 
+    # -- on the event-loop thread ------------------------------------------
     def _on_io(self, stream: "libvirt.virStream", events: int, opaque: Any) -> None:
-        with self._lock:
-            if self._closed.is_set():
-                return
-            if events & libvirt.VIR_STREAM_EVENT_READABLE:
-                while True:
-                    try:
-                        data = stream.recv(65536)
-                    except libvirt.libvirtError:
-                        self._close(abort=True)
-                        return
-                    if data == -2:  # nothing more for now
-                        break
-                    if not data:  # end of stream: the domain is gone
-                        self._close(abort=False)
-                        return
-                    self._consume(data)
-            if events & (libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP):
-                self._close(abort=True)
+        if self._closed.is_set():
+            return
+        if events & libvirt.VIR_STREAM_EVENT_READABLE:
+            while True:
+                try:
+                    data = stream.recv(65536)
+                except libvirt.libvirtError:
+                    self._close(abort=False)  # the host ended it with an error: nothing to tell it
+                    return
+                if data == -2:  # nothing more for now
+                    break
+                if not data:  # end of stream: the domain is gone
+                    self._close(abort=False)
+                    return
+                self._consume(data)
+        if events & (libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP):
+            self._close(abort=False)
 
     def _consume(self, data: bytes) -> None:
         self.bytes_read += len(data)
@@ -76,13 +97,17 @@ class ConsoleStream:
             self.on_event(ev)
 
     def _close(self, abort: bool) -> None:
-        # Called with the lock held, once.
-        self._closed.set()
+        if self._closed.is_set():
+            return
         stream, self._stream = self._stream, None
         if stream is not None:
-            for call in (stream.eventRemoveCallback, stream.abort if abort else stream.finish):
+            try:
+                stream.eventRemoveCallback()
+            except libvirt.libvirtError:
+                pass
+            if abort:
                 try:
-                    call()
+                    stream.abort()
                 except libvirt.libvirtError:
                     pass
         for ev in self.scanner.finish():
@@ -90,15 +115,22 @@ class ConsoleStream:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        self._closed.set()
 
+    # -- from the boot's thread ----------------------------------------------
     def wait_closed(self, timeout: float) -> bool:
-        """True once the stream has ended (the domain is gone and the last bytes are read)."""
+        """True once the stream has ended (the domain stopped and the last bytes are read)."""
         return self._closed.wait(timeout)
 
-    def stop(self) -> None:
-        with self._lock:
-            if not self._closed.is_set():
-                self._close(abort=True)
+    def close(self, domain_running: bool, timeout: float = 10.0) -> None:
+        """While the domain runs: abort the stream (on the event loop). After it stopped: wait
+        for the end of the stream, and if it does not come, only stop listening."""
+        if self._closed.is_set():
+            return
+        if domain_running:
+            call_on_event_loop(lambda: self._close(abort=True), timeout)
+        elif not self.wait_closed(timeout):
+            call_on_event_loop(lambda: self._close(abort=False), timeout)
 
 
 def screenshot(conn: "libvirt.virConnect", dom: "libvirt.virDomain") -> tuple[bytes, str]:

@@ -5,7 +5,8 @@ reach through the file system, so ``LibvirtDaemons`` starts ``virtlogd`` and
 ``libvirtd`` in a mount namespace of their own (``unshare --mount``):
 
 - its own ``/etc/libvirt`` (a ``libvirtd.conf`` that listens on 127.0.0.1:PORT over
-  plain TCP, ``auth_tcp = "none"``), ``/var/lib/libvirt`` (storage pools, QEMU's
+  plain TCP, ``auth_tcp = "none"``; a ``qemu.conf`` with the distribution's defaults but
+  for the devices cgroup, see ``QEMU_CONF``), ``/var/lib/libvirt`` (storage pools, QEMU's
   home), ``/var/cache/libvirt``, ``/var/log/libvirt`` (QEMU's logs), an empty
   ``/run`` and ``/var/log``, and a private swtpm CA directory — all under one
   temp dir of the caller's;
@@ -15,8 +16,8 @@ reach through the file system, so ``LibvirtDaemons`` starts ``virtlogd`` and
 
 The lab reaches it only as ``qemu+tcp://127.0.0.1:PORT/system``, like a remote host.
 QEMU runs as the daemon's own unprivileged user (``libvirt-qemu`` on Debian).
-``stop()`` destroys what is left running, ends the processes of the namespace by pid
-(the two daemons first; then any QEMU/swtpm they started), and removes the temp dir.
+``stop()`` destroys what is left running, ends the two daemons by pid (then any QEMU or
+swtpm they started and left, by the pids in their pidfiles), and removes the temp dir.
 Several of these can run side by side (separate namespaces, ports and directories).
 
 The TCP socket takes no authentication: any local user can use this daemon while it
@@ -33,6 +34,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +150,12 @@ def libvirtd_conf(port: int) -> str:
     )
 
 
+# The QEMU driver's defaults (QEMU as libvirt-qemu, DAC relabelling, a mount namespace per
+# QEMU), except the devices cgroup: its BPF program fails to load now and then on this
+# kernel ("failed to load cgroup BPF prog: Resource temporarily unavailable").
+QEMU_CONF = 'cgroup_controllers = [ "cpu", "cpuacct", "cpuset", "memory", "blkio" ]\n'
+
+
 @dataclass
 class LibvirtDaemons:
     """A private, file-system-isolated libvirtd reached over loopback TCP. start()/stop() or a context manager."""
@@ -158,7 +166,6 @@ class LibvirtDaemons:
     started_pids: dict[str, int] = field(default_factory=dict)
     _own_base: bool = False
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-    _mntns: str | None = None
 
     # Daemon-side directories, seen from the lab (for the tests' own checks, never for the backend).
     @property
@@ -196,8 +203,8 @@ class LibvirtDaemons:
         ns = self._spawn("virtlogd", ["unshare", "--mount", "--propagation", "private",
                                       "sh", "-c", namespace_script(self.base, hidden_paths())])
         _wait(lambda: _answers_unix(f"/proc/{ns}/root/run/libvirt/virtlogd-sock"), ns, deadline, "virtlogd")
-        self._mntns = os.readlink(f"/proc/{ns}/ns/mnt")
 
+        (self.base / "etc" / "qemu.conf").write_text(QEMU_CONF)
         for _ in range(3):  # the port is free when picked; another process may take it first
             self.port = _free_port()
             (self.base / "etc" / "libvirtd.conf").write_text(libvirtd_conf(self.port))
@@ -241,55 +248,79 @@ class LibvirtDaemons:
                 proc.kill()
                 proc.wait()
 
-    def namespace_pids(self) -> list[int]:
-        """Processes living in the daemons' mount namespace (the daemons, their QEMUs and swtpms)."""
-        if self._mntns is None:
-            return []
+    def host_path(self, path: str) -> Path:
+        """A path as the daemons see it (e.g. in their private /run), reached through /proc."""
+        pid = self.started_pids.get("virtlogd")
+        if pid is None:
+            raise H2KError("the private libvirtd is not running")
+        return Path(f"/proc/{pid}/root{path}")
+
+    def child_pids(self) -> list[int]:
+        """Processes the daemon started and still runs (QEMU, swtpm), from its own pidfiles."""
         out = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    if os.readlink(f"/proc/{entry}/ns/mnt") == self._mntns and _pid_alive(int(entry)):
-                        out.append(int(entry))
-                except OSError:
-                    continue
+        try:
+            files = list(self.host_path("/run/libvirt/qemu").rglob("*.pid"))
+        except (OSError, H2KError):
+            return []
+        for f in files:
+            try:
+                pid = int(f.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if _pid_alive(pid):
+                out.append(pid)
         return out
 
     def stop(self, timeout: float = 15.0) -> None:
         """Destroy running domains, SIGTERM the daemons (libvirtd first), end what they left, remove the dirs."""
         if self.uri and "libvirtd" in self._procs:
             self._destroy_domains()
+        # A QEMU or swtpm the daemon did not get to end would outlive it: ended by its pid
+        # (read from the daemon's pidfiles before the daemons, and their /run, go away).
+        left = self.child_pids()
         for name in STOP_ORDER:
             self._stop_one(name, timeout)
-        # Anything still in the namespace was started by these daemons (a QEMU libvirtd did not
-        # get to destroy): end it by pid, or the namespace and its directories would live on.
-        for pid in self.namespace_pids():
+        for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self._mntns = None
         if self._own_base and self.base is not None:
+            self._keep_logs()
             shutil.rmtree(self.base, ignore_errors=True)
         self.uri = ""
 
-    def _destroy_domains(self) -> None:
-        try:
-            import libvirt
-        except ImportError:
+    def _destroy_domains(self, timeout: float = 30.0) -> None:
+        import libvirt
+
+        def destroy_all() -> None:
+            try:
+                conn = libvirt.open(self.uri)
+            except libvirt.libvirtError:
+                return
+            try:
+                for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                    try:
+                        dom.destroy()
+                    except libvirt.libvirtError:
+                        pass
+            finally:
+                conn.close()
+
+        # A wedged daemon never answers: do not let it keep the stop (and the test run) waiting.
+        t = threading.Thread(target=destroy_all, name="libvirtd-destroy-all", daemon=True)
+        t.start()
+        t.join(timeout)
+
+    def _keep_logs(self) -> None:
+        """With H2K_LIBVIRTD_LOGS=DIR, the daemons' logs (and QEMU's) are copied there before removal."""
+        dest = os.environ.get("H2K_LIBVIRTD_LOGS")
+        if not dest or self.base is None:
             return
-        try:
-            conn = libvirt.open(self.uri)
-        except libvirt.libvirtError:
-            return
-        try:
-            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-                try:
-                    dom.destroy()
-                except libvirt.libvirtError:
-                    pass
-        finally:
-            conn.close()
+        target = Path(dest) / f"libvirtd-{self.port}-{int(time.time())}"
+        shutil.copytree(self.base / "log", target, dirs_exist_ok=True, ignore_dangling_symlinks=True)
+        for out in self.base.glob("*.out"):
+            shutil.copy(out, target / out.name)
 
     def __enter__(self) -> "LibvirtDaemons":
         self.start()
