@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 import libvirt
 
 from h2k.errors import H2KError, InputError
+from lab.libvirt_streams import blocking_stream
 
 POOL_NAME = "h2k"
 POOL_PATH = "/var/lib/libvirt/images/h2k"
@@ -168,18 +169,10 @@ class BootVolumes:
         ET.SubElement(ET.SubElement(vol_xml, "target"), "format", type="raw")
         vol = self.pool.createXML(ET.tostring(vol_xml, encoding="unicode"), 0)
         self.names.append(name)
-        stream = self.conn.newStream(0)
-        try:
+        with blocking_stream(self.conn) as stream:
             vol.upload(stream, 0, size, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM)
             with open(local, "rb", buffering=0) as fh:  # unbuffered: _hole moves the fd's offset itself
                 stream.sparseSendAll(_read, _hole, _skip, fh)
-            stream.finish()
-        except BaseException:
-            try:
-                stream.abort()
-            except libvirt.libvirtError:
-                pass
-            raise
         self.bytes_sent += size
         self.uploads.append((str(local), name, size))
         return name
@@ -195,20 +188,14 @@ class BootVolumes:
         self.pool.refresh(0)  # a file libvirt made in the pool's directory becomes a volume
         vol = self.pool.storageVolLookupByName(name)
         tmp = local.with_name(local.name + ".h2k-part")
-        stream = self.conn.newStream(0)
         try:
-            vol.download(stream, 0, 0, 0)
-            with open(tmp, "wb") as fh:
-                stream.recvAll(_sink, fh)
-            stream.finish()
+            with blocking_stream(self.conn) as stream:
+                vol.download(stream, 0, 0, 0)
+                with open(tmp, "wb") as fh:
+                    stream.recvAll(_sink, fh)
             os.replace(tmp, local)
-        except BaseException:
-            try:
-                stream.abort()
-            except libvirt.libvirtError:
-                pass
+        finally:
             tmp.unlink(missing_ok=True)
-            raise
 
     def delete_all(self) -> list[str]:
         """Delete every volume of this boot; returns the names that could not be deleted."""

@@ -12,9 +12,10 @@ Neither needs a file or socket on the libvirt host to be reachable from the lab:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import libvirt
 
@@ -133,18 +134,25 @@ class ConsoleStream:
             call_on_event_loop(lambda: self._close(abort=False), timeout)
 
 
-def screenshot(conn: "libvirt.virConnect", dom: "libvirt.virDomain") -> tuple[bytes, str]:
-    """The screen of head 0 and its MIME type."""
+@contextlib.contextmanager
+def blocking_stream(conn: "libvirt.virConnect") -> Iterator["libvirt.virStream"]:
+    """A blocking stream for one whole transfer: finished when the block ends, aborted if it raises."""
     stream = conn.newStream(0)
-    buf = bytearray()
     try:
-        mime = dom.screenshot(stream, 0, 0)
-        stream.recvAll(lambda st, data, acc: acc.extend(data) or len(data), buf)
-        stream.finish()
+        yield stream
     except BaseException:
         try:
             stream.abort()
         except libvirt.libvirtError:
             pass
         raise
+    stream.finish()
+
+
+def screenshot(conn: "libvirt.virConnect", dom: "libvirt.virDomain") -> tuple[bytes, str]:
+    """The screen of head 0 and its MIME type."""
+    buf = bytearray()
+    with blocking_stream(conn) as stream:
+        mime = dom.screenshot(stream, 0, 0)
+        stream.recvAll(lambda st, data, acc: acc.extend(data) or len(data), buf)
     return bytes(buf), mime
