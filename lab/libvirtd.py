@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -104,7 +105,7 @@ def hidden_paths() -> list[str]:
 
 def namespace_script(base: Path, hide: list[str]) -> str:
     """The shell run inside the new mount namespace before it execs virtlogd."""
-    q = _quote
+    q = shlex.quote
     lines = [
         "set -e",
         # Private /run and /var/log (virtlogd/libvirtd sockets, pidfiles, swtpm logs).
@@ -131,10 +132,6 @@ def _uid(user: str) -> int:
         return pwd.getpwnam(user).pw_uid
     except KeyError:
         return 0
-
-
-def _quote(s: str) -> str:
-    return "'" + s.replace("'", "'\"'\"'") + "'"
 
 
 def libvirtd_conf(port: int) -> str:

@@ -57,6 +57,9 @@ def sha256(path: Path) -> str:
 
 def test_uploads_are_exact_sparse_and_flattened(hosts, tmp_path) -> None:
     host = hosts[0]
+    # The host cannot see the runner's files (seen through /proc/<daemon>/root: its own view).
+    for path in (tmp_path, Path(__file__)):
+        assert path.exists() and not host.host_path(str(path)).exists(), path
     # A sparse raw file: 48 MiB with three islands of data (start, middle, unaligned tail).
     raw = tmp_path / "sparse.raw"
     with open(raw, "wb") as fh:
@@ -131,7 +134,8 @@ def test_matrix_run_spreads_cells_over_two_hosts(hosts, tmp_path) -> None:
     results = {c["id"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
     passed = results["tiny-pass.bios.virtio-blk.virtio-net"]
     panicked = results["tiny-panic.bios.virtio-blk.virtio-net"]
-    assert passed["verdict"] == "passed" and "H2K-BOOT-OK" in passed["reason"], passed
+    # Passed on the matrix's Linux evidence (whichever came first: the agent through libvirt, the marker).
+    assert passed["verdict"] == "passed" and passed["evidence"], passed
     assert panicked["verdict"] == "failed" and "guest panicked (pvpanic GUEST_PANICKED" in panicked["reason"], panicked
     # One cell per host, and each host really ran it: its own QEMU log names that cell's domain.
     assert sorted(c["host"] for c in results.values()) == sorted(uris)
@@ -143,8 +147,10 @@ def test_matrix_run_spreads_cells_over_two_hosts(hosts, tmp_path) -> None:
         logs = sorted(p.name for p in host.qemu_log_dir.glob("h2k-*.log"))
         assert logs == [f"{name}.log"], (cell["id"], logs)
         assert "-no-user-config" in (host.qemu_log_dir / f"{name}.log").read_text()  # QEMU's own start line
+        # The console came over the host's stream (the passing cell may end on the agent's word
+        # before its marker is printed, so the kernel's banner is what both must show).
         serial = Path(cell["artifacts"]["serial.log"]).read_text(errors="replace")
-        assert ("H2K-BOOT-OK" in serial) == (cell is passed)
+        assert "Linux version" in serial and ("sysrq triggered crash" in serial) == (cell is panicked)
     assert (Path(panicked["artifacts"]["screen.png"])).read_bytes()[:4] == b"\x89PNG"
     for host in hosts:
         assert_nothing_on_the_host(host)
