@@ -356,3 +356,39 @@ def test_libvirt_starts_machines_no_tiny_guest_boots(libvirt_host, tmp_path, nam
     assert not missing, f"{name}: not on QEMU's command line: {missing}"
     assert_host_side_only(tmp_path / "out")
     assert_nothing_on_the_host(libvirt_host)
+
+
+def test_two_phase_interrupted_between_phases_leaves_no_disk_volume(libvirt_host, tmp_path, monkeypatch) -> None:
+    """The run's disk volume, uploaded once (the host's pool holds it, byte size of the image), is
+    what both phases get, and it is deleted when the run is interrupted after the bootstrap phase.
+    The phases themselves are stand-ins: the real two-phase boots are in the module fixture."""
+    from lab import boot as lab_boot
+    from lab.verdict import BootResult
+
+    image = tinyguest.disk_image("pass")
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
+    conn = libvirt.open(libvirt_host.uri)
+    seen = []
+
+    def phase(image_arg, profile, *, phase_disk, **kw):
+        pool = conn.storagePoolLookupByName(phase_disk.pool)
+        pool.refresh(0)
+        assert pool.storageVolLookupByName(phase_disk.volume).info()[1] == image.stat().st_size
+        seen.append(phase_disk.volume)
+        if profile.stage == "bootstrap":
+            return BootResult("passed", "stand-in bootstrap phase", profile=profile.to_dict(), backend="libvirt")
+        raise KeyboardInterrupt  # Ctrl-C (or SIGTERM, through interrupt_guard) in the final phase
+
+    monkeypatch.setattr(lab_boot, "_boot", phase)
+    meta = {"os": "linux", "firmware": "bios", "name": "tiny", "memory_mb": 512, "cpus": 1}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lab_boot.boot_two_phase(image, domain.bootstrap_profile(meta), domain.final_profile(meta), timeout=60,
+                                    outdir=tmp_path / "out", backend="libvirt", connect=libvirt_host.uri)
+    finally:
+        conn.close()
+    assert len(seen) == 2 and seen[0] == seen[1]
+    assert_nothing_on_the_host(libvirt_host)
+    assert list(private_tmp.iterdir()) == []
