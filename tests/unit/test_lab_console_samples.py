@@ -75,3 +75,19 @@ def test_dracut_names_the_missing_root():
     _, _, events = run(sample("dracut_systemd_root_missing.txt"), Expect.for_os("linux"), 512)
     [root] = [e for e in events if e.name == "root-missing"]
     assert root.data["detail"] == "/dev/disk/by-uuid/0b5c2d47-6b1a-4d3e-9f00-000000000001"
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_stock_debian_passes_on_its_serial_login_prompt(size):
+    data = sample("systemd_login.txt")
+    d, at, events = run(data, Expect.for_os("linux"), size)
+    assert (d.verdict, d.evidence, d.reason) == ("passed", ["login"], "login prompt 'h2k-stock login:'")
+    decided_at_its_line(data, at, b"h2k-stock login:", size)
+    # The initramfs' and the root's own "Reached target ..." lines are not the default target,
+    # and nothing in a good boot looks like a failure.
+    assert [e.name for e in events] == ["login"]
+
+
+def test_the_marker_is_no_success_for_a_stock_guest():
+    d, _, _ = run(sample("systemd_login.txt"), Expect.for_os("testbed"), 4096)
+    assert d is None  # the scorer would wait for the deadline: a timeout
