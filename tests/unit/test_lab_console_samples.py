@@ -56,6 +56,8 @@ FAILURES = [
      {"dracut-timeout", "dracut-could-not-boot", "root-missing", "dracut-emergency"}),
     ("kernel_vfs_no_root.txt", "kernel-panic", b"Kernel panic - not syncing: VFS",
      {"kernel-panic", "vfs-no-root"}),
+    ("systemd_emergency_fstab.txt", "systemd-emergency", b"Reached target emergency.target - Emergency Mode",
+     {"systemd-emergency"}),
 ]
 
 
@@ -91,3 +93,11 @@ def test_a_stock_debian_passes_on_its_serial_login_prompt(size):
 def test_the_marker_is_no_success_for_a_stock_guest():
     d, _, _ = run(sample("systemd_login.txt"), Expect.for_os("testbed"), 4096)
     assert d is None  # the scorer would wait for the deadline: a timeout
+
+
+def test_systemd_emergency_mode_is_named_by_its_target_and_by_sulogin():
+    _, _, events = run(sample("systemd_emergency_fstab.txt"), Expect.for_os("linux"), 4096)
+    lines = [e.text for e in events if e.name == "systemd-emergency"]
+    # The kmsg copy and the status line of the target, then sulogin's banner.
+    assert lines[-1] == "You are in emergency mode."
+    assert len([x for x in lines if "Emergency Mode" in x]) == 2
