@@ -62,7 +62,7 @@ BUILTIN_FAILURES: tuple[Pattern, ...] = (
     # it), then "Could not boot", the root device, the emergency shell and its prompt.
     Pattern("dracut-timeout", r"Warning: dracut-initqueue: (?P<detail>timeout[^\n]*)"),
     Pattern("dracut-could-not-boot", r"Warning: Could not boot\."),
-    Pattern("root-missing", r"^Warning: (?P<detail>/dev/\S+) does not exist"),
+    Pattern("root-missing", r"Warning: (?P<detail>/dev/\S+) does not exist"),
     Pattern("dracut-emergency", r"Entering emergency mode\. Exit the shell to continue\."),
     Pattern("dracut-shell", r"^dracut:/# ?$"),
     # The kernel itself, with no initramfs able to find the root (its panic line may be mangled).

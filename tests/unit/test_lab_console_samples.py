@@ -54,6 +54,8 @@ FAILURES = [
     # sample, first failure (the verdict), the line it is named at, every failure the stream names
     ("dracut_systemd_root_missing.txt", "dracut-timeout", b"Warning: dracut-initqueue: timeout",
      {"dracut-timeout", "dracut-could-not-boot", "root-missing", "dracut-emergency"}),
+    ("dracut_root_missing.txt", "dracut-could-not-boot", b"dracut Warning: Could not boot.",
+     {"dracut-could-not-boot", "root-missing", "dracut-shell"}),
     ("kernel_vfs_no_root.txt", "kernel-panic", b"Kernel panic - not syncing: VFS",
      {"kernel-panic", "vfs-no-root"}),
     ("systemd_emergency_fstab.txt", "systemd-emergency", b"Reached target emergency.target - Emergency Mode",
@@ -73,10 +75,11 @@ def test_failure_samples_are_named_at_their_line(name, verdict_name, line, names
     assert not [e for e in events if e.kind == "evidence"]  # nothing in a failed boot looks like success
 
 
-def test_dracut_names_the_missing_root():
-    _, _, events = run(sample("dracut_systemd_root_missing.txt"), Expect.for_os("linux"), 512)
-    [root] = [e for e in events if e.name == "root-missing"]
-    assert root.data["detail"] == "/dev/disk/by-uuid/0b5c2d47-6b1a-4d3e-9f00-000000000001"
+@pytest.mark.parametrize("name", ["dracut_systemd_root_missing.txt", "dracut_root_missing.txt"])
+def test_dracut_names_the_missing_root(name):
+    _, _, events = run(sample(name), Expect.for_os("linux"), 512)
+    roots = {e.data["detail"] for e in events if e.name == "root-missing"}
+    assert roots == {"/dev/disk/by-uuid/0b5c2d47-6b1a-4d3e-9f00-000000000001"}
 
 
 @pytest.mark.parametrize("size", SIZES)
