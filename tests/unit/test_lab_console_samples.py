@@ -13,7 +13,7 @@ from lab.scoring import Scorer, Signal
 from lab.verdict import Expect
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "console"
-SIZES = [2, 61, 4096]  # odd splits of every line; 1-byte reads are covered by test_lab_parsers.py
+SIZES = [5, 61, 4096]  # odd splits of every line; 1-byte reads are covered by test_lab_parsers.py
 
 
 def sample(name: str) -> bytes:
