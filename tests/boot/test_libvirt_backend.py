@@ -359,7 +359,7 @@ def test_libvirt_starts_machines_no_tiny_guest_boots(libvirt_host, tmp_path, nam
 
 
 def test_two_phase_interrupted_between_phases_leaves_no_disk_volume(libvirt_host, tmp_path, monkeypatch) -> None:
-    """The run's disk volume, uploaded once (the host's pool holds it, byte size of the image), is
+    """The run's disk volume, uploaded once (the host's pool holds it), is
     what both phases get, and it is deleted when the run is interrupted after the bootstrap phase.
     The phases themselves are stand-ins: the real two-phase boots are in the module fixture."""
     from lab import boot as lab_boot
@@ -373,9 +373,11 @@ def test_two_phase_interrupted_between_phases_leaves_no_disk_volume(libvirt_host
     seen = []
 
     def phase(image_arg, profile, *, phase_disk, **kw):
+        # The host's own view: the volume in its pool, a file in its pool directory of the image's size.
         pool = conn.storagePoolLookupByName(phase_disk.pool)
         pool.refresh(0)
-        assert pool.storageVolLookupByName(phase_disk.volume).info()[1] == image.stat().st_size
+        pool.storageVolLookupByName(phase_disk.volume)
+        assert (libvirt_host.storage_dir / phase_disk.pool / phase_disk.volume).stat().st_size == image.stat().st_size
         seen.append(phase_disk.volume)
         if profile.stage == "bootstrap":
             return BootResult("passed", "stand-in bootstrap phase", profile=profile.to_dict(), backend="libvirt")
