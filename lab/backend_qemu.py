@@ -186,7 +186,10 @@ def phase_overlay(image: Path) -> Iterator[PhaseOverlay]:
     workdir = make_workdir()
     disk = None
     try:
-        disk = PhaseOverlay(create_overlay(Path(image), workdir / "phases.qcow2"))
+        try:
+            disk = PhaseOverlay(create_overlay(Path(image), workdir / "phases.qcow2"))
+        except subprocess.SubprocessError as exc:
+            raise H2KError(f"two-phase boot: cannot make an overlay on {image}: {exc}") from None
         yield disk
     finally:
         remove_workdir(workdir)
