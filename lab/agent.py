@@ -47,6 +47,16 @@ class AgentClient:
             self._sock.close()
             self._sock = None
 
+    def interrupt(self) -> None:
+        """Drop the channel under a read or write in another thread, so it fails at once
+        (the guest rebooted: its agent will not answer this session)."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def __enter__(self) -> "AgentClient":
         if self._sock is None:
             self.connect()

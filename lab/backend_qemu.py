@@ -334,6 +334,7 @@ class QemuBoot:
             known_issues=decision.known_issues,
             profile=self.profile.to_dict(),
             backend="qemu",
+            reboots=decision.reboots,
             accel=accel.accel,
             timings=self.timings,
         )
@@ -418,7 +419,8 @@ class QemuBoot:
     def _watch(self, deadline: float) -> Decision:
         expect = self.opts.expect
         scorer = Scorer(expect, console_expected=self.profile.serial_console,
-                        agent_expected=None if self.profile.guest_agent else False)
+                        agent_expected=None if self.profile.guest_agent else False,
+                        let_guest_reboot=self._let_guest_reboot)
         if scorer.impossible:
             return Decision("incomplete", scorer.impossible, "lab")
         if scorer.agent_expected:
@@ -426,8 +428,30 @@ class QemuBoot:
             self.agent_checker = AgentChecker(str(self.sockdir.path("agent.sock")), expect, self.bus, deadline,
                                               port_open=scorer.agent_port_open, log_path=self.outdir / "agent.jsonl",
                                               network=scorer.want_network)
+            scorer.agent_checker = self.agent_checker
             self.agent_checker.start()
         return score(self.bus, scorer, deadline)
+
+    def _let_guest_reboot(self) -> str | None:
+        """The guest reset itself (``-action reboot=shutdown,shutdown=pause`` made that a
+        SHUTDOWN and paused it) within the allowance: reset the machine and run it again.
+
+        That reboot action also turns a QMP ``system_reset`` into a SHUTDOWN, so the action is
+        ``reset`` just for our reset (``set-action``) and ``shutdown`` again before ``cont``:
+        the guest's next reset is held for the scorer like the first. ``cont`` waits for the
+        RESET event (QEMU refuses it until the reset has left the shutdown state). Every
+        command and event stays in qmp.jsonl."""
+        assert self.qmp is not None
+        try:
+            self.qmp.execute("set-action", {"reboot": "reset"}, timeout=10)
+            self.qmp.execute("system_reset", timeout=10)
+            if self.qmp.wait_event("RESET", timeout=10) is None:
+                return "no RESET event within 10s of system_reset"
+            self.qmp.execute("set-action", {"reboot": "shutdown"}, timeout=10)
+            self.qmp.execute("cont", timeout=10)
+        except QMPError as exc:
+            return str(exc)
+        return None
 
     # -- evidence and shutdown -----------------------------------------------
     def _evidence(self, decision: Decision) -> dict[str, Any]:

@@ -7,10 +7,16 @@ port, the guest agent, the QEMU process) put ``Signal``s on one ``SignalBus``;
 
 Order of strength (DESIGN.md "Scoring a boot"): GUEST_PANICKED with hyper-v
 info (stop code) > pvpanic GUEST_PANICKED > EMS BLUESCREEN > console failure
-patterns > SHUTDOWN(guest-reset) before success = reboot loop > success: the
-first complete alternative of evidence (console: login prompt, systemd target,
-EMS, marker, user patterns; agent; network). Known issues turn a pass into
-softfailed. QEMU dying on its own = incomplete; the deadline = timeout.
+patterns > SHUTDOWN(guest-reset) before success beyond ``Expect.max_reboots`` =
+reboot loop > success: the first complete alternative of evidence (console: login
+prompt, systemd target, EMS, marker, user patterns; agent; network), all seen in
+one boot of the guest. Known issues turn a pass into softfailed. QEMU dying on its
+own = incomplete; the deadline = timeout.
+
+A guest reset within the allowance is a reboot, not a verdict: the scorer asks the
+backend (``let_guest_reboot``) to let the guest start again, forgets the evidence
+of the boot that ended (success must be complete within one boot), tells the agent
+checker to start over, and scores on against the same deadline.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ class Decision:
     signal_t: float | None = None  # when the deciding signal was observed (monotonic)
     decided_t: float = field(default_factory=time.monotonic)
     evidence: list[str] = field(default_factory=list)  # a pass: the alternative that decided it
+    reboots: int = 0  # guest resets let through before this decision
 
 
 @dataclass
@@ -100,13 +107,37 @@ def _words(ev: ConsoleEvent) -> str:
     return f"console pattern {ev.data.get('regex', '?')!r} matched {ev.text!r}"
 
 
+# What a backend does to let a guest that reset itself run again: None when it runs again,
+# else why it could not.
+RebootAction = Callable[[], "str | None"]
+# A firmware resets the machine again right after a warm reset (SeaBIOS on QEMU cannot restore
+# its own RAM copy otherwise: firmware.log shows "In resume (status=0) ... Attempting a hard
+# reboot", ~0.1 s after the lab resumed the guest, sometimes as two reset requests ms apart).
+# Resets this soon after a reboot are that reboot's, not new ones: no guest gets from its
+# firmware to a reboot of its own so soon.
+REBOOT_SETTLE_SECONDS = 3.0
+
+
 class Scorer:
     """Turns signals into a decision. Success: the first complete alternative of
     ``expect.alternatives()``; evidence the machine cannot show (no serial console, no agent
-    channel) drops the alternatives that need it."""
+    channel) drops the alternatives that need it.
 
-    def __init__(self, expect: Expect, *, console_expected: bool = True, agent_expected: bool | None = None) -> None:
+    A guest reset (QMP ``SHUTDOWN`` reason ``guest-reset`` when the backend holds resets, ``RESET``
+    reason ``guest-reset`` when the host restarts the guest itself) before success is a reboot
+    while ``expect.max_reboots`` allows, else a reboot loop. ``let_guest_reboot``: how the
+    backend lets the guest run again; without it every reset before success is a reboot loop.
+    ``agent_checker`` (set by the backend) starts over at every reboot."""
+
+    def __init__(self, expect: Expect, *, console_expected: bool = True, agent_expected: bool | None = None,
+                 let_guest_reboot: RebootAction | None = None) -> None:
         self.expect = expect
+        self.let_guest_reboot = let_guest_reboot
+        self.agent_checker: "AgentChecker | None" = None
+        self.reboots: list[float] = []  # when each reboot the lab let through began (monotonic)
+        self.firmware_resets = 0  # resets that finished a reboot (REBOOT_SETTLE_SECONDS), not counted
+        self._held = False  # a held reset is being handled: the guest is paused until QMP RESUME
+        self.boot = 0  # which boot of the guest is running: 0, then one more per reboot
         unavailable = set()
         if not console_expected:
             unavailable |= CONSOLE_EVIDENCE
@@ -164,6 +195,8 @@ class Scorer:
         return None
 
     def _agent(self, sig: Signal) -> Decision | None:
+        if sig.data.get("boot", self.boot) != self.boot:
+            return None  # the agent of a boot that has ended since (its reset was already handled)
         if sig.name in ("ok", "network-ok"):
             name = "agent" if sig.name == "ok" else "network"
             self._saw(name, sig.data.get("summary", "guest agent answered"), sig.t)
@@ -199,14 +232,17 @@ class Scorer:
         if sig.name == "SHUTDOWN":
             reason = data.get("reason", "")
             if reason == "guest-reset":
-                when = (f"after showing {'+'.join(self.seen)}, before success was complete" if self.booted
-                        else "before reaching success")
-                return self._fail(f"reboot loop: the guest reset {when}", "qmp-reset")
+                return self._guest_reset(sig, held=True)
             if reason == "guest-panic":
                 return self._fail("guest panicked (SHUTDOWN reason guest-panic)", "qmp-panic")
             if reason == "guest-shutdown" and not self.booted:
                 return self._fail("the guest powered off before reaching success", "qmp-shutdown")
             return None
+        if sig.name == "RESUME":
+            self._held = False  # the guest runs again after a held reset (or for the first time)
+            return None
+        if sig.name == "RESET" and data.get("reason") == "guest-reset":
+            return self._guest_reset(sig, held=False)  # the host restarted the guest itself
         if sig.name == "VSERPORT_CHANGE":
             if data.get("open"):
                 self.agent_port_open.set()
@@ -215,6 +251,42 @@ class Scorer:
             return None
         if sig.name == "closed":
             return Decision("incomplete", "the QMP connection closed: QEMU went away", "qmp-closed",
+                            known_issues=list(self.known))
+        return None
+
+    def _guest_reset(self, sig: Signal, *, held: bool) -> Decision | None:
+        """A reset before success: a reboot within the allowance, else a reboot loop. ``held``:
+        the backend paused the guest at its reset (it runs again only through
+        ``let_guest_reboot``); else the host has already restarted it."""
+        if held and self._held:
+            return None  # a second request of the reset being handled (the vCPU ran on for a moment)
+        if self.reboots and sig.t - self.reboots[-1] < REBOOT_SETTLE_SECONDS:
+            self.firmware_resets += 1  # the firmware finishing the last reboot
+            return self._run_again(held)
+        resets = len(self.reboots) + 1
+        allowed = self.expect.max_reboots if self.let_guest_reboot is not None else 0
+        if resets > allowed:
+            shown = f"; the last after showing {'+'.join(self.seen)}" if self.booted else ""
+            return self._fail(f"reboot loop: {_count(resets, 'guest reset')} before success "
+                              f"({allowed or 'none'} allowed){shown}", "qmp-reset")
+        # The boot that ended took its evidence with it; the agent starts over with the next one.
+        self.reboots.append(sig.t)
+        self.boot += 1
+        self.seen.clear()
+        self.dead.clear()
+        self.agent_port_open.clear()
+        if self.agent_checker is not None:
+            self.agent_checker.restart(self.boot)
+        return self._run_again(held)
+
+    def _run_again(self, held: bool) -> Decision | None:
+        if not held:
+            return None
+        assert self.let_guest_reboot is not None
+        self._held = True
+        why = self.let_guest_reboot()
+        if why is not None:
+            return Decision("incomplete", f"lab error: could not let the guest reboot ({why})", "lab",
                             known_issues=list(self.known))
         return None
 
@@ -269,6 +341,19 @@ class Scorer:
         return "; ".join(parts)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def with_reboots(decision: Decision, reboots: int) -> Decision:
+    """Record the reboots the lab let through on a decision, in its reason too ("after 2 guest
+    reboots: ..."); a reboot loop's reason already counts them."""
+    decision.reboots = reboots
+    if reboots and decision.signal != "qmp-reset":
+        decision.reason = f"after {_count(reboots, 'guest reboot')}: {decision.reason}"
+    return decision
+
+
 # Console failures that announce a crash QMP may still report with more detail.
 CRASH_PATTERNS = {"kernel-panic"}
 # How long a console crash waits for the stronger QMP GUEST_PANICKED (same crash, ms apart).
@@ -317,8 +402,14 @@ def score(bus: SignalBus, scorer: Scorer, deadline: float,
     A crash seen on the console first (Linux prints its panic line just before
     the panic notifiers run pvpanic; Windows EMS writes BLUESCREEN around the
     hv-crash report) waits up to ``corroborate`` seconds for QMP GUEST_PANICKED,
-    the stronger signal, so the verdict names it and its stop code.
+    the stronger signal, so the verdict names it and its stop code. The decision
+    records the guest reboots the scorer let through (``with_reboots``).
     """
+    return with_reboots(_score(bus, scorer, deadline, on_signal, corroborate), len(scorer.reboots))
+
+
+def _score(bus: SignalBus, scorer: Scorer, deadline: float, on_signal: Callable[[Signal], None] | None,
+           corroborate: float) -> Decision:
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -379,10 +470,13 @@ class AgentChecker:
     ("agent", "ok") once ping and OS info answered (the "agent" evidence; devices first when
     collected), then, when ``network`` (default: some alternative of ``expect`` needs it),
     ("agent", "network-ok") once a NIC has an IPv4 address and the guest pinged the gateway.
-    A failed check is ("agent", "failed") with the evidence it was to give.
+    A failed check is ("agent", "failed") with the evidence it was to give. Every signal
+    names the boot of the guest it is about (``data["boot"]``).
 
     Waits for the agent's virtio-serial port to open (QMP VSERPORT_CHANGE) when
-    told by ``port_open``.
+    told by ``port_open``. ``restart(boot)`` (the guest rebooted): the session under way
+    is dropped (its socket shut, so a blocked read returns at once) and the checks start
+    over on a new connection once the next boot's agent opens its port.
     """
 
     def __init__(self, path: str, expect: Expect, bus: SignalBus, deadline: float,
@@ -400,41 +494,73 @@ class AgentChecker:
         self._thread = threading.Thread(target=self._run, name="agent-checker", daemon=True)
         self.client: agentmod.AgentClient | None = None
         self._checking = "agent"  # the evidence the check under way is to give
+        self.boot = 0  # the boot of the guest being checked
+        self._restarted = threading.Event()
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._restarted.set()
         self._thread.join(timeout=3)
+
+    def restart(self, boot: int) -> None:
+        """The guest rebooted: check boot number ``boot`` from scratch."""
+        self.boot = boot
+        self._restarted.set()
+        client = self.client
+        if client is not None:
+            client.interrupt()
 
     def _left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def _failed(self, reason: str) -> None:
-        self.bus.put(Signal("agent", "failed", {"reason": reason, "evidence": self._checking, **self.result}))
+    def _put(self, name: str, data: dict[str, Any], boot: int) -> None:
+        if boot == self.boot:  # nothing about a boot that has ended
+            self.bus.put(Signal("agent", name, {**data, "boot": boot}))
+
+    def _failed(self, reason: str, boot: int) -> None:
+        self._put("failed", {"reason": reason, "evidence": self._checking, **self.result}, boot)
 
     def _run(self) -> None:
-        try:
-            self._check()
-        except agentmod.AgentError as exc:
-            if not self._stop.is_set() and self._left() > 0:
-                self._failed(f"guest agent: {exc}")
-        except OSError as exc:
-            if not self._stop.is_set():
-                self._failed(f"guest agent channel error: {exc}")
+        while not self._stop.is_set():
+            boot = self.boot
+            self._restarted.clear()
+            try:
+                self._check(boot)
+            except agentmod.AgentError as exc:
+                if not self._stop.is_set() and self._left() > 0:
+                    self._failed(f"guest agent: {exc}", boot)
+            except OSError as exc:
+                if not self._stop.is_set():
+                    self._failed(f"guest agent channel error: {exc}", boot)
+            finally:
+                if self.client is not None and boot != self.boot:
+                    self.client.close()
+            # This boot is checked (or given up on): wait for the next boot, or the end.
+            while boot == self.boot and not self._stop.is_set():
+                self._restarted.wait()
+                self._restarted.clear()
 
-    def _check(self) -> None:
+    def _current(self, boot: int) -> bool:
+        return boot == self.boot and not self._stop.is_set()
+
+    def _check(self, boot: int) -> None:
+        self.result = {}
+        self._checking = "agent"
         if self.port_open is not None:
             while not self.port_open.wait(timeout=0.5):
-                if self._stop.is_set() or self._left() <= 0:
+                if not self._current(boot) or self._left() <= 0:
                     return
         client = agentmod.AgentClient(self.path, self.log_path)
-        self.client = client
+        old, self.client = self.client, client
+        if old is not None:
+            old.close()
         client.connect(timeout=min(5.0, max(0.1, self._left())))
         # The port may open before the agent reads; retry the handshake until the deadline.
         while True:
-            if self._stop.is_set():
+            if not self._current(boot):
                 return
             try:
                 client.sync(timeout=min(3.0, max(0.1, self._left())))
@@ -451,26 +577,26 @@ class AgentChecker:
             except agentmod.AgentError as exc:
                 self.result["devices_error"] = str(exc)
         summary = f"agent up ({osinfo.get('pretty-name') or osinfo.get('name', '?')})"
-        self.bus.put(Signal("agent", "ok", {"summary": summary, **self.result}))
+        self._put("ok", {"summary": summary, **self.result}, boot)
         if self.network:
             self._checking = "network"
-            self._check_network(client)
+            self._check_network(client, boot)
 
-    def _check_network(self, client: agentmod.AgentClient) -> None:
+    def _check_network(self, client: agentmod.AgentClient, boot: int) -> None:
         addrs: dict[str, list[str]] = {}
         delay = 0.25
         while not addrs:
             self.result["interfaces"] = client.interfaces()
             addrs = agentmod.ipv4_addresses(self.result["interfaces"])
-            if addrs or self._stop.is_set():
+            if addrs or not self._current(boot):
                 break
             if self._left() <= delay + 1:
-                self._failed("no IPv4 address on any NIC (guest-network-get-interfaces)")
+                self._failed("no IPv4 address on any NIC (guest-network-get-interfaces)", boot)
                 return
             # DHCP has no event we can see from outside: poll with back-off.
             self._stop.wait(delay)
             delay = min(delay * 2, 2.0)
-        if self._stop.is_set():
+        if not self._current(boot):
             return
         self.result["ipv4"] = addrs
         path, args = agentmod.ping_command(self.result["osinfo"], self.expect.gateway)
@@ -478,8 +604,8 @@ class AgentChecker:
         self.result["gateway_ping"] = res
         if res.get("exitcode") != 0:
             self._failed(f"ping of the gateway {self.expect.gateway} failed "
-                         f"(exit {res.get('exitcode')}): {res.get('out', '').strip()[-200:]}")
+                         f"(exit {res.get('exitcode')}): {res.get('out', '').strip()[-200:]}", boot)
             return
         nic = ", ".join(f"{k}={'/'.join(v)}" for k, v in addrs.items())
-        self.bus.put(Signal("agent", "network-ok", {"summary": f"IPv4 {nic}, gateway {self.expect.gateway} answers ping",
-                                                    **self.result}))
+        self._put("network-ok", {"summary": f"IPv4 {nic}, gateway {self.expect.gateway} answers ping", **self.result},
+                  boot)

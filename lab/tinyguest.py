@@ -13,6 +13,10 @@ busybox initramfs that behaves as the kernel command line says.
 - ``hang``      print a line, then sleep forever (a timeout)
 - ``silent``    use without ``console=ttyS0``: nothing ever reaches the serial port
 - ``quiet``     ``pass`` (DHCP, agent) with nothing on any console: only the agent shows it is up
+- ``reboot-until=K``  from a disk only: count the boot (below); while the count is below K,
+                start the agent, wait until it was asked for its OS info (20 s at most), then
+                ``reboot -f``; at K, ``pass``. K-1 guest reboots before success, each after the
+                agent answered, as a Windows first boot that restarts during setup
 
 Boot it directly (``kernel_profile``: -kernel/-initrd/-append, which OVMF also
 supports through fw_cfg) or from a disk (``disk_image``): an MBR disk with one
@@ -48,6 +52,7 @@ from lab.testbed.cache import cached_build
 from lab.verdict import BOOT_OK_MARKER
 
 MODES = ("pass", "panic", "reboot", "poweroff", "hang", "silent", "quiet")
+REBOOT_UNTIL = "reboot-until="  # + K: a mode of disk boots (it needs the boot counter)
 
 # Loaded in this order (dependencies first are resolved from modules.dep).
 MODULES = ["virtio_pci", "virtio_console", "virtio_net", "e1000e", "e1000", "8139cp", "8139too", "vmxnet3",
@@ -90,6 +95,7 @@ count_boot() {
       if printf 'MAGIC %d\n' "$n" | dd of="$d" bs=512 seek=SECTOR count=1 conv=sync,notrunc,fsync 2>/dev/null; then
         sync
         say "MAGIC=$n"
+        booted=$n
       else
         say "h2k-tinyguest: cannot write the boot counter on $d"
       fi
@@ -99,8 +105,37 @@ count_boot() {
   done
   say "h2k-tinyguest: no disk with a boot counter"
 }
+# Debian's qemu-ga on the virtio-serial port the lab watches; verbose, so its log shows each request.
+start_agent() {
+  [ -x /usr/sbin/qemu-ga ] || return
+  for p in /sys/class/virtio-ports/*; do
+    [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] || continue
+    mkdir -p /run/qga
+    setsid /usr/sbin/qemu-ga -v -m virtio-serial -p "/dev/${p##*/}" -t /run/qga -f /run/qga.pid \
+      </dev/null >/tmp/qga.log 2>&1 &
+  done
+}
 # Load modules in dependency order; missing hardware just means an unused module.
 for m in $(cat /etc/modules.order); do insmod "/lib/modules/$m" 2>/dev/null; done
+# reboot-until=K: reboot while this disk's boot count is below K, then pass.
+case "$mode" in
+  reboot-until=*)
+    until="${mode#reboot-until=}"
+    booted=
+    count_boot
+    case "$booted" in
+      ''|*[!0-9]*) say "h2k-tinyguest: reboot-until needs the disk's boot counter"; exec sleep 2147483647 ;;
+    esac
+    if [ "$booted" -lt "$until" ]; then
+      # As a Windows first boot: its agent comes up, then the machine restarts. Wait until the
+      # lab's agent check has asked for the OS info (20 s at most: a lab that does not check).
+      start_agent
+      for i in $(seq 1 40); do grep -q guest-get-osinfo /tmp/qga.log 2>/dev/null && break; sleep 0.5; done
+      say "h2k-tinyguest: boot $booted of $until, rebooting"
+      reboot -f
+    fi
+    mode=pass bootcount= ;;
+esac
 case "$mode" in
   silent)
     exec sleep 2147483647 ;;
@@ -129,14 +164,7 @@ case "$mode" in
       n="${itf##*/}"; [ "$n" = lo ] && continue
       udhcpc -i "$n" -s /etc/udhcpc.script -q -n -t 10 -T 1 >/dev/null 2>&1 && break
     done
-    if [ -x /usr/sbin/qemu-ga ]; then
-      for p in /sys/class/virtio-ports/*; do
-        [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] || continue
-        mkdir -p /run/qga
-        setsid /usr/sbin/qemu-ga -m virtio-serial -p "/dev/${p##*/}" -t /run/qga -f /run/qga.pid \
-          </dev/null >/tmp/qga.log 2>&1 &
-      done
-    fi
+    start_agent
     # ACPI power button (QMP system_powerdown) -> power off: any event on its input node.
     for e in /sys/class/input/event*; do
       [ "$(cat "$e/device/name" 2>/dev/null)" = "Power Button" ] || continue
@@ -270,9 +298,15 @@ def initramfs(with_agent: bool = True) -> Path:
                         modules=[sys.modules[__name__]])
 
 
+def _valid_mode(mode: str) -> bool:
+    if mode.startswith(REBOOT_UNTIL):
+        return mode[len(REBOOT_UNTIL):].isdigit() and int(mode[len(REBOOT_UNTIL):]) >= 1
+    return mode in MODES
+
+
 def append_for(mode: str, serial: bool | None = None) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}")
+    if not _valid_mode(mode):
+        raise ValueError(f"mode must be one of {MODES} or {REBOOT_UNTIL}K (K >= 1)")
     serial = (mode not in ("silent", "quiet")) if serial is None else serial
     console = "console=ttyS0,115200" if serial else "console=tty0 quiet loglevel=0"
     # no_timer_check: on a starved host a TCG vCPU can miss the kernel's IO-APIC timer check,
@@ -282,6 +316,8 @@ def append_for(mode: str, serial: bool | None = None) -> str:
 
 def kernel_profile(mode: str, **kw: object) -> MachineProfile:
     """A profile that boots the tiny guest directly (-kernel/-initrd/-append)."""
+    if mode.startswith(REBOOT_UNTIL):
+        raise ValueError(f"{mode}: a direct kernel boot has no boot counter (use disk_image)")
     kernel, _ = host_kernel()
     params: dict[str, object] = {"name": f"tiny-{mode}", "stage": "direct", "memory_mb": 512,
                                  "hyperv": False, "nic_model": "virtio-net"}
@@ -354,7 +390,7 @@ def disk_image(mode: str = "pass") -> Path:
     """A cached bootable qcow2 running the tiny guest in ``mode`` (BIOS and UEFI)."""
     kernel, _ = host_kernel()
     recipe = {"kind": "tinyguest-disk", "mode": mode, "kernel": str(kernel), "initrd": initramfs().name}
-    return cached_build(f"tinyguest-disk-{mode}", recipe, lambda p: build_disk(p, mode), suffix=".qcow2",
+    return cached_build(f"tinyguest-disk-{mode.replace('=', '')}", recipe, lambda p: build_disk(p, mode), suffix=".qcow2",
                         modules=[sys.modules[__name__]])
 
 

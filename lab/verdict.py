@@ -119,6 +119,24 @@ DEFAULT_SUCCESS: dict[str, tuple[tuple[str, ...], ...]] = {
 # has run; the agent answers only after the installer has put it there.
 WINDOWS_FIRST_BOOT_SUCCESS: tuple[tuple[str, ...], ...] = (("agent",),)
 
+# Guest-initiated resets allowed before success, per OS family (docs/lab.md "Reboots"): one more is
+# a reboot loop. A stock Linux guest that resets before its login prompt is broken. A generalized
+# (sysprepped) Windows restarts once between its specialize pass and OOBE, once more when a driver
+# installation asks for it (pnputil's 3010, or PnP swapping in the boot disk's driver), and once
+# more when a guest-agent installer restarts the machine (virt-v2v runs qemu-ga's MSI with
+# /forcerestart). The lab's and the test bed's guests never reset on their own.
+DEFAULT_MAX_REBOOTS: dict[str, int] = {"linux": 0, "windows": 3, "testbed": 0}
+MAX_REBOOTS_LIMIT = 100  # a sanity bound on what a user may allow, not a default
+
+
+def check_max_reboots(value: Any, what: str = "max-reboots") -> int:
+    """A count of allowed guest reboots (an int, or its decimal text); InputError names the problem."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REBOOTS_LIMIT:
+        raise InputError(f"{what}: {value!r} is not a whole number from 0 to {MAX_REBOOTS_LIMIT}")
+    return value
+
 
 def parse_success(specs: Iterable[str] | str) -> list[list[str]]:
     """``["agent+login", "ems"]`` -> ``[["agent", "login"], ["ems"]]``; InputError for unknown names."""
@@ -157,6 +175,8 @@ class Expect:
     of any one alternative has been seen. None: ``[["pattern"]]`` when ``success_patterns`` are
     given, else the test bed's marker. ``Expect.for_os`` gives the defaults of an OS family.
     ``require_agent`` / ``require_network`` add "agent" / "network" to every alternative.
+    ``max_reboots``: guest-initiated resets allowed before success (the lab lets the guest reboot
+    and scores on); one more is a reboot loop.
     """
 
     success: list[list[str]] | None = None
@@ -168,8 +188,10 @@ class Expect:
     gateway: str = "10.0.2.2"  # slirp's gateway
     collect_devices: bool = False  # guest-get-devices into the result (driver gate)
     os_family: str | None = None  # where the default success came from (for_os); informational
+    max_reboots: int = 0  # guest resets allowed before success (DEFAULT_MAX_REBOOTS per family)
 
     def __post_init__(self) -> None:
+        self.max_reboots = check_max_reboots(self.max_reboots)
         self.success_patterns = list(self.success_patterns or [])
         for regex in self.success_patterns:
             try:
@@ -195,9 +217,12 @@ class Expect:
         ``first_boot``: a Windows boot that runs h2k's first-boot installer needs the agent
         (``WINDOWS_FIRST_BOOT_SUCCESS``). Success patterns without an explicit ``success``
         replace the family's default (``[["pattern"]]``), as ``--expect-pattern`` always has.
+        ``max_reboots`` None (or absent) is the family's ``DEFAULT_MAX_REBOOTS``.
         """
         if os_family not in OS_FAMILIES:
             raise InputError(f"unknown OS family {os_family!r} (known: {', '.join(OS_FAMILIES)})")
+        if overrides.get("max_reboots") is None:
+            overrides["max_reboots"] = DEFAULT_MAX_REBOOTS[os_family]
         if overrides.get("success") is None and not overrides.get("success_patterns"):
             default = WINDOWS_FIRST_BOOT_SUCCESS if first_boot and os_family == "windows" else DEFAULT_SUCCESS[os_family]
             overrides["success"] = [list(a) for a in default]
@@ -259,6 +284,7 @@ class BootResult:
     accel: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     phases: list[dict[str, Any]] = field(default_factory=list)  # two-phase boots: one entry per phase
+    reboots: int = 0  # guest resets the lab let through before the verdict (Expect.max_reboots)
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
