@@ -105,6 +105,9 @@ class DomainFiles:
 class XmlOptions:
     domain_type: str | None = None  # kvm | qemu; None: ask h2k.accel
     lab: bool = False  # lab boots: reboot/crash stop the VM for evidence instead of restarting
+    # A lab boot that allows guest reboots before success: the host restarts the guest on a
+    # reset (the lab counts its QMP RESET events); a crash still stops it.
+    lab_guest_reboots: bool = False
     disable_netboot: bool = True  # no PXE/HTTP boot fall-back (OVMF spends minutes on it)
     # UEFI: let the host pick its OVMF code and VARS template (it may keep them elsewhere).
     firmware_autoselect: bool = False
@@ -152,7 +155,7 @@ def domain_element(profile: MachineProfile, files: DomainFiles, opts: XmlOptions
         ET.SubElement(dom, "cpu", mode="maximum", check="none")
     _clock(dom, profile)
     _text(dom, "on_poweroff", "destroy")
-    _text(dom, "on_reboot", "destroy" if opts.lab else "restart")
+    _text(dom, "on_reboot", "destroy" if opts.lab and not opts.lab_guest_reboots else "restart")
     # preserve keeps a panicked guest paused so the lab can take a screendump.
     _text(dom, "on_crash", "preserve" if opts.lab else "restart")
     pm = ET.SubElement(dom, "pm")

@@ -445,6 +445,7 @@ class LibvirtBoot:
             known_issues=decision.known_issues,
             profile=self.profile.to_dict(),
             backend="libvirt",
+            reboots=decision.reboots,
             accel=accel.accel,
             timings=self.timings,
         )
@@ -492,7 +493,8 @@ class LibvirtBoot:
         self.timings["upload_mb"] = round(self.volumes.bytes_sent / 2**20, 1)
 
         xml = libvirt_xml.domain_xml(self.host.profile, self.host.files, libvirt_xml.XmlOptions(
-            domain_type=self._domain_type(accel), lab=True, firmware_autoselect=True))
+            domain_type=self._domain_type(accel), lab=True, firmware_autoselect=True,
+            lab_guest_reboots=self.opts.expect.max_reboots > 0))
         (self.outdir / "domain.xml").write_text(xml)
         self._qmp_log = open(self.outdir / "qmp.jsonl", "a", buffering=1)
         flags = libvirt.VIR_DOMAIN_START_PAUSED | libvirt.VIR_DOMAIN_START_AUTODESTROY
@@ -578,8 +580,11 @@ class LibvirtBoot:
     # -- watch ---------------------------------------------------------------
     def _watch(self, deadline: float) -> Decision:
         expect = self.opts.expect
+        # Guest reboots allowed: the domain restarts on a reset (on_reboot=restart) and the scorer
+        # counts QMP RESET events; with none allowed, on_reboot=destroy ends it at the first.
         scorer = Scorer(expect, console_expected=self.profile.serial_console,
-                        agent_expected=None if self.profile.guest_agent else False)
+                        agent_expected=None if self.profile.guest_agent else False,
+                        let_guest_reboot=_host_restarts_it if expect.max_reboots > 0 else None)
         if scorer.impossible:
             return Decision("incomplete", scorer.impossible, "lab")
         if scorer.agent_expected:
@@ -587,6 +592,7 @@ class LibvirtBoot:
             self.agent_checker = AgentChecker(str(self.workdir / "agent.sock"), expect, self.bus, deadline,
                                               port_open=scorer.agent_port_open, log_path=self.outdir / "agent.jsonl",
                                               network=scorer.want_network)
+            scorer.agent_checker = self.agent_checker
             self.agent_checker.start()
         return score(self.bus, scorer, deadline)
 
@@ -706,6 +712,11 @@ class LibvirtBoot:
         head = (f"# libvirt backend, {self.uri}: QEMU's own log is on that host "
                 f"(/var/log/libvirt/qemu/{self.tag}.log); what libvirt reported about the QEMU process:\n")
         (self.outdir / "qemu.log").write_text(head + "".join(line + "\n" for line in self._events))
+
+
+def _host_restarts_it() -> str | None:
+    """With on_reboot=restart the host has already run the guest again: nothing to do."""
+    return None
 
 
 def _connect(uri: str) -> "libvirt.virConnect":

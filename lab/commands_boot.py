@@ -17,7 +17,7 @@ from h2k.errors import InputError
 from h2k.profile import DISK_BUSES, FIRMWARES, NIC_MODELS, MachineProfile
 from lab.boot import BACKENDS, boot, boot_two_phase
 from lab.guestos import os_family_of
-from lab.verdict import BUILTIN_FAILURES, EVIDENCE, Expect, Pattern, parse_success
+from lab.verdict import BUILTIN_FAILURES, EVIDENCE, Expect, Pattern, check_max_reboots, parse_success
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -76,6 +76,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--require-network", action="store_true",
                    help="an IPv4 address on a NIC and a ping of the gateway from inside the guest "
                         "(adds 'network', which implies the agent, to every success alternative)")
+    p.add_argument("--max-reboots", metavar="N",
+                   help="guest-initiated reboots allowed before success (the lab lets the guest restart and "
+                        "scores on, same deadline); one more is a reboot loop. Default per OS: linux 0, "
+                        "windows 3 (a generalized Windows restarts during setup and driver installation)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON instead of one line")
     p.set_defaults(func=run)
 
@@ -135,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     if args.connect and args.backend != "libvirt":
         raise InputError("--connect needs --backend libvirt")
     success = parse_success(args.success) if args.success else None
+    max_reboots = None if args.max_reboots is None else check_max_reboots(args.max_reboots, "--max-reboots")
     failures = list(BUILTIN_FAILURES) + _named(args.fail_pattern, "failed")
     known = _named(args.known_issue, "softfailed")
 
@@ -142,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         return Expect.for_os(family, first_boot=first_boot, success=success,
                              success_patterns=list(args.expect_pattern), failure_patterns=failures,
                              known_issues=known, require_agent=args.require_agent or args.require_network,
-                             require_network=args.require_network)
+                             require_network=args.require_network, max_reboots=max_reboots)
 
     expect_for("linux" if args.os == "auto" else args.os)  # bad input ends here, before any inspection or boot
     if args.os == "auto":

@@ -112,10 +112,11 @@ def _words(ev: ConsoleEvent) -> str:
 RebootAction = Callable[[], "str | None"]
 # A firmware resets the machine again right after a warm reset (SeaBIOS on QEMU cannot restore
 # its own RAM copy otherwise: firmware.log shows "In resume (status=0) ... Attempting a hard
-# reboot", ~0.1 s after the lab resumed the guest, sometimes as two reset requests ms apart).
+# reboot", ~0.1 s after the lab resumed the guest; two requests ms apart when the lab holds
+# resets, up to six RESET events within 0.6 s when the host restarts the guest itself).
 # Resets this soon after a reboot are that reboot's, not new ones: no guest gets from its
 # firmware to a reboot of its own so soon.
-REBOOT_SETTLE_SECONDS = 3.0
+REBOOT_SETTLE_SECONDS = 5.0
 
 
 class Scorer:

@@ -371,7 +371,8 @@ def cell_expect(cell: Cell):
 
     windows = cell.kind == "windows"
     return Expect.for_os(cell.kind, first_boot=windows, collect_devices=windows,
-                         success=[list(a) for a in cell.success] or None, success_patterns=list(cell.patterns))
+                         success=[list(a) for a in cell.success] or None, success_patterns=list(cell.patterns),
+                         max_reboots=cell.max_reboots)
 
 
 def child_boot(req: dict[str, Any]) -> dict[str, Any]:
@@ -390,11 +391,11 @@ def child_boot(req: dict[str, Any]) -> dict[str, Any]:
         "verdict": result.verdict, "reason": result.reason, "stop_code": result.stop_code,
         "stop_name": result.stop_name, "artifacts": dict(result.artifacts), "agent": _plain(result.agent),
         "phases": [{k: ph.get(k) for k in ("phase", "verdict", "reason", "seconds", "stop_code", "stop_name",
-                                           "evidence")}
+                                           "evidence", "reboots")}
                    for ph in result.phases],
         "evidence": list(result.evidence),
         "lab_setup": {**(req.get("info") or {}).get("lab_setup", {}), "success": expect.alternatives(),
-                      "patterns": list(expect.success_patterns)},
+                      "patterns": list(expect.success_patterns), "max_reboots": expect.max_reboots},
     }
     return {"outcome": outcome}
 

@@ -135,19 +135,20 @@ def expand(spec: MatrixSpec) -> list[Cell]:
             if t.rule.matches(cell):
                 timeout = t.seconds
         issue = next((k.reason for k in spec.known_issues if k.rule.matches(cell)), None)
-        success, patterns = _expect_of(spec, cell)
-        cells.append(replace(cell, timeout=timeout, known_issue=issue, success=success, patterns=patterns))
+        cells.append(replace(_with_expect(spec, cell), timeout=timeout, known_issue=issue))
     return cells
 
 
-def _expect_of(spec: MatrixSpec, cell: Cell) -> tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]:
-    """The cell's success alternatives and patterns: the image's expect:, then matching rules in file order."""
+def _with_expect(spec: MatrixSpec, cell: Cell) -> Cell:
+    """The cell with its success alternatives, patterns and allowed reboots: the image's expect:,
+    then matching rules in file order."""
     from matrix.executors import cell_expect
     from matrix.load import MatrixError
 
     layers = [spec.image(cell.image).expect] + [e.expect for e in spec.expect if e.rule.matches(cell)]
     success: tuple[tuple[str, ...], ...] = ()
     patterns: tuple[str, ...] = ()
+    max_reboots: int | None = None
     for layer in layers:
         if layer is None:
             continue
@@ -155,12 +156,14 @@ def _expect_of(spec: MatrixSpec, cell: Cell) -> tuple[tuple[tuple[str, ...], ...
             success = layer.success
         if layer.patterns is not None:
             patterns = layer.patterns
-    got = replace(cell, success=success, patterns=patterns)
+        if layer.max_reboots is not None:
+            max_reboots = layer.max_reboots
+    got = replace(cell, success=success, patterns=patterns, max_reboots=max_reboots)
     try:
         cell_expect(got)  # the combination must make sense (e.g. patterns that no alternative uses)
     except InputError as exc:
         raise MatrixError(f"{spec.source}: cell {cell.id}: {exc}") from None
-    return success, patterns
+    return got
 
 
 def select(cells: list[Cell], patterns: list[str]) -> list[Cell]:

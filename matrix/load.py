@@ -89,8 +89,9 @@ def parse_stop_code(value: Any, source: str, where: str) -> int | None:
 
 
 def parse_expect(raw: dict[str, Any] | None, source: str, where: str) -> ExpectSpec | None:
-    """An ``expect:`` mapping -> ExpectSpec; an unknown evidence name or a broken regex is one line."""
-    from lab.verdict import check_success, parse_success
+    """An ``expect:`` mapping -> ExpectSpec; an unknown evidence name, a broken regex or a bad
+    reboot count is one line."""
+    from lab.verdict import check_max_reboots, check_success, parse_success
 
     if raw is None:
         return None
@@ -108,7 +109,13 @@ def parse_expect(raw: dict[str, Any] | None, source: str, where: str) -> ExpectS
             raise MatrixError(f"{source}: {where}.patterns[{j}]: {regex!r} is not a valid regex: {exc}") from None
     if "patterns" in raw:
         patterns = tuple(raw["patterns"])
-    return ExpectSpec(success, patterns)
+    max_reboots = None
+    if "max_reboots" in raw:  # the schema has checked it; the lab's own rule says the same in one line
+        try:
+            max_reboots = check_max_reboots(raw["max_reboots"], "max_reboots")
+        except InputError as exc:
+            raise MatrixError(f"{source}: {where}.{exc}") from None
+    return ExpectSpec(success, patterns, max_reboots)
 
 
 def load_matrix(

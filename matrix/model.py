@@ -104,7 +104,8 @@ class KnownIssue:
 
 @dataclass(frozen=True)
 class ExpectSpec:
-    """A matrix file's ``expect:``: success alternatives (evidence names) and/or console regexes.
+    """A matrix file's ``expect:``: success alternatives (evidence names) and/or console regexes,
+    and the guest reboots allowed before success.
 
     Unset keys (None) keep what comes before: the image kind's default, then the image's
     ``expect:``, then each matching rule in file order.
@@ -112,6 +113,7 @@ class ExpectSpec:
 
     success: tuple[tuple[str, ...], ...] | None = None
     patterns: tuple[str, ...] | None = None
+    max_reboots: int | None = None
 
 
 @dataclass
@@ -164,6 +166,7 @@ class Cell:
     # What passes this cell's boots (the matrix's expect:); empty: the kind's default.
     success: tuple[tuple[str, ...], ...] = ()
     patterns: tuple[str, ...] = ()
+    max_reboots: int | None = None  # guest reboots allowed before success; None: the kind's default
 
     def field(self, key: str) -> Any:
         return getattr(self, key)

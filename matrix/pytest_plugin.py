@@ -12,7 +12,9 @@ deselected):
 * each test boots its cell on its own qcow2 overlay with the lab and fails with
   the lab's verdict and reason (bugcheck code and name included);
 * properties (verdict, the evidence that passed it, EMS on the lab's copy of a Windows image,
-  artifacts) go to ``--junitxml`` via ``user_properties``.
+  artifacts) go to ``--junitxml`` via ``user_properties``;
+* ``--success``, ``--expect-pattern`` and ``--max-reboots`` set what passes a boot (the
+  matrix file's ``expect:``).
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "agent; windows agent, after h2k's first-boot installer)")
     g.addoption("--expect-pattern", action="append", default=[], dest="h2k_expect_pattern", metavar="REGEX",
                 help="console regex for the 'pattern' evidence (repeatable); without --success it alone decides")
+    g.addoption("--max-reboots", default=None, dest="h2k_max_reboots", metavar="N",
+                help="guest-initiated reboots allowed before success; one more is a reboot loop "
+                     "(default: linux 0, windows 3: a generalized Windows restarts during setup)")
     g.addoption("--matrix-out", metavar="DIR", default=None,
                 help="where fixed images and boot artifacts go (default: under pytest's temp dir)")
 
@@ -109,6 +114,8 @@ def build_cells(config: pytest.Config):
         image: dict[str, Any] = {"name": name, "kind": kind, "path": str(path), "firmware": firmware}
         expect = {k: v for k, v in (("success", config.getoption("h2k_success")),
                                     ("patterns", config.getoption("h2k_expect_pattern"))) if v}
+        if config.getoption("h2k_max_reboots") is not None:
+            expect["max_reboots"] = _max_reboots(config.getoption("h2k_max_reboots"))
         if expect:
             image["expect"] = expect
         images.append(image)
@@ -128,6 +135,16 @@ def build_cells(config: pytest.Config):
         spec = build_spec(data, "pytest options")
         return spec, expand(spec)  # expand checks each cell's success (e.g. a pattern no alternative uses)
     except Exception as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def _max_reboots(value: str) -> int:
+    from h2k.errors import InputError
+    from lab.verdict import check_max_reboots
+
+    try:
+        return check_max_reboots(value, "--max-reboots")
+    except InputError as exc:
         raise pytest.UsageError(str(exc)) from None
 
 

@@ -20,6 +20,9 @@ from h2k.cli import main
     (["boot", "--kernel", "/boot/vmlinuz", "--expect-pattern", "login:("], "'login:(': not a valid regex"),
     (["boot", "--kernel", "/boot/vmlinuz", "--success", "pattern"], "'pattern' needs at least one"),
     (["boot", "--kernel", "/boot/vmlinuz", "--success", "login", "--expect-pattern", "x"], "no success alternative"),
+    (["boot", "--kernel", "/boot/vmlinuz", "--max-reboots", "-1"], "--max-reboots: '-1' is not a whole number"),
+    (["boot", "--kernel", "/boot/vmlinuz", "--max-reboots", "2.5"], "--max-reboots: '2.5' is not a whole number"),
+    (["boot", "--kernel", "/boot/vmlinuz", "--max-reboots", "101"], "from 0 to 100"),
     # Checked before the image is inspected: bad input never waits for an appliance.
     (["boot", "/etc/hostname", "--success", "bogus"], "unknown evidence 'bogus'"),
 ])
@@ -35,5 +38,6 @@ def test_help_explains(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for word in ("--two-phase", "--backend", "--require-network", "--expect-pattern", "Exits 0 only", "--success",
+                 "--max-reboots", "windows 3",
                  "systemd-target", "login | systemd-target | agent"):
         assert word in out

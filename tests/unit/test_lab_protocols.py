@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,55 @@ def test_agent_sync_discards_stale_bytes_and_runs_checks(tmp_path):
         a.shutdown()
     t.join(5)
     assert ping_command({"id": "debian"}, "10.0.2.2")[0] == "ping"
+
+
+def test_agent_checker_starts_over_when_the_guest_reboots(tmp_path):
+    """The first session's agent goes silent mid-check (its guest reset); after ``restart`` the
+    checker drops that session at once, reconnects and checks the next boot's agent."""
+    from lab.scoring import AgentChecker, SignalBus
+    from lab.verdict import Expect
+
+    sock = tmp_path / "qga.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(sock))
+    srv.listen(2)
+    sessions, asked = [], threading.Event()
+
+    def agent(session):
+        conn, _ = srv.accept()
+        sessions.append(conn)
+        fh = conn.makefile("rwb", buffering=0)
+        for line in fh:
+            msg = json.loads(line.lstrip(b"\xff"))
+            cmd = msg["execute"]
+            if cmd == "guest-sync-delimited":
+                fh.write(b"\xff" + json.dumps({"return": msg["arguments"]["id"]}).encode() + b"\n")
+            elif cmd == "guest-ping":
+                fh.write(b'{"return": {}}\n')
+            elif cmd == "guest-get-osinfo" and session == 1:
+                fh.write(b'{"return": {"id": "mswindows", "pretty-name": "after the reboot"}}\n')
+            elif cmd == "guest-get-osinfo":
+                asked.set()  # session 0 never answers it: the guest reset under it
+        conn.close()
+
+    def serve():
+        agent(0)
+        agent(1)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    bus = SignalBus()
+    checker = AgentChecker(str(sock), Expect(require_agent=True), bus, deadline=float("inf"), network=False)
+    checker.start()
+    try:
+        assert asked.wait(5)  # the checker now waits for guest-get-osinfo (a 10 s timeout)
+        t0 = time.monotonic()
+        checker.restart(1)
+        sig = bus.get(timeout=5)
+        assert sig is not None and time.monotonic() - t0 < 2  # not the 10 s command timeout
+        assert (sig.name, sig.data["boot"], sig.data["osinfo"]["pretty-name"]) == ("ok", 1, "after the reboot")
+        assert bus.get(timeout=0.3) is None  # nothing about boot 0, no failure
+        assert len(sessions) == 2
+    finally:
+        checker.stop()
+        srv.close()

@@ -11,7 +11,8 @@ import pytest
 
 from lab.console import ConsoleScanner
 from lab.scoring import Scorer, Signal, SignalBus, score
-from lab.verdict import BootResult, Expect, Pattern
+from h2k.errors import InputError
+from lab.verdict import BootResult, Expect, Pattern, check_max_reboots
 
 REC = Path(__file__).resolve().parents[1] / "data" / "recorded"
 
@@ -263,3 +264,123 @@ def test_softfail_reason_keeps_the_evidence():
     decisions = [s.handle(x) for x in console_signals(b"ata1: link is slow\nbox login: ", exp)]
     assert decisions[-1].verdict == "softfailed" and decisions[-1].evidence == ["login"]
     assert decisions[-1].reason.startswith("booted (login prompt 'box login:') with known issues: slow")
+
+
+# --- guest reboots before success (Expect.max_reboots) --------------------------------------
+
+
+class Rebooter:
+    """A backend's ``let_guest_reboot``: counts how often the scorer let a held reset run again."""
+
+    def __init__(self, why=None):
+        self.calls, self.why = 0, why
+
+    def __call__(self):
+        self.calls += 1
+        return self.why
+
+
+def reset(t, reason="guest-reset", name="SHUTDOWN"):
+    return Signal("qmp", name, {"guest": reason.startswith("guest"), "reason": reason}, t)
+
+
+def test_reboot_allowance_per_os_family_and_bad_values():
+    assert Expect().max_reboots == 0
+    assert [Expect.for_os(f).max_reboots for f in ("linux", "windows", "testbed")] == [0, 3, 0]
+    assert Expect.for_os("windows", first_boot=True, max_reboots=None).max_reboots == 3
+    assert Expect.for_os("linux", max_reboots=2).max_reboots == 2
+    assert Expect.from_dict(Expect.for_os("windows").to_dict()).max_reboots == 3
+    assert check_max_reboots("4") == 4
+    for bad in (-1, 101, 1.5, True, "two", "", None):
+        with pytest.raises(InputError, match="not a whole number from 0 to 100"):
+            Expect(max_reboots=bad)
+
+
+def test_reboots_within_the_allowance_are_let_through_and_one_more_is_a_loop():
+    exp, again = Expect(max_reboots=2, require_agent=True), Rebooter()
+    s = Scorer(exp, let_guest_reboot=again)
+    for n, t in enumerate((10.0, 40.0), 1):
+        assert s.handle(reset(t)) is None and again.calls == n and s.boot == n
+        assert s.handle(Signal("qmp", "RESUME", {}, t + 0.1)) is None
+    [marker] = console_signals(b"H2K-BOOT-OK\n", exp)
+    assert s.handle(marker) is None  # the agent is still missing
+    d = s.handle(reset(70.0))
+    assert (d.verdict, d.signal) == ("failed", "qmp-reset") and again.calls == 2
+    assert d.reason == "reboot loop: 3 guest resets before success (2 allowed); the last after showing marker"
+    # Without a way to let the guest run again, every reset is a loop whatever the allowance.
+    d = Scorer(exp).handle(reset(1.0))
+    assert d.reason == "reboot loop: 1 guest reset before success (none allowed)"
+
+
+def test_success_must_be_seen_within_one_boot_and_the_verdict_counts_the_reboots():
+    exp = Expect(require_agent=True, max_reboots=1)
+    bus, s = SignalBus(), Scorer(exp, let_guest_reboot=Rebooter())
+    [marker0] = console_signals(b"H2K-BOOT-OK\n", exp)
+    [marker1] = console_signals(b"H2K-BOOT-OK\n", exp)
+    for sig in [marker0, reset(1.0), Signal("qmp", "RESUME", {}, 1.1),
+                # The agent of the boot that ended answers late: no evidence about the next boot.
+                Signal("agent", "ok", {"summary": "agent up (boot 0)", "boot": 0}),
+                Signal("agent", "failed", {"reason": "guest agent: channel closed", "evidence": "agent", "boot": 0}),
+                Signal("agent", "ok", {"summary": "agent up (boot 1)", "boot": 1}),
+                marker1]:
+        bus.put(sig)
+    d = score(bus, s, time.monotonic() + 5)
+    # Boot 0's marker was forgotten at the reset: only boot 1's own marker completes the pass.
+    assert (d.verdict, d.reboots, d.evidence, d.signal_t) == ("passed", 1, ["marker", "agent"], marker1.t)
+    assert d.reason == "after 1 guest reboot: console marker 'H2K-BOOT-OK' + agent up (boot 1)"
+    assert s.dead == {}  # boot 0's late failure killed nothing
+
+
+def test_a_failure_line_before_a_reboot_has_decided_and_one_after_names_the_reboots():
+    exp = Expect.for_os("linux", max_reboots=3)
+    bus, s = SignalBus(), Scorer(exp, let_guest_reboot=Rebooter())
+    for sig in [*console_signals(b"ALERT!  /dev/sda1 does not exist.  Dropping to a shell!\n", exp), reset(1.0)]:
+        bus.put(sig)
+    d = score(bus, s, time.monotonic() + 5)
+    assert (d.verdict, d.reboots) == ("failed", 0) and d.reason == "root-missing: /dev/sda1"
+    bus, s = SignalBus(), Scorer(exp, let_guest_reboot=Rebooter())
+    for sig in [reset(1.0), Signal("qmp", "RESUME", {}, 1.1),
+                *console_signals(b"ALERT!  /dev/sda1 does not exist.  Dropping to a shell!\n", exp)]:
+        bus.put(sig)
+    d = score(bus, s, time.monotonic() + 5)
+    assert (d.verdict, d.reboots) == ("failed", 1) and d.reason == "after 1 guest reboot: root-missing: /dev/sda1"
+
+
+def test_a_reboot_the_backend_cannot_make_is_incomplete():
+    s = Scorer(Expect(max_reboots=1), let_guest_reboot=Rebooter("set-action: CommandNotFound"))
+    d = s.handle(reset(1.0))
+    assert d.verdict == "incomplete" and "could not let the guest reboot (set-action: CommandNotFound)" in d.reason
+
+
+def recorded_signals(name):
+    """A real boot's qmp.jsonl as the scorer saw it: events only, at the times the lab read them."""
+    out = []
+    for line in (REC / name).read_text().splitlines():
+        rec = json.loads(line)
+        if "event" in rec["msg"]:
+            out.append(Signal("qmp", rec["msg"]["event"], rec["msg"].get("data", {}), rec["t"]))
+    return out
+
+
+def test_seabios_finishing_a_held_reboot_is_not_a_second_reboot():
+    # Direct backend, recorded: the guest's reset, then SeaBIOS's hard reboot (two requests ms
+    # apart) right after the lab resumed it. The lab ran system_reset twice (see the record).
+    again = Rebooter()
+    s = Scorer(Expect(max_reboots=1), let_guest_reboot=again)
+    sigs = recorded_signals("qmp_reboot_allowed_direct_seabios.jsonl")
+    assert all(s.handle(sig) is None for sig in sigs[:-1])  # the last is the lab's quit
+    record = (REC / "qmp_reboot_allowed_direct_seabios.jsonl").read_text()
+    assert (len(s.reboots), s.firmware_resets, again.calls) == (1, 1, record.count('"system_reset"'))
+    # A reset long after the firmware's is the guest's own again: beyond one allowed, a loop.
+    d = s.handle(reset(s.reboots[-1] + 30))
+    assert d.reason == "reboot loop: 2 guest resets before success (1 allowed)"
+
+
+def test_resets_the_host_made_itself_are_counted_once_per_reboot():
+    # libvirt with on_reboot=restart, recorded: seven RESET guest-reset events for one reboot.
+    s = Scorer(Expect(max_reboots=1), let_guest_reboot=Rebooter())
+    sigs = recorded_signals("qmp_reboot_allowed_libvirt_seabios.jsonl")
+    assert sum(x.name == "RESET" for x in sigs) == 7
+    assert all(s.handle(sig) is None for sig in sigs[:-1])  # the last is the lab's destroy
+    assert (len(s.reboots), s.firmware_resets, s.boot) == (1, 6, 1)
+    assert s.handle(reset(10.0, "host-qmp-system-reset", "RESET")) is None  # not the guest's

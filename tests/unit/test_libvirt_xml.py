@@ -239,6 +239,11 @@ def test_host_side_xml_names_only_the_pool_and_lets_the_host_pick_its_firmware(t
     assert root.find("devices/serial").get("type") == "pty" and root.find("devices/serial/log") is None
     assert root.find("devices/channel/source").get("path") is None  # the host names the agent socket
     assert root.find("seclabel") is None  # QEMU runs as the host's QEMU user, not forced to root
+    assert root.findtext("on_reboot") == "destroy"  # a guest reset ends the boot: the lab's reboot loop
+    # Guest reboots allowed before success: the host restarts the guest (the lab counts RESET events).
+    rebooting = ET.fromstring(lx.domain_xml(p, HOST_FILES, lx.XmlOptions(
+        domain_type="qemu", lab=True, firmware_autoselect=True, lab_guest_reboots=True)))
+    assert (rebooting.findtext("on_reboot"), rebooting.findtext("on_crash")) == ("restart", "preserve")
     os_el = root.find("os")
     if firmware == "bios":
         assert os_el.get("firmware") is None and os_el.find("nvram") is None

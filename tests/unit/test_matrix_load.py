@@ -140,9 +140,10 @@ def test_expect_per_image_and_per_rule_reaches_each_cell():
     from matrix.executors import cell_expect
 
     d = base()
-    d["images"][1]["expect"] = {"success": ["agent+login", ["systemd-target"]]}
+    d["images"][1]["expect"] = {"success": ["agent+login", ["systemd-target"]], "max_reboots": 1}
     d["expect"] = [
-        {"match": {"image": "deb", "firmware": "uefi"}, "patterns": ["Welcome to Debian"], "success": ["pattern"]},
+        {"match": {"image": "deb", "firmware": "uefi"}, "patterns": ["Welcome to Debian"], "success": ["pattern"],
+         "max_reboots": 2},
         {"match": {"kind": "windows"}, "success": ["ems+agent"]},
     ]
     cells = {c.id: c for c in expand(build_spec(d, "m.yaml"))}
@@ -151,8 +152,11 @@ def test_expect_per_image_and_per_rule_reaches_each_cell():
     assert uefi.success == (("pattern",),) and uefi.patterns == ("Welcome to Debian",)
     assert cell_expect(bios).alternatives() == [["agent", "login"], ["systemd-target"]]
     assert cell_expect(uefi).success_patterns == ["Welcome to Debian"]
+    # Allowed reboots: the image's, then the matching rule's; unset, the kind's default.
+    assert (bios.max_reboots, uefi.max_reboots) == (1, 2)
+    assert (cell_expect(bios).max_reboots, cell_expect(uefi).max_reboots) == (1, 2)
     win = cell_expect(cells["win2019.bios.virtio-blk.virtio-net"])
-    assert win.alternatives() == [["ems", "agent"]] and win.collect_devices
+    assert win.alternatives() == [["ems", "agent"]] and win.collect_devices and win.max_reboots == 3
     # No expect: the kind's default; a Windows cell runs h2k's first-boot installer, so the agent.
     d.pop("expect")
     cells = {c.id: c for c in expand(build_spec(d, "m.yaml"))}
@@ -167,6 +171,9 @@ def test_expect_per_image_and_per_rule_reaches_each_cell():
     ({"match": {"image": "deb"}, "patterns": ["(unclosed"]}, "expect[0].patterns[0]", "not a valid regex"),
     ({"match": {"image": "deb"}}, "expect[0]", "does not have enough properties"),
     ({"match": {"image": "debx"}, "success": ["agent"]}, "expect[0].match.image", "'debx' is not one of"),
+    ({"match": {"image": "deb"}, "max_reboots": -1}, "expect[0].max_reboots", "less than the minimum of 0"),
+    ({"match": {"image": "deb"}, "max_reboots": "2"}, "expect[0].max_reboots", "'2' is not of type 'integer'"),
+    ({"match": {"image": "deb"}, "max_reboots": 101}, "expect[0].max_reboots", "greater than the maximum of 100"),
 ])
 def test_bad_expect_is_one_line(expect_rule, field, words):
     d = base()
@@ -194,3 +201,4 @@ def test_shipped_windows_matrices_pass_on_the_agent_and_collect_devices(name):
     for c in cells:
         exp = cell_expect(c)
         assert exp.alternatives() == [["agent"]] and exp.collect_devices, c.id
+        assert exp.max_reboots == 3, c.id  # a generalized Windows restarts during its first boot

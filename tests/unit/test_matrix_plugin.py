@@ -65,14 +65,15 @@ def test_success_and_patterns_reach_the_cells_and_bad_ones_are_usage_errors(tmp_
     img = disk(tmp_path, "dos")
     conftest = ("def pytest_collection_finish(session):\n"
                 "    for item in session.items:\n"
-                "        print('CELL', item.cell.id, item.cell.success, item.cell.patterns)\n")
+                "        print('CELL', item.cell.id, item.cell.success, item.cell.patterns, item.cell.max_reboots)\n")
     (tmp_path / "conftest.py").write_text(conftest)
     p = pytest_in(tmp_path, "--collect-only", "-q", "-s", "--image", str(img), "--success", "agent+login",
-                  "--success", "pattern", "--expect-pattern", "Welcome")
+                  "--success", "pattern", "--expect-pattern", "Welcome", "--max-reboots", "2")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "CELL dos.bios.virtio-blk.virtio-net (('agent', 'login'), ('pattern',)) ('Welcome',)" in p.stdout
+    assert "CELL dos.bios.virtio-blk.virtio-net (('agent', 'login'), ('pattern',)) ('Welcome',) 2" in p.stdout
     for args, words in ((["--success", "agent+bogus"], "unknown evidence 'bogus'"),
                         (["--expect-pattern", "(x"], "not a valid regex"),
+                        (["--max-reboots", "many"], "--max-reboots: 'many' is not a whole number from 0 to 100"),
                         (["--success", "login", "--expect-pattern", "x"], "no success alternative uses 'pattern'")):
         bad = pytest_in(tmp_path, "--collect-only", "-q", "--image", str(img), *args)
         assert bad.returncode == 4 and words in bad.stderr, bad.stdout + bad.stderr
