@@ -1,6 +1,7 @@
 """Real boots of the lab's tiny guests under QEMU (direct backend), one per outcome,
 on SeaBIOS and OVMF: passed with network (agent + gateway ping), a panic caught
-through GUEST_PANICKED (pvpanic), a reboot loop (SHUTDOWN guest-reset), a timeout,
+through GUEST_PANICKED (pvpanic), a reboot loop (SHUTDOWN guest-reset), guest reboots within the
+allowance let through (and one more a reboot loop), a timeout,
 a silent guest, no bootable device, Secure Boot refusing an unsigned loader, a
 two-phase boot that keeps one NVRAM and what the bootstrap phase wrote on the disk, and a
 guest that prints nothing passed by its agent alone.
@@ -59,7 +60,13 @@ CASES = {
     "bios-acpi-shutdown": ("bios", "pass", "kernel", {}, Expect(), LONG),
     # A guest that prints nothing anywhere, scored as any Linux: only its agent can pass it.
     "bios-quiet-agent": ("bios", "quiet", "kernel", {}, Expect.for_os("linux"), LONG),
+    # Reboots before success (a Windows first boot's, in small): each boot's agent answers, then
+    # the guest reboots until its disk's boot counter reaches K. One reboot allowed: K=2 passes
+    # (SeaBIOS, which resets the machine once more itself), K=3 is a reboot loop (OVMF).
+    "bios-reboot-until-2": ("bios", "reboot-until=2", "disk", {}, Expect(require_agent=True, max_reboots=1), LONG),
+    "uefi-reboot-until-3": ("uefi", "reboot-until=3", "disk", {}, Expect(require_agent=True, max_reboots=1), LONG),
 }
+REBOOTING = ("reboot-until=2", "reboot-until=3")
 SHUTDOWN_ON_PASS = {"bios-acpi-shutdown"}
 # Booted right after the two-phase run, in the same worker: a plain boot of the same image
 # must count its boot as the first again (the two-phase run never wrote the image).
@@ -87,8 +94,9 @@ def _run_two_phase_then_plain(outroot: Path):
 
 
 def _run_all(outroot: Path) -> dict:
-    tinyguest.initramfs(), tinyguest.disk_image("pass"), tinyguest.empty_disk()  # build once, up front
-    images = {str(p): p.stat().st_mtime_ns for p in (tinyguest.disk_image("pass"), tinyguest.empty_disk())}
+    tinyguest.initramfs(), tinyguest.empty_disk()  # build once, up front
+    disks = [tinyguest.disk_image(mode) for mode in ("pass", *REBOOTING)] + [tinyguest.empty_disk()]
+    images = {str(p): p.stat().st_mtime_ns for p in disks}
     with ThreadPoolExecutor(max_workers=5) as pool:
         chain = pool.submit(_run_two_phase_then_plain, outroot)  # the longest: start it first
         futs = {cid: pool.submit(_run_case, cid, outroot) for cid in CASES if cid != AFTER_TWO_PHASE}
@@ -169,8 +177,44 @@ def test_panic_caught_through_guest_panicked(results, case):
 @pytest.mark.parametrize("case", ["bios-reboot", "uefi-reboot"])
 def test_reboot_loop(results, case):
     r = results[case]
-    assert r.verdict == "failed" and r.signal == "qmp-reset" and "reboot loop" in r.reason
+    assert r.verdict == "failed" and r.signal == "qmp-reset" and r.reboots == 0
+    assert r.reason == "reboot loop: 1 guest reset before success (none allowed)", r.reason
     assert any(e["event"] == "SHUTDOWN" and e["data"]["reason"] == "guest-reset" for e in _qmp_events(r))
+
+
+def _agent_sessions(result) -> list[str]:
+    """The OS names the guest's agent reported, one per agent session (agent.jsonl)."""
+    recs = [json.loads(line) for line in Path(result.artifacts["agent.jsonl"]).read_text().splitlines()]
+    return [r["msg"]["return"]["pretty-name"] for r in recs
+            if r["dir"] == "in" and isinstance(r["msg"].get("return"), dict) and "pretty-name" in r["msg"]["return"]]
+
+
+def test_guest_reboots_within_the_allowance_pass_and_are_counted(results):
+    r = results["bios-reboot-until-2"]
+    assert (r.verdict, r.reboots, r.evidence) == ("passed", 1, ["marker", "agent"]), r.reason
+    assert r.reason.startswith("after 1 guest reboot: console marker 'H2K-BOOT-OK' + agent up"), r.reason
+    # Two boots of the same disk: the guest's own write reached its second boot (the counter).
+    assert printed_counts(r.artifacts["serial.log"]) == {"1", "2"}
+    # The lab held the reset and let it run again, the firmware's own hard reboot included
+    # (SeaBIOS resets once more after a warm reset): one guest reboot, several resets, all in qmp.jsonl.
+    events = _qmp_events(r)
+    resets = [e for e in events if e["event"] == "SHUTDOWN" and e["data"]["reason"] == "guest-reset"]
+    assert len(resets) >= 2 and sum(e["event"] == "RESET" for e in events) >= 2
+    assert "Attempting a hard reboot" in Path(r.artifacts["firmware.log"]).read_text(errors="replace")
+    # The agent checker started over with the second boot's agent: two sessions, the pass on the second.
+    assert _agent_sessions(r) == ["h2k tiny guest (busybox)"] * 2
+    _evidence(r)
+
+
+def test_one_reboot_more_than_allowed_is_a_reboot_loop(results):
+    r = results["uefi-reboot-until-3"]
+    assert (r.verdict, r.signal, r.reboots) == ("failed", "qmp-reset", 1), r.reason
+    assert r.reason.startswith("reboot loop: 2 guest resets before success (1 allowed)"), r.reason
+    # It rebooted once for real (its second boot counted 2) and was stopped at its second reset,
+    # one boot before it would have passed.
+    assert printed_counts(r.artifacts["serial.log"]) == {"1", "2"}
+    assert "H2K-BOOT-OK" not in Path(r.artifacts["serial.log"]).read_text(errors="replace")
+    _evidence(r)
 
 
 @pytest.mark.parametrize("case", ["bios-timeout", "uefi-timeout"])

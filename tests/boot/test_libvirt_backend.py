@@ -1,7 +1,7 @@
 """The libvirt backend boots the lab's tiny guests for real on a libvirt host that shares no
 files with the lab, and reaches the same verdicts as the direct QEMU backend: passed (with agent
 and network), a pvpanic GUEST_PANICKED, a reboot loop (SHUTDOWN guest-reset), on SeaBIOS and
-OVMF; QEMU runs as the host's own unprivileged user; and nothing is left behind.
+OVMF; a guest reboot within the allowance (the host restarts the guest, the lab counts it once); QEMU runs as the host's own unprivileged user; and nothing is left behind.
 
 The host is a private libvirtd in its own mount namespace (lab.libvirtd: its own config, run,
 state and storage directories; the lab's temp dirs, /root and /boot do not exist in it),
@@ -68,6 +68,8 @@ CASES = [
     ("bios-reboot", "libvirt", "bios", "reboot", "kernel", "failed", "qmp-reset"),
     ("uefi-panic", "libvirt", "uefi", "panic", "kernel", "failed", "qmp-panic"),
     ("uefi-reboot", "libvirt", "uefi", "reboot", "kernel", "failed", "qmp-reset"),
+    # One guest reboot allowed (on_reboot=restart): the guest's agent answers, it reboots, passes.
+    ("bios-reboot-until-2", "libvirt", "bios", "reboot-until=2", "disk", "passed", "success"),
     # A guest that boots and then hangs, and one that never prints: both end at the deadline.
     # (The deadline itself is lab.scoring's, shared with the direct backend: one of each kind here.)
     ("bios-timeout", "libvirt", "bios", "hang", "kernel", "timeout", "deadline"),
@@ -76,6 +78,8 @@ CASES = [
     ("bios-panic-direct", "qemu", "bios", "panic", "kernel", "failed", "qmp-panic"),
 ]
 CHAINED = ("uefi-two-phase", "bios-pass")  # one worker, in this order
+EXPECT = {"bios-pass": Expect(require_agent=True, require_network=True),
+          "bios-reboot-until-2": Expect(require_agent=True, max_reboots=1)}
 
 
 def _run_case(case, uri: str, root: Path):
@@ -99,7 +103,7 @@ def _run_case(case, uri: str, root: Path):
         prof = replace(prof, append=f"{prof.append} no_timer_check")
         image, vars_file = None, None
     # The BIOS pass boot also proves the agent bridge: ping, OS info, IPv4, gateway ping.
-    expect = Expect(require_agent=True, require_network=True) if cid == "bios-pass" else Expect()
+    expect = EXPECT.get(cid, Expect())
     kw = {"connect": uri} if backend == "libvirt" else {}
     res = boot(image, prof, timeout=DEADLINE.get(mode, TIMEOUT), outdir=out, expect=expect, backend=backend,
                vars_file=vars_file, **kw)
@@ -110,7 +114,7 @@ def _run_case(case, uri: str, root: Path):
 def results(libvirt_uri, tmp_path_factory):
     # Build the cached guest artefacts once, before the boots race for them.
     tinyguest.initramfs()
-    tinyguest.disk_image("pass")
+    tinyguest.disk_image("pass"), tinyguest.disk_image("reboot-until=2")
     root = tmp_path_factory.mktemp("libvirt-boots")
     # The lab's per-boot temp dirs go to a private dir so "nothing left" is checkable
     # while other tests boot in parallel.
@@ -165,6 +169,17 @@ def test_verdicts_match_the_direct_backend(results, case) -> None:
     if mode == "reboot":
         resets = [m for m in qmp if m.get("event") == "SHUTDOWN" and m["data"].get("reason") == "guest-reset"]
         assert resets and resets[0]["data"]["guest"] is True
+        assert res.reason == "reboot loop: 1 guest reset before success (none allowed)", res.reason
+    if mode.startswith("reboot-until"):
+        # The host restarted the guest itself (on_reboot=restart): one guest reboot, whatever
+        # number of RESET events SeaBIOS's own hard reboot adds, and the agent bridge served both boots.
+        assert ET.fromstring((out / "domain.live.xml").read_text()).findtext("on_reboot") == "restart"
+        assert res.reboots == 1 and res.reason.startswith("after 1 guest reboot: console marker"), res.reason
+        resets = [m for m in qmp if m.get("event") == "RESET" and m["data"].get("reason") == "guest-reset"]
+        assert len(resets) >= 2, qmp_events
+        assert printed_counts(out / "serial.log") == {"1", "2"} and "H2K-BOOT-OK" in serial
+        agent = [json.loads(line)["msg"] for line in (out / "agent.jsonl").read_text().splitlines()]
+        assert sum("pretty-name" in str(m.get("return", "")) for m in agent) == 2
     if mode in DEADLINE:
         assert DEADLINE[mode] <= res.seconds < DEADLINE[mode] + 30, res.seconds
         assert "H2K-BOOT-OK" not in serial
