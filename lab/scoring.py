@@ -504,7 +504,8 @@ class AgentChecker:
     def stop(self) -> None:
         self._stop.set()
         self._restarted.set()
-        self._thread.join(timeout=3)
+        if self._thread.ident is not None:  # an interrupt may come between creation and start
+            self._thread.join(timeout=3)
 
     def restart(self, boot: int) -> None:
         """The guest rebooted: check boot number ``boot`` from scratch."""

@@ -193,3 +193,11 @@ def test_agent_checker_starts_over_when_the_guest_reboots(tmp_path):
     finally:
         checker.stop()
         srv.close()
+
+
+def test_agent_checker_stopped_before_it_started(tmp_path):
+    # SIGTERM can land between the checker's creation and its start: the teardown must not fail.
+    from lab.scoring import AgentChecker, SignalBus
+    from lab.verdict import Expect
+
+    AgentChecker(str(tmp_path / "qga.sock"), Expect(require_agent=True), SignalBus(), deadline=0.0).stop()
