@@ -35,6 +35,10 @@ destroys the domain when our connection goes away. On every exit path (verdict,
 timeout, exception, SIGINT/SIGTERM) the domain is destroyed and its volumes and the
 local temp dir removed (a SIGKILLed lab leaves its volumes in the pool).
 
+Guest reboots before success (``Expect.max_reboots`` > 0): the domain gets
+``on_reboot=restart``, the host restarts the guest itself, and the scorer counts the
+``RESET`` (reason ``guest-reset``) events; with none allowed it keeps ``on_reboot=destroy``.
+
 Differences from the direct backend: a reboot with ``on_reboot=destroy`` ends the
 domain at once, so there is no screendump for a reboot loop; there is no
 ``firmware.log`` (no isa-debugcon); QEMU's own log stays on the host
