@@ -96,12 +96,18 @@ TRIM_PATHS = ["usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/i
 VMWARE_INITRAMFS_MODULES = ["ahci", "ata_piix", "sd_mod", "mptspi", "vmw_pvscsi", "ext4"]
 VIRTIO_MODULES = ["virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net"]
 VMWARE_MAC = "00:50:56:8a:3c:01"
-# What the admin of this VM put in GRUB_CMDLINE_LINUX: a serial console; ``net.ifnames=0``, the
-# classic template setting that keeps the NIC named eth0 (the name the VMware-era udev rule and
-# ifupdown stanza use) whatever bus and slot the hypervisor gives it; ``no_timer_check``, as
-# Fedora/RHEL cloud images carry it: a TCG vCPU starved by the host can fail the IO-APIC timer
-# check and panic ("IO-APIC + timer doesn't work!", seen once under load 15+ on this machine).
-KERNEL_CMDLINE = "console=ttyS0,115200 net.ifnames=0 no_timer_check"
+# What the admin of this VM put in GRUB_CMDLINE_LINUX:
+# - ``console=ttyS0,115200``: the serial console (systemd's getty generator then starts
+#   serial-getty@ttyS0, whose prompt is one of the lab's success evidences);
+# - ``net.ifnames=0``: the classic template setting that keeps the NIC named eth0 (the name the
+#   VMware-era udev rule and ifupdown stanza use) whatever bus and slot the hypervisor gives it;
+# - ``no_timer_check``, as Fedora/RHEL cloud images carry it: a TCG vCPU starved by the host can
+#   fail the IO-APIC timer check and panic ("IO-APIC + timer doesn't work!", seen under load 15+);
+# - ``systemd.default_timeout_start_sec=300``: systemd 252 gives device units the default start
+#   timeout (90 s); under TCG udev's coldplug (a module load per device) reached /dev/ttyS0 after
+#   ~50 s idle and after more than 90 s at load 11-14, so "Timed out waiting for device
+#   dev-ttyS0.device" failed serial-getty@ttyS0 and the console never printed a login prompt.
+KERNEL_CMDLINE = "console=ttyS0,115200 net.ifnames=0 no_timer_check systemd.default_timeout_start_sec=300"
 
 ROOTFS_RECIPE_VERSION = 2
 DISK_BUILD_VERSION = 4

@@ -95,9 +95,12 @@ def _assert_fstab_and_udev_ran(console: str, disk: Path, firmware: str, bus: str
     # GRUB names the root by the UUID its ext4 carries; the initramfs' udev found it as the bus's device
     assert f"root=UUID={ext4_uuid(disk, firmware)} " in console
     assert f"EXT4-fs ({dev}): mounted filesystem" in console
-    # systemd applied fstab to / (remounted it with fstab's options; writers to / then finished)
+    # systemd applied fstab to / (remounted it from the kernel's "ro" with fstab's options), and
+    # writers to / then finished (utmp's boot record), nothing failed
     assert re.search(r"Finished systemd-remount-f.*Root and Kernel File Systems\.", console)
     assert f"EXT4-fs ({dev}): re-mounted" in console
+    assert re.search(r"Finished systemd-update-ut.*Boot/Shutdown in UTMP\.", console)
+    assert "FAILED" not in console
     if firmware == "uefi":  # systemd mounted the ESP from fstab's UUID= line, through udev's by-uuid link
         assert re.search(r"Mounted boot-efi\.mount.*/boot/efi\.", console)
     # udev's ifupdown hotplug rule brought eth0 up; nothing fell back to an emergency shell
