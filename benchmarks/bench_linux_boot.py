@@ -10,7 +10,6 @@ repeats each cell and reports the median.
 from __future__ import annotations
 
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -40,12 +39,11 @@ def main() -> int:
     for firmware in ("bios", "uefi"):
         fixed, _ = linux_guest.fixed_disk(firmware)
         unfixed = linux_guest.build_disk(firmware)
-        login = [re.escape(linux_guest.LOGIN_PROMPT)]
         cells = [
-            ("fixed, login", fixed, "virtio-blk", Expect(success_patterns=login)),
+            ("fixed, login", fixed, "virtio-blk", Expect.for_os("linux", success=[["login"]])),
             ("fixed, login + agent network", fixed, "virtio-blk",
-             Expect(success_patterns=login, require_agent=True, require_network=True)),
-            ("unfixed, until scored failed", unfixed, "virtio-blk", Expect(success_patterns=login)),
+             Expect.for_os("linux", success=[["agent", "login", "network"]])),
+            ("unfixed, until scored failed", unfixed, "virtio-blk", Expect.for_os("linux", success=[["login"]])),
         ]
         for label, disk, bus, expect in cells:
             runs = [_one(disk, firmware, bus, expect) for _ in range(repeat)]

@@ -54,9 +54,10 @@ def _boot(disk: Path, firmware: str, bus: str, outdir: Path, *, network: bool, n
         name=f"linux-{firmware}-{bus}", firmware=firmware, disk_bus=bus, nic_model=nic, memory_mb=1024,
         hyperv=False,  # Linux needs no Hyper-V enlightenments (and TCG here refuses hv-vpindex)
     )
-    # Evidence any Debian guest gives: the agent answers and the serial getty prints its prompt.
-    expect = boot_mod.Expect(success_patterns=[re.escape(linux_guest.LOGIN_PROMPT)],
-                             require_agent=True, require_network=network)
+    # Evidence any Debian guest gives: the agent answers and the serial getty prints its prompt
+    # (with ``network``, also a DHCP address and a ping of the gateway run by the agent).
+    success = [["agent", "login"] + (["network"] if network else [])]
+    expect = boot_mod.Expect.for_os("linux", success=success)
     result = boot_mod.boot(disk, profile, timeout=TIMEOUT, outdir=outdir, expect=expect)
     return result, clean((outdir / "serial.log").read_text(errors="replace"))
 
@@ -86,6 +87,7 @@ def test_unfixed_guest_boots_its_old_way_on_sata(tmp_path):
     disk = linux_guest.build_disk("bios")
     result, console = _boot(disk, "bios", "sata", tmp_path, network=False)
     assert result.verdict == "passed", result.one_line()
+    assert sorted(result.evidence) == ["agent", "login"]
     assert "root=/dev/sda1 " in console and "EXT4-fs (sda1): mounted filesystem" in console
     assert result.agent["osinfo"]["version-id"] == "12"
 
@@ -113,6 +115,7 @@ def test_fixed_guest(firmware, bus, tmp_path):
     disk, _report = linux_guest.fixed_disk(firmware)
     result, console = _boot(disk, firmware, bus, tmp_path, network=True)
     assert result.verdict == "passed", result.one_line()
+    assert sorted(result.evidence) == ["agent", "login", "network"], result.evidence
     assert linux_guest.LOGIN_PROMPT in console and "agent up (Debian GNU/Linux 12" in result.reason
     assert list(result.agent["ipv4"]) == ["eth0"], result.agent["ipv4"]
     _assert_fstab_and_udev_ran(console, disk, firmware, bus)
@@ -123,5 +126,6 @@ def test_fixed_guest_keeps_booting_on_sata(tmp_path):
     disk, _report = linux_guest.fixed_disk("uefi")
     result, console = _boot(disk, "uefi", "sata", tmp_path, network=True, nic="e1000e")
     assert result.verdict == "passed", result.one_line()
+    assert sorted(result.evidence) == ["agent", "login", "network"], result.evidence
     assert list(result.agent["ipv4"]) == ["eth0"]
     _assert_fstab_and_udev_ran(console, disk, "uefi", "sata")
