@@ -63,14 +63,16 @@ def _boot(disk: Path, firmware: str, bus: str, outdir: Path, *, network: bool, n
     return result, clean((outdir / "serial.log").read_text(errors="replace"))
 
 
-def ext4_uuid(disk: Path, firmware: str) -> str:
+def ext4_uuid(disk: Path, firmware: str, workdir: Path) -> str:
     """The root file system's UUID read from its ext4 superblock (qemu-img + the on-disk format:
-    superblock at byte 1024 of the partition, s_uuid at offset 0x68), not through h2k or libguestfs."""
+    superblock at byte 1024 of the partition, magic 0xEF53 at 0x38, s_uuid at 0x68), not through
+    h2k or libguestfs. (qemu-img dd counts ``count`` from the start of the image, skip included.)"""
     first_sector = linux_guest.root_partition_sectors(firmware)[0]
-    with subprocess.Popen(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"if={disk}", "of=/dev/stdout",
-                           "bs=512", f"skip={first_sector}", "count=4"], stdout=subprocess.PIPE) as proc:
-        data = proc.stdout.read()
-    assert proc.returncode == 0 and data[1024 + 0x38:1024 + 0x3A] == b"\x53\xef", "no ext4 superblock there"
+    out = workdir / "superblock.raw"
+    subprocess.run(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"if={disk}", f"of={out}", "bs=512",
+                    f"skip={first_sector}", f"count={first_sector + 4}"], check=True)
+    data = out.read_bytes()
+    assert data[1024 + 0x38:1024 + 0x3A] == b"\x53\xef", "no ext4 superblock at the root partition"
     return str(uuidmod.UUID(bytes=data[1024 + 0x68:1024 + 0x78]))
 
 
@@ -95,10 +97,10 @@ def test_unfixed_guest_boots_its_old_way_on_sata(tmp_path):
     assert result.agent["osinfo"]["version-id"] == "12"
 
 
-def _assert_fstab_and_udev_ran(console: str, disk: Path, firmware: str, bus: str) -> None:
+def _assert_fstab_and_udev_ran(console: str, disk: Path, firmware: str, bus: str, workdir: Path) -> None:
     dev = f"{DEVICE_PREFIX[bus]}{ROOT_PARTITION[firmware]}"
     # GRUB names the root by the UUID its ext4 carries; the initramfs' udev found it as the bus's device
-    assert f"root=UUID={ext4_uuid(disk, firmware)} " in console
+    assert f"root=UUID={ext4_uuid(disk, firmware, workdir)} " in console
     assert f"EXT4-fs ({dev}): mounted filesystem" in console
     # systemd applied fstab to / (remounted it from the kernel's "ro" with fstab's options), and
     # writers to / then finished (utmp's boot record), nothing failed
@@ -121,7 +123,7 @@ def test_fixed_guest(firmware, bus, tmp_path):
     assert sorted(result.evidence) == ["agent", "login", "network"], result.evidence
     assert linux_guest.LOGIN_PROMPT in console and "agent up (Debian GNU/Linux 12" in result.reason
     assert list(result.agent["ipv4"]) == ["eth0"], result.agent["ipv4"]
-    _assert_fstab_and_udev_ran(console, disk, firmware, bus)
+    _assert_fstab_and_udev_ran(console, disk, firmware, bus, tmp_path)
 
 
 @pytest.mark.xdist_group("linux-uefi")
@@ -131,4 +133,4 @@ def test_fixed_guest_keeps_booting_on_sata(tmp_path):
     assert result.verdict == "passed", result.one_line()
     assert sorted(result.evidence) == ["agent", "login", "network"], result.evidence
     assert list(result.agent["ipv4"]) == ["eth0"]
-    _assert_fstab_and_udev_ran(console, disk, "uefi", "sata")
+    _assert_fstab_and_udev_ran(console, disk, "uefi", "sata", tmp_path)
