@@ -179,7 +179,9 @@ class LabExecutor:
             return Prepared(image, pack, src, image_format(src), info=info)
         # Resolving may build a test-bed artefact: that happens in the child too, so it can be stopped.
         out = run_child("prepare", {
-            "image_spec": vars(image), "pack_spec": vars(pack) if pack else None,
+            # What passes a boot travels with each cell, not with the fix.
+            "image_spec": {k: v for k, v in vars(image).items() if k != "expect"},
+            "pack_spec": vars(pack) if pack else None,
             "output": str(workdir / "fixed.qcow2"),
         }, workdir, stop)
         return Prepared(image, pack, Path(out["base"]), "qcow2", info=out.get("info", {}))
@@ -218,7 +220,9 @@ class LabExecutor:
                 self._verified[base] = got
         if isinstance(got, BaseException):
             raise got
-        return outcome_for_bus(got["rules"], cell.bus, shared_with=base)
+        out = outcome_for_bus(got["rules"], cell.bus, shared_with=base)
+        out.lab_setup = dict(ctx.prepared.info.get("lab_setup") or {})
+        return out
 
 
 # Buses h2k.verify has rules for (the VirtIO storage drivers).

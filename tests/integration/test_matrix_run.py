@@ -9,6 +9,7 @@ One ``h2k matrix run`` (two workers) mixes:
   tests/e2e): the runner's own fix runs on it and finds nothing to do, then one real boot on
   virtio-blk, scored by the lab on the image's own ``expect:`` (serial login prompt and guest
   agent, both);
+* every Windows image is fixed into the lab's copy with EMS on, recorded per cell;
 Then the JUnit file is validated against the schema, report.html is rendered by
 headless Chromium (every cell with its verdict and proof mode, the real screendump shown),
 and the gate and report commands run on the real results.
@@ -90,6 +91,8 @@ def test_matrix_verdicts(matrix_run):
         assert r.verdict == "passed", (cid, r.reason, proc.stderr[-3000:])
         rules = r.phases[0]["rules"]
         assert rules and all(rule["passed"] for rule in rules)
+        # EMS was enabled on the lab's copy (the BCD still verifies), and the cell's record says so.
+        assert "lab's fixed copy" in r.lab_setup["ems"], r.lab_setup
     # the engine refuses a hibernated disk; the known issue softens only the cell it names
     hib = by["hibernated.bios.virtio-blk.virtio-net"]
     assert hib.verdict == "failed" and "hibernat" in hib.reason.lower()
@@ -99,13 +102,22 @@ def test_matrix_verdicts(matrix_run):
     deb = by[DEBIAN_CELL]
     assert deb.verdict == "passed", (deb.reason, proc.stderr[-3000:])
     assert "vmw-deb12 login:" in Path(deb.artifacts["serial.log"]).read_text(errors="replace")
-    assert sorted(deb.evidence) == ["agent", "login"], deb.evidence
+    assert sorted(deb.evidence) == ["agent", "login"] and deb.lab_setup["success"] == [["login", "agent"]]
+    assert "login prompt 'vmw-deb12 login:'" in deb.reason and "agent up (" in deb.reason
     assert proc.returncode == 1  # one cell failed
     # each (image, pack) was fixed once; every cell ran on its own overlay of that fix
     prepared = results.extra["prepared"]
     assert set(prepared) == {"win2019.virtio-win", "win2022.virtio-win", "hibernated.virtio-win", "debian.nopack"}
     assert "nothing to do" in json.dumps(prepared["debian.nopack"]["info"])
     assert prepared["win2022.virtio-win"]["info"]["facts"]["build"] == 20348
+    # The EMS elements in the lab copy's BCD, as the fix journalled them (their bytes are read back
+    # with hivex in tests/integration/test_windows_engine.py::test_bcd_ems_and_nothing_else).
+    for key in ("win2019.virtio-win", "win2022.virtio-win"):
+        info = prepared[key]["info"]
+        assert "EMS serial console on COM1" in info["fix"]
+        journal = json.loads(Path(info["journal"]).read_text())
+        elements = {c["key"].rsplit("\\", 1)[-1] for c in journal["registry"] if c["hive"] == "BCD"}
+        assert {"16000020", "260000b0"} <= elements, elements  # EMS on the boot manager and the loader
     for cid, r in by.items():
         if r.cell.image == "hibernated":
             continue
