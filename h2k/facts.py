@@ -90,7 +90,7 @@ class SetupState:
         fields = [("CmdLine", self.cmdline), ("SetupType", self.setup_type),
                   ("SystemSetupInProgress", self.system_setup_in_progress), ("OOBEInProgress", self.oobe_in_progress),
                   ("SetupPhase", self.setup_phase), ("RestartSetup", self.restart_setup), ("ImageState", self.image_state)]
-        shown = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in fields if v is not None)
+        shown = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in fields if v is not None)
         extra = f" SetupComplete.cmd ({self.setup_complete_size} bytes)" if self.setup_complete_size is not None else ""
         return f"{self.kind} ({shown or 'no setup values'}){extra}"
 
@@ -127,6 +127,7 @@ class WindowsFacts:
     # "same" (a copy of it), "missing", "differs", "no-bootmgfw"; None on BIOS or without an ESP.
     uefi_fallback: str | None = None
     uefi_fallback_path: str | None = None  # ESP path, e.g. /EFI/BOOT/BOOTX64.EFI
+    esp_device: str | None = None  # libguestfs device of the ESP
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

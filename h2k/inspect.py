@@ -673,6 +673,7 @@ def inspect_handle(
     if facts.firmware == "uefi":
         esp = next((p.device for p in layout.on_disk(disk) if p.gpt_type == ESP_GUID), None)
         if esp is not None and (mounts.mounted(esp) or mounts.mount(esp, writable)):
+            facts.esp_device = esp
             facts.uefi_fallback_path = uefi_fallback_path(facts.arch)
             facts.uefi_fallback = check_uefi_fallback(g, mounts, esp, facts.arch, workdir)
     facts.blockers = blockers

@@ -101,6 +101,11 @@ class WindowsRecipe:
     disk_gib: int = 1
     # None, "hibernated", "truncated-hive", "bitlocker", "dynamic", "faststartup" or "dirty-hive"
     defect: str | None = None
+    # Windows Setup's state: "complete" (an installed system) or "generalized" (after
+    # sysprep /generalize /oobe: specialize and OOBE run at the next boot).
+    setup: str = "complete"
+    setup_complete: str | None = None  # an existing %WINDIR%\Setup\Scripts\SetupComplete.cmd (text)
+    uefi_fallback: bool = True  # \EFI\Boot\bootx64.efi on the ESP (a copy of bootmgfw.efi)
     kind: str = "windows"
 
     @property
@@ -110,6 +115,17 @@ class WindowsRecipe:
     @property
     def control_set(self) -> str:
         return "ControlSet%03d" % self.current_control_set
+
+    @property
+    def image_state(self) -> str:
+        """SOFTWARE ...\\Setup\\State ImageState (and State.ini), per Microsoft's "Windows Setup States"."""
+        return "IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE" if self.setup == "generalized" else "IMAGE_STATE_COMPLETE"
+
+    def setup_values(self) -> dict[str, str | int]:
+        """SYSTEM\\Setup as sysprep leaves it (generalized) or as an installed system has it."""
+        if self.setup == "generalized":
+            return {"CmdLine": "oobe\\windeploy.exe", "SetupType": 2, "SystemSetupInProgress": 1, "OOBEInProgress": 1}
+        return {"SystemSetupInProgress": 0, "OOBEInProgress": 0}
 
 
 @dataclass(frozen=True)
@@ -237,6 +253,22 @@ VARIANTS: dict[str, Recipe] = {
         EmptyRecipe(name="bad-empty"),
     ]
 }
+
+# A VMware template of Server 2022 (UEFI) made with `sysprep /generalize /oobe /shutdown`: Windows
+# Setup's state says specialize and OOBE run at the next boot, the template's author left a
+# SetupComplete.cmd, and its ESP has no \EFI\Boot\bootx64.efi (the VM booted through its NVRAM
+# entry, which a VM moved to KVM does not have). One disk for both states: they live in different
+# places (hives and C: versus the ESP) and the engine handles them in separate steps.
+TEMPLATE_SETUP_COMPLETE = """@echo off
+rem srv2022-tpl: finish the deployment of a VM made from this template
+reg add "HKLM\\SOFTWARE\\Contoso\\Template" /v Deployed /t REG_SZ /d "%DATE% %TIME%" /f
+exit /b 0
+"""
+VARIANTS["sysprep-uefi"] = dataclasses.replace(
+    VARIANTS["win2022-uefi"], name="sysprep-uefi", setup="generalized", setup_complete=TEMPLATE_SETUP_COMPLETE,
+    uefi_fallback=False, hostname="WIN2022-TPL", nic_guid="{3c4d5e6f-5555-4a7b-8c9d-1e2f3a4b5c6d}",
+    disk_guid="{5b7c9d1e-2f3a-4b5c-8d6e-7f8091a2b3c4}", loader_guid="{f4e3d2c1-8b7a-11ec-9c8d-000c29ee4f55}",
+)
 
 
 # --------------------------------------------------------------------- layout
@@ -445,8 +477,9 @@ def system_reg_text(r: WindowsRecipe) -> str:
     chunks.append(regtext.format_reg([
         regtext.KeySection(root + "\\Select", values=select),
         regtext.KeySection(root + "\\MountedDevices", values=mounted),
-        regtext.KeySection(root + "\\Setup", values=[regtext.ValueOp("SystemSetupInProgress", regtext.dword(0)),
-                                                     regtext.ValueOp("OOBEInProgress", regtext.dword(0))]),
+        regtext.KeySection(root + "\\Setup", values=[
+            regtext.ValueOp(k, regtext.dword(v) if isinstance(v, int) else regtext.sz(v))
+            for k, v in r.setup_values().items()]),
     ]))
     return regtext.join_reg(chunks)
 
@@ -475,7 +508,11 @@ def software_reg_text(r: WindowsRecipe) -> str:
         extra += [regtext.ValueOp("CSDVersion", regtext.sz(r.csd_version)),
                   regtext.ValueOp("CSDBuildNumber", regtext.sz("1130"))]
     key = "HKEY_LOCAL_MACHINE\\SOFTWARE\\Microsoft\\Windows NT\\CurrentVersion"
-    return regtext.join_reg([text, regtext.format_reg([regtext.KeySection(key, values=extra)])])
+    state = "HKEY_LOCAL_MACHINE\\SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\Setup\\State"
+    return regtext.join_reg([text, regtext.format_reg([
+        regtext.KeySection(key, values=extra),
+        regtext.KeySection(state, values=[regtext.ValueOp("ImageState", regtext.sz(r.image_state))]),
+    ])])
 
 
 def bcd_spec(r: WindowsRecipe) -> bcd_mod.BcdSpec:
@@ -533,6 +570,9 @@ def windows_files(r: WindowsRecipe) -> dict[str, bytes]:
     files[f"{tools}/vmtoolsd.exe"] = _pe(r, "VMware Tools daemon")
     files[f"{tools}/VMwareToolboxCmd.exe"] = _pe(r, "VMware Tools toolbox")
     files["/Windows/win.ini"] = b"; for 16-bit app support\r\n[fonts]\r\n[extensions]\r\n"
+    files["/Windows/Setup/State/State.ini"] = f"[State]\r\nImageState={r.image_state}\r\n".encode("ascii")
+    if r.setup_complete is not None:
+        files["/Windows/Setup/Scripts/SetupComplete.cmd"] = r.setup_complete.replace("\n", "\r\n").encode("ascii")
     return files
 
 
@@ -691,7 +731,8 @@ def _build_windows(r: WindowsRecipe, out: Path) -> None:
                 efi = _pe(r, "Windows Boot Manager", pe_mod.SUBSYSTEM_EFI_APPLICATION)
                 boot_files["/EFI/Microsoft/Boot/bootmgfw.efi"] = efi
                 boot_files["/EFI/Microsoft/Boot/BCD"] = bcd.read_bytes()
-                boot_files["/EFI/Boot/bootx64.efi"] = efi
+                if r.uefi_fallback:
+                    boot_files["/EFI/Boot/bootx64.efi"] = efi
             g.mount(f"{dev}{sysp.number}", "/")
             _write_tree(g, boot_files, tmp)
             g.umount_all()
