@@ -640,16 +640,34 @@ def _qemu_img_create(path: Path, gib: int) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), f"{gib}G"], check=True)
 
 
-def _write_tree(g, files: dict[str, bytes], staging: Path) -> None:
+# The security descriptor Windows gives a file under %WINDIR% (inherited ACEs: SYSTEM and
+# Administrators full control, Users read and execute; owner Administrators, group SYSTEM),
+# written out by hand from the SECURITY_DESCRIPTOR_RELATIVE / ACL / ACE / SID layouts:
+# O:BAG:SYD:AI(A;ID;FA;;;SY)(A;ID;FA;;;BA)(A;ID;0x1200a9;;;BU). ntfs-3g alone would give
+# the files it creates "Everyone: full control".
+WINDOWS_FILE_SD = bytes.fromhex(
+    "01000484" "60000000" "70000000" "00000000" "14000000"  # rev 1, control AI|DP|SR, owner, group, no SACL, DACL
+    "02004c00" "03000000"  # ACL rev 2, 76 bytes, 3 ACEs
+    "00101400" "ff011f00" "010100000000000512000000"  # allowed, inherited, FA, S-1-5-18
+    "00101800" "ff011f00" "01020000000000052000000020020000"  # allowed, inherited, FA, S-1-5-32-544
+    "00101800" "a9001200" "01020000000000052000000021020000"  # allowed, inherited, 0x1200a9, S-1-5-32-545
+    "01020000000000052000000020020000"  # owner S-1-5-32-544
+    "010100000000000512000000"  # group S-1-5-18
+)
+
+
+def _write_tree(g, files: dict[str, bytes], staging: Path, acls: dict[str, bytes] | None = None) -> None:
     """Put files (guest path -> bytes; a path ending in "/" is a directory) in the mounted guest.
 
-    One tar_in call: each write() is a round trip into a FUSE file system.
+    One tar_in call: each write() is a round trip into a FUSE file system. ``acls``: guest
+    path -> security descriptor, set through ntfs-3g's system.ntfs_acl (a pax xattr record).
     """
     import io
     import tarfile
 
+    acls = acls or {}
     tar_path = staging / "tree.tar"
-    with tarfile.open(tar_path, "w") as tar:
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
         made: set[str] = set()
         for path, data in sorted(files.items()):
             rel = path.strip("/")
@@ -665,8 +683,10 @@ def _write_tree(g, files: dict[str, bytes], staging: Path) -> None:
                 continue
             info = tarfile.TarInfo(rel)
             info.size, info.mode, info.mtime = len(data), 0o644, 1546300800
+            if path in acls:
+                info.pax_headers = {"SCHILY.xattr.system.ntfs_acl": acls[path].decode("utf-8", "surrogateescape")}
             tar.addfile(info, io.BytesIO(data))
-    g.tar_in(str(tar_path), "/")
+    g.tar_in(str(tar_path), "/", xattrs=bool(acls))
 
 
 def _build_windows(r: WindowsRecipe, out: Path) -> None:
@@ -717,7 +737,7 @@ def _build_windows(r: WindowsRecipe, out: Path) -> None:
                 files["/hiberfil.sys"] = hiberfil()
             for d in ("/Users/Public", "/ProgramData", "/Windows/Temp", "/Program Files (x86)"):
                 files[d + "/"] = b""
-            _write_tree(g, files, tmp)
+            _write_tree(g, files, tmp, {p: WINDOWS_FILE_SD for p in files if p.startswith("/Windows/Setup/Scripts/")})
             g.umount_all()
 
             prog.step("write the boot files and BCD")
