@@ -69,7 +69,7 @@ class FixReport:
     bcd_repairs: list[str] = field(default_factory=list)
     bcd_left_alone: list[str] = field(default_factory=list)
     ems: bool = False
-    uefi_fallback: str | None = None  # what was done to \\EFI\\BOOT\\BOOTX64.EFI (None: nothing)
+    uefi_fallback: str | None = None  # what was done to the ESP's removable-media loader (None: nothing)
     acls_set: int = 0  # files and folders given a SYSTEM/Administrators security descriptor (read back)
     journal: str | None = None  # host path
     guest_journal: str | None = None

@@ -65,12 +65,18 @@ def _sha(data: bytes | None) -> str | None:
     return None if data is None else hashlib.sha256(data).hexdigest()
 
 
-def _read(g, path: str) -> bytes | None:
+def _real(g, path: str) -> str | None:
+    """The real spelling of a case-insensitive path, None if it (or a parent) does not exist."""
     try:
         real = g.case_sensitive_path(path)
-    except RuntimeError:
+    except RuntimeError:  # a parent is missing
         return None
-    return g.read_file(real) if g.exists(real) and g.is_file(real) else None
+    return real if g.exists(real) else None
+
+
+def _read(g, path: str) -> bytes | None:
+    real = _real(g, path)
+    return g.read_file(real) if real and g.is_file(real) else None
 
 
 def _extract(images: dict[str, Path], dest: Path) -> dict[str, dict]:
@@ -94,16 +100,16 @@ def _extract(images: dict[str, Path], dest: Path) -> dict[str, dict]:
             for hive in ("SYSTEM", "SOFTWARE"):
                 g.download(g.case_sensitive_path(f"{win}/Windows/System32/config/{hive}"), str(d / hive))
             g.download(g.case_sensitive_path(f"{esp}/EFI/Microsoft/Boot/BCD"), str(d / "BCD"))
-            sc = g.case_sensitive_path(f"{win}{SETUP_COMPLETE}")
+            sc = _real(g, f"{win}{SETUP_COMPLETE}")
+            staging = _real(g, f"{win}{STAGING}")
             out[label] = {
                 "setup_complete": _read(g, f"{win}{SETUP_COMPLETE}"),
-                "setup_complete_sd": bytes(g.getxattr(sc, ntfs_acl.XATTR)) if g.exists(sc) else None,
+                "setup_complete_sd": bytes(g.getxattr(sc, ntfs_acl.XATTR)) if sc else None,
                 "fallback": _read(g, f"{esp}{FALLBACK}"),
                 "bootmgfw": _read(g, f"{esp}{BOOTMGFW}"),
                 "esp_files": sorted(p.lower() for p in g.find(esp)),
                 "win_root": sorted(g.ls(win)),
-                "staging": sorted(g.find(g.case_sensitive_path(f"{win}{STAGING}")))
-                if g.exists(g.case_sensitive_path(f"{win}{STAGING}")) else [],
+                "staging": sorted(g.find(staging)) if staging else [],
                 "hives": d,
             }
     finally:
@@ -203,7 +209,7 @@ def test_uefi_fallback_loader_installed(run: Run) -> None:
     src, fixed = run.info["source"], run.info["fixed"]
     assert src["fallback"] is None and src["bootmgfw"][:2] == b"MZ"
     assert _sha(fixed["fallback"]) == _sha(fixed["bootmgfw"]) == _sha(src["bootmgfw"])
-    assert set(fixed["esp_files"]) - set(src["esp_files"]) == {"efi/boot/bootx64.efi"}
+    assert set(fixed["esp_files"]) - set(src["esp_files"]) == {"/efi/boot", "/efi/boot/bootx64.efi"}
     assert run.report.uefi_fallback and "was missing" in run.report.uefi_fallback
 
 
