@@ -49,7 +49,8 @@ class SetupState:
 
     ``SYSTEM\\Setup``: ``CmdLine`` (run by Winlogon before logon while ``SetupType`` is
     non-zero), ``SetupType`` (0 none, 1/2 run CmdLine, 4 upgrade), ``SystemSetupInProgress``,
-    ``OOBEInProgress``, ``SetupPhase``, ``RestartSetup``; ``SOFTWARE\\Microsoft\\Windows\\
+    ``OOBEInProgress``, ``SetupPhase``, ``RestartSetup`` (and the older ``MiniSetupInProgress``,
+    ``AuditInProgress``); ``SOFTWARE\\Microsoft\\Windows\\
     CurrentVersion\\Setup\\State`` ``ImageState`` (Microsoft's "Windows Setup States":
     ``IMAGE_STATE_COMPLETE``, ``IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE`` ...).
     None: the value is absent.
@@ -61,6 +62,8 @@ class SetupState:
     oobe_in_progress: int | None = None
     setup_phase: int | None = None
     restart_setup: int | None = None
+    mini_setup_in_progress: int | None = None  # XP/2003 names, still honoured by readers of SYSTEM\Setup
+    audit_in_progress: int | None = None
     image_state: str | None = None
     # %WINDIR%\Setup\Scripts\SetupComplete.cmd as found: its size (None: absent) and its bytes
     # (base64; None when absent or too large to chain).
@@ -83,13 +86,16 @@ class SetupState:
         """Nothing of Windows Setup is pending: the next boot is an ordinary one."""
         image = (self.image_state or "IMAGE_STATE_COMPLETE").upper()
         return (not self.setup_type and not self.system_setup_in_progress and not self.oobe_in_progress
-                and not self.setup_phase and not self.restart_setup and not (self.cmdline or "").strip()
+                and not self.setup_phase and not self.restart_setup and not self.mini_setup_in_progress
+                and not self.audit_in_progress and not (self.cmdline or "").strip()
                 and image == "IMAGE_STATE_COMPLETE")
 
     def describe(self) -> str:
         fields = [("CmdLine", self.cmdline), ("SetupType", self.setup_type),
                   ("SystemSetupInProgress", self.system_setup_in_progress), ("OOBEInProgress", self.oobe_in_progress),
-                  ("SetupPhase", self.setup_phase), ("RestartSetup", self.restart_setup), ("ImageState", self.image_state)]
+                  ("SetupPhase", self.setup_phase), ("RestartSetup", self.restart_setup),
+                  ("MiniSetupInProgress", self.mini_setup_in_progress), ("AuditInProgress", self.audit_in_progress),
+                  ("ImageState", self.image_state)]
         shown = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in fields if v is not None)
         extra = f" SetupComplete.cmd ({self.setup_complete_size} bytes)" if self.setup_complete_size is not None else ""
         return f"{self.kind} ({shown or 'no setup values'}){extra}"

@@ -381,6 +381,8 @@ def read_setup_state(sys_h, soft_h) -> SetupState:
         state.oobe_in_progress = _int(sys_h, "Setup", "OOBEInProgress")
         state.setup_phase = _int(sys_h, "Setup", "SetupPhase")
         state.restart_setup = _int(sys_h, "Setup", "RestartSetup")
+        state.mini_setup_in_progress = _int(sys_h, "Setup", "MiniSetupInProgress")
+        state.audit_in_progress = _int(sys_h, "Setup", "AuditInProgress")
     if soft_h is not None:
         state.image_state = _str(soft_h, "Microsoft\\Windows\\CurrentVersion\\Setup\\State", "ImageState")
     return state

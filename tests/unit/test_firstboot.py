@@ -89,6 +89,8 @@ def test_setup_state_read_from_real_hives(tmp_path):
     (SetupState(image_state="IMAGE_STATE_UNDEPLOYABLE"), "mid-setup"),
     (SetupState(setup_type=2, cmdline="C:\\other\\firstboot.exe"), "mid-setup"),  # someone else's first boot
     (SetupState(cmdline="C:\\left\\over.cmd", setup_type=0), "mid-setup"),  # not ours to overwrite either
+    (SetupState(audit_in_progress=1), "mid-setup"),
+    (SetupState(mini_setup_in_progress=1), "mid-setup"),
 ])
 def test_setup_kind(state, kind):
     assert state.kind == kind
