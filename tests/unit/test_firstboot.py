@@ -246,3 +246,23 @@ def test_every_script_is_ascii_crlf_without_placeholders(pack):
             text = change.content.decode("ascii")
             assert b"\n" not in change.content.replace(b"\r\n", b""), dest
             assert not re.search(r"@[A-Z_]+@", text), dest
+
+
+def test_runonce_value_added_beside_the_images_own(tmp_path, pack):
+    """Applied to a real SOFTWARE hive (hivex): the image's RunOnce entries stay as they were."""
+    from h2k import registry
+
+    text = ("Windows Registry Editor Version 5.00\r\n\r\n"
+            "[HKEY_LOCAL_MACHINE\\SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\RunOnce]\r\n"
+            '"ContosoAgent"="C:\\\\Contoso\\\\setup.exe /quiet"\r\n')
+    software = make_hive(tmp_path / "SOFTWARE", text, "HKEY_LOCAL_MACHINE\\SOFTWARE", "SOFTWARE")
+    before = registry.snapshot(software)
+    f = win2019(setup=GENERALIZED, edition="Professional", is_server=False, product_name="Windows 10 Pro")
+    registry.apply_changes(software, "SOFTWARE", planmod.build_plan(f, pack, "virtio-blk").changes)
+    after = registry.snapshot(software)
+    key = firstboot.RUNONCE_KEY.lower()
+    assert after[key]["contosoagent"] == before[key]["contosoagent"]
+    assert set(after[key]) == {"contosoagent", firstboot.RUNONCE_VALUE}
+    assert registry.decode(*registry.read_value(software, firstboot.RUNONCE_KEY, firstboot.RUNONCE_VALUE)) == \
+        'cmd.exe /c ""C:\\Windows\\Drivers\\h2k-staging\\h2k-bootstrap.cmd" runonce"'
+    assert {k for k in after if after[k] != before.get(k)} == {key}
