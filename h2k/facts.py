@@ -6,8 +6,13 @@ Filled by ``h2k.inspect`` (one libguestfs launch); read by ``h2k.plan``,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+# h2k's own first-boot hook in SYSTEM\Setup\CmdLine (written only on an idle image): it names
+# the values it replaced, so a later inspection sees the image's own state through it.
+H2K_CMDLINE_HOOK = re.compile(r'h2k-bootstrap\.cmd" cmdline SetupType=(absent|0) CmdLine=(absent|empty)"$')
 
 
 @dataclass
@@ -71,9 +76,25 @@ class SetupState:
     setup_complete_b64: str | None = None
 
     @property
+    def h2k_hook(self) -> bool:
+        """SYSTEM\\Setup holds h2k's own first-boot hook (a previous fix, first boot not yet run)."""
+        return self.setup_type == 2 and bool(H2K_CMDLINE_HOOK.search(self.cmdline or ""))
+
+    def without_h2k_hook(self) -> "SetupState":
+        """The image's own state: CmdLine and SetupType as they were before h2k's hook."""
+        m = H2K_CMDLINE_HOOK.search(self.cmdline or "") if self.setup_type == 2 else None
+        if m is None:
+            return self
+        return replace(self, setup_type=None if m.group(1) == "absent" else 0,
+                       cmdline=None if m.group(2) == "absent" else "")
+
+    @property
     def kind(self) -> str:
         """``generalized`` (sysprep /generalize: specialize and OOBE run at the next boot),
-        ``mid-setup`` (any other setup pass pending), or ``complete`` (an ordinary installed system)."""
+        ``mid-setup`` (any other setup pass pending), or ``complete`` (an ordinary installed system).
+        h2k's own pending hook does not count: the image's state is judged without it."""
+        if self.h2k_hook:
+            return self.without_h2k_hook().kind
         image = (self.image_state or "").upper()
         if "GENERALIZE_RESEAL" in image or "windeploy" in (self.cmdline or "").lower():
             return "generalized"
@@ -83,11 +104,14 @@ class SetupState:
 
     @property
     def idle(self) -> bool:
-        """Nothing of Windows Setup is pending: the next boot is an ordinary one."""
+        """Nothing of Windows Setup is pending: the next boot is an ordinary one (h2k's own hook aside).
+        CmdLine must be absent or empty, SetupType absent or 0, every flag 0 or absent."""
+        if self.h2k_hook:
+            return self.without_h2k_hook().idle
         image = (self.image_state or "IMAGE_STATE_COMPLETE").upper()
         return (not self.setup_type and not self.system_setup_in_progress and not self.oobe_in_progress
                 and not self.setup_phase and not self.restart_setup and not self.mini_setup_in_progress
-                and not self.audit_in_progress and not (self.cmdline or "").strip()
+                and not self.audit_in_progress and self.cmdline in (None, "")
                 and image == "IMAGE_STATE_COMPLETE")
 
     def describe(self) -> str:
@@ -98,6 +122,8 @@ class SetupState:
                   ("ImageState", self.image_state)]
         shown = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in fields if v is not None)
         extra = f" SetupComplete.cmd ({self.setup_complete_size} bytes)" if self.setup_complete_size is not None else ""
+        if self.h2k_hook:
+            extra += "; h2k's first-boot hook is pending in CmdLine"
         return f"{self.kind} ({shown or 'no setup values'}){extra}"
 
 

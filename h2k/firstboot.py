@@ -79,7 +79,7 @@ class Hook:
 
 def choose_hook(facts: WindowsFacts) -> Hook:
     """CmdLine when Windows Setup is idle; otherwise SetupComplete.cmd (+ RunOnce where it may not run)."""
-    setup = facts.setup
+    setup = facts.setup.without_h2k_hook()
     if setup.idle:
         return Hook("setup-cmdline", False, "Windows Setup is idle: SYSTEM\\Setup\\CmdLine with SetupType=2 "
                                             "runs the bootstrap once before logon, which then restores both values")
@@ -197,8 +197,18 @@ def setup_complete_content(state: SetupState, bootstrap_win: str) -> bytes:
 # ------------------------------------------------------------------ all of it
 
 
+def cmdline_hook(bootstrap_win: str, setup: SetupState) -> str:
+    """Setup\\CmdLine for an idle image; it names what it replaced (``facts.H2K_CMDLINE_HOOK``),
+    so the next inspection still knows the image's own values and a second fix writes the same."""
+    before = setup.without_h2k_hook()
+    st = "absent" if before.setup_type is None else "0"
+    cl = "absent" if before.cmdline is None else "empty"
+    return f'cmd.exe /c ""{bootstrap_win}" cmdline SetupType={st} CmdLine={cl}"'
+
+
 def _restore_setup_lines(setup: SetupState) -> list[str]:
     """reg.exe lines that put SYSTEM\\Setup's CmdLine and SetupType back as found (idle image)."""
+    setup = setup.without_h2k_hook()
     reg = '"%SYS%\\reg.exe"'
     key = '"HKLM\\SYSTEM\\Setup"'
     out = []
@@ -208,8 +218,8 @@ def _restore_setup_lines(setup: SetupState) -> list[str]:
         out.append(f"{reg} add {key} /v SetupType /t REG_DWORD /d {int(setup.setup_type)} /f >>\"%LOG%\" 2>&1")
     if setup.cmdline is None:
         out.append(f"{reg} delete {key} /v CmdLine /f >>\"%LOG%\" 2>&1")
-    else:  # idle: empty or blanks only
-        out.append(f"{reg} add {key} /v CmdLine /t REG_SZ /d \"{setup.cmdline}\" /f >>\"%LOG%\" 2>&1")
+    else:  # idle: empty
+        out.append(f"{reg} add {key} /v CmdLine /t REG_SZ /d \"\" /f >>\"%LOG%\" 2>&1")
     return out
 
 
@@ -250,7 +260,7 @@ def firstboot_changes(facts: WindowsFacts, staging: str, staging_win: str, syste
     run_bootstrap = f'cmd.exe /c ""{bootstrap_win}" %s"'
     if hook.kind == "setup-cmdline":
         why = "run the first-boot bootstrap once as SYSTEM before logon (Winlogon runs Setup\\CmdLine while SetupType=2); it restores both"
-        changes.append(RegValue("SYSTEM", "Setup", "CmdLine", REG_SZ, run_bootstrap % "cmdline", why))
+        changes.append(RegValue("SYSTEM", "Setup", "CmdLine", REG_SZ, cmdline_hook(bootstrap_win, facts.setup), why))
         changes.append(RegValue("SYSTEM", "Setup", "SetupType", REG_DWORD, 2, why))
     else:
         dest = "/" + "/".join([system_root.strip("/"), SETUP_COMPLETE])

@@ -104,7 +104,7 @@ def test_idle_image_uses_setup_cmdline_and_restores_it(pack):
     p = planmod.build_plan(win2019(), pack, "virtio-blk")
     r = regs(p)
     assert r[("SYSTEM", "Setup", "SetupType")].data == 2
-    assert r[("SYSTEM", "Setup", "CmdLine")].data.endswith('h2k-bootstrap.cmd" cmdline"')
+    assert r[("SYSTEM", "Setup", "CmdLine")].data.endswith('h2k-bootstrap.cmd" cmdline SetupType=absent CmdLine=absent"')
     assert SETUP_COMPLETE not in writes(p)
     boot = writes(p)[f"{STAGE}/h2k-bootstrap.cmd"].content.decode()
     # The values were absent: the bootstrap deletes them again (before logon, after registering the task).
@@ -114,6 +114,24 @@ def test_idle_image_uses_setup_cmdline_and_restores_it(pack):
     boot = writes(planmod.build_plan(win2019(setup=idle), pack, "virtio-blk"))[f"{STAGE}/h2k-bootstrap.cmd"]
     assert 'add "HKLM\\SYSTEM\\Setup" /v SetupType /t REG_DWORD /d 0 /f' in boot.content.decode()
     assert 'add "HKLM\\SYSTEM\\Setup" /v CmdLine /t REG_SZ /d "" /f' in boot.content.decode()
+
+
+@pytest.mark.parametrize("before", [SetupState(), SetupState(setup_type=0, cmdline="", system_setup_in_progress=0)])
+def test_a_second_plan_sees_through_its_own_cmdline_hook(pack, before):
+    """After a fix, SYSTEM\\Setup holds our hook (SetupType=2): inspection must still call the image
+    idle, and the plan must write the same values and the same restore lines (a second fix: nothing)."""
+    first = planmod.build_plan(win2019(setup=before), pack, "virtio-blk")
+    r = regs(first)
+    hooked = SetupState(**{**before.__dict__, "setup_type": r[("SYSTEM", "Setup", "SetupType")].data,
+                           "cmdline": r[("SYSTEM", "Setup", "CmdLine")].data})
+    assert hooked.h2k_hook and hooked.idle and hooked.kind == "complete" and hooked.without_h2k_hook() == before
+    assert "first-boot hook is pending" in hooked.describe()
+    second = planmod.build_plan(win2019(setup=hooked), pack, "virtio-blk")
+    assert regs(second) == r
+    assert writes(second) == writes(first)
+    # Someone else's CmdLine that merely mentions our file is not ours.
+    other = SetupState(setup_type=2, cmdline='cmd.exe /c "C:\\x\\h2k-bootstrap.cmd" cmdline')
+    assert not other.h2k_hook and other.kind == "mid-setup"
 
 
 @pytest.mark.parametrize("edition,server,runonce", [

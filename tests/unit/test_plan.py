@@ -162,7 +162,8 @@ def test_firstboot_scripts_ascii_crlf_and_network(pack):
     assert "<UserId>S-1-5-18</UserId>" in xml.decode("utf-16")
     r = regs(p)
     assert r[("Setup", "SetupType")].data == 2
-    assert r[("Setup", "CmdLine")].data == 'cmd.exe /c ""C:\\Windows\\Drivers\\h2k-staging\\h2k-bootstrap.cmd" cmdline"'
+    assert r[("Setup", "CmdLine")].data == \
+        'cmd.exe /c ""C:\\Windows\\Drivers\\h2k-staging\\h2k-bootstrap.cmd" cmdline SetupType=absent CmdLine=absent"'
     staged = [d for d in copies(p) if d.startswith("/Windows/Drivers/h2k-staging/")]
     for drv in ("viostor/viostor.inf", "NetKVM/netkvm.sys", "Balloon/balloon.inf", "vioserial/vioser.sys",
                 "guest-agent/qemu-ga-x86_64.msi"):
