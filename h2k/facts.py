@@ -153,9 +153,12 @@ class WindowsFacts:
     # Hives that were dirty (not cleanly flushed) and whose transaction logs were replayed
     # before reading; one line each: "SYSTEM: <state>; replayed SYSTEM.LOG1 entries 4..4".
     replayed_hives: list[str] = field(default_factory=list)
+    # Tcpip interfaces left out of ``nics`` because no present adapter is bound to them;
+    # one line each: "{guid} 10.20.30.40: <why>".
+    ghost_interfaces: list[str] = field(default_factory=list)
     setup: SetupState = field(default_factory=SetupState)
-    # UEFI only: the removable-media loader OVMF boots with empty NVRAM (\\EFI\\BOOT\\BOOTX64.EFI on
-    # x86_64) compared with Windows' boot manager \\EFI\\Microsoft\\Boot\\bootmgfw.efi on the same ESP:
+    # UEFI only: the removable-media loader OVMF boots with empty NVRAM (\EFI\BOOT\BOOTX64.EFI on
+    # x86_64) compared with Windows' boot manager \EFI\Microsoft\Boot\bootmgfw.efi on the same ESP:
     # "same" (a copy of it), "missing", "differs", "no-bootmgfw"; None on BIOS or without an ESP.
     uefi_fallback: str | None = None
     uefi_fallback_path: str | None = None  # ESP path, e.g. /EFI/BOOT/BOOTX64.EFI

@@ -392,7 +392,8 @@ class QemuBoot:
         if scorer.agent_expected:
             assert self.workdir is not None
             self.agent_checker = AgentChecker(str(self.sockdir.path("agent.sock")), expect, self.bus, deadline,
-                                              port_open=scorer.agent_port_open, log_path=self.outdir / "agent.jsonl")
+                                              port_open=scorer.agent_port_open, log_path=self.outdir / "agent.jsonl",
+                                              network=scorer.want_network)
             self.agent_checker.start()
         return score(self.bus, scorer, deadline)
 

@@ -143,7 +143,10 @@ class ConsoleScanner:
         return found
 
     # -- matching ------------------------------------------------------------
-    def _search(self, key: int, rx: re.Pattern[str]) -> list[re.Match[str]]:
+    def _search(self, key: int, rx: re.Pattern[str], one_line: bool = False) -> list[re.Match[str]]:
+        """Matches of ``rx`` in the text not searched yet. ``one_line``: the pattern never spans a
+        newline, so a miss resumes at the start of the last line, not a WINDOW back (a guest under
+        TCG often writes a byte per read: re-searching 16 KiB per pattern per byte costs seconds)."""
         end = self._base + len(self.text)
         start = max(self._pos.get(key, 0), self._base, end - len(self.text))
         matches = []
@@ -162,7 +165,8 @@ class ConsoleScanner:
             self._pos[key] = self._base + matches[-1].end()
         else:
             # Keep a window so a match still in the making is found later.
-            self._pos[key] = max(start, end - WINDOW)
+            resume = self._base + self.text.rfind("\n") + 1 if one_line else end - WINDOW
+            self._pos[key] = max(start, resume)
         return matches
 
     def _line_unfinished(self, rx: re.Pattern[str], m: re.Match[str]) -> bool:
@@ -182,12 +186,12 @@ class ConsoleScanner:
         if self.source == "console":
             out += self._scan_ems()
         for i, (pat, rx) in enumerate(self._failures):
-            for m in self._search(1000 + i, rx):
+            for m in self._search(1000 + i, rx, pat.one_line):
                 detail = m.groupdict().get("detail")
                 out.append(ConsoleEvent("failure", pat.name, _line(m.group(0)), pat.verdict, self.source,
                                         {"detail": detail.strip()} if detail else {}, pos=self._base + m.start()))
         for i, (name, rx) in enumerate(self._evidence):
-            for m in self._search(i, rx):
+            for m in self._search(i, rx, name != "pattern"):
                 data = {k: v.strip() for k, v in m.groupdict().items() if v}
                 if name == "pattern":
                     data["regex"] = rx.pattern
@@ -215,7 +219,7 @@ class ConsoleScanner:
             out.append(ConsoleEvent("ems-bluescreen", "bluescreen", text, "failed", self.source, info,
                                     pos=self._base + m.start()))
             rel = m.end()
-        self._bp_pos = self._base + rel
+        self._bp_pos = self._base + _resume(self.text, rel, '<INSTANCE CLASSNAME="BLUESCREEN">')
         rel = max(0, self._ems_pos - self._base)
         while True:
             m = _MACHINE_INFO.search(self.text, rel)
@@ -227,7 +231,7 @@ class ConsoleScanner:
             info = parse_machine_info(m.group("body"))
             out.append(ConsoleEvent("evidence", "ems", info.get("os-product", "machine-info"),
                                     source=self.source, data={"machine_info": info}, pos=self._base + m.start()))
-        self._ems_pos = self._base + rel
+        self._ems_pos = self._base + _resume(self.text, rel, "<machine-info>")
         return out
 
     def _inside_bp(self, rel: int) -> bool:
@@ -235,6 +239,13 @@ class ConsoleScanner:
         if opened < 0:
             return False
         return self.text.rfind("</BP>", opened, rel) < 0
+
+
+def _resume(text: str, rel: int, opening: str) -> int:
+    """Where the next search for a block starting with ``opening`` begins: its unfinished opening
+    if one is there, else just before the end (a new opening may still be arriving)."""
+    opened = text.find(opening, rel)
+    return opened if opened >= 0 else max(rel, len(text) - len(opening))
 
 
 def _line(s: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -35,6 +35,7 @@ class Pattern:
     verdict: str = "failed"
     source: str = "console"
     flags: int = re.MULTILINE
+    one_line: bool = False  # never spans a newline (the scanner then resumes at the last line's start)
 
     def __post_init__(self) -> None:
         if self.verdict not in ("failed", "softfailed"):
@@ -61,7 +62,7 @@ BUILTIN_FAILURES: tuple[Pattern, ...] = (
     # it), then "Could not boot", the root device, the emergency shell and its prompt.
     Pattern("dracut-timeout", r"Warning: dracut-initqueue: (?P<detail>timeout[^\n]*)"),
     Pattern("dracut-could-not-boot", r"Warning: Could not boot\."),
-    Pattern("root-missing", r"^Warning: (?P<detail>/dev/\S+) does not exist"),
+    Pattern("root-missing", r"Warning: (?P<detail>/dev/\S+) does not exist"),
     Pattern("dracut-emergency", r"Entering emergency mode\. Exit the shell to continue\."),
     Pattern("dracut-shell", r"^dracut:/# ?$"),
     # The kernel itself, with no initramfs able to find the root (its panic line may be mangled).
@@ -85,6 +86,8 @@ BUILTIN_FAILURES: tuple[Pattern, ...] = (
     # Windows boot manager text on the EMS console
     Pattern("windows-boot-failure", r"Windows failed to start\.[^\n]*"),
 )
+# Every built-in pattern matches within one line.
+BUILTIN_FAILURES = tuple(replace(p, one_line=True) for p in BUILTIN_FAILURES)
 
 
 # Evidence of success a boot can show, by name (the CLI's --success, the matrix's expect:, the
@@ -223,7 +226,8 @@ class Expect:
     def all_failure_patterns(self) -> list[Pattern]:
         pats = list(self.failure_patterns)
         for p in self.known_issues:
-            pats.append(p if p.verdict == "softfailed" else Pattern(p.name, p.regex, "softfailed", p.source, p.flags))
+            pats.append(p if p.verdict == "softfailed" else Pattern(p.name, p.regex, "softfailed", p.source, p.flags,
+                                                                    p.one_line))
         return pats
 
     def to_dict(self) -> dict[str, Any]:

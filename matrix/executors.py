@@ -179,7 +179,9 @@ class LabExecutor:
             return Prepared(image, pack, src, image_format(src), info=info)
         # Resolving may build a test-bed artefact: that happens in the child too, so it can be stopped.
         out = run_child("prepare", {
-            "image_spec": vars(image), "pack_spec": vars(pack) if pack else None,
+            # What passes a boot travels with each cell, not with the fix.
+            "image_spec": {k: v for k, v in vars(image).items() if k != "expect"},
+            "pack_spec": vars(pack) if pack else None,
             "output": str(workdir / "fixed.qcow2"),
         }, workdir, stop)
         return Prepared(image, pack, Path(out["base"]), "qcow2", info=out.get("info", {}))
@@ -195,7 +197,7 @@ class LabExecutor:
             "pack": ctx.prepared.info.get("pack_iso"), "memory_mb": ctx.memory_mb,
             "outdir": str(ctx.outdir / "boot"), "backend": self.backend, "connect": ctx.connect,
         }, ctx.outdir, ctx.stop)
-        return CellOutcome(**out["outcome"])
+        return CellOutcome(**out["outcome"], proof="real boot")
 
 
     def _verify_cell(self, ctx: CellContext) -> CellOutcome:
@@ -218,7 +220,9 @@ class LabExecutor:
                 self._verified[base] = got
         if isinstance(got, BaseException):
             raise got
-        return outcome_for_bus(got["rules"], cell.bus, shared_with=base)
+        out = outcome_for_bus(got["rules"], cell.bus, shared_with=base)
+        out.lab_setup = dict(ctx.prepared.info.get("lab_setup") or {})
+        return out
 
 
 # Buses h2k.verify has rules for (the VirtIO storage drivers).
@@ -236,7 +240,7 @@ def outcome_for_bus(rules: list[dict[str, Any]], bus: str, shared_with: str | No
     phase: dict[str, Any] = {"phase": "verify", "bus": bus, "rules": mine}
     if shared_with:
         phase["verified"] = f"{shared_with} (read-only, once for both VirtIO buses)"
-    return CellOutcome("passed" if not failed else "failed", reason, phases=[phase])
+    return CellOutcome("passed" if not failed else "failed", reason, phases=[phase], proof="static verify")
 
 
 # --- child side ---------------------------------------------------------------------

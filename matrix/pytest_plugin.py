@@ -11,8 +11,8 @@ deselected):
   lock, keyed by the image's path, size and mtime and the pack;
 * each test boots its cell on its own qcow2 overlay with the lab and fails with
   the lab's verdict and reason (bugcheck code and name included);
-* properties (verdict, seconds, artifacts) go to ``--junitxml`` via
-  ``user_properties``.
+* properties (verdict, the evidence that passed it, EMS on the lab's copy of a Windows image,
+  artifacts) go to ``--junitxml`` via ``user_properties``.
 """
 
 from __future__ import annotations
@@ -177,8 +177,14 @@ class CellItem(pytest.Item):
         from matrix.model import CellResult
 
         result = CellResult(self.cell, out.verdict, out.reason, out.stop_code, out.stop_name,
-                            artifacts=out.artifacts, agent=out.agent, phases=out.phases)
+                            artifacts=out.artifacts, agent=out.agent, phases=out.phases, evidence=out.evidence,
+                            lab_setup=out.lab_setup, proof=out.proof)
         self.user_properties.append(("verdict", out.verdict))
+        self.user_properties.append(("proof", result.proof))
+        if out.evidence:
+            self.user_properties.append(("evidence", "+".join(out.evidence)))
+        if out.lab_setup.get("ems"):
+            self.user_properties.append(("lab_setup:ems", out.lab_setup["ems"]))
         if out.stop_code is not None:
             self.user_properties.append(("stop_code", f"0x{out.stop_code:X}"))
         for k, v in sorted(out.artifacts.items()):

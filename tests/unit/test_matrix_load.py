@@ -183,3 +183,14 @@ def test_a_pattern_no_alternative_uses_is_named_with_its_cell():
     with pytest.raises(MatrixError) as ei:
         expand(spec)
     assert str(ei.value).startswith("m.yaml: cell deb.uefi.virtio-blk.virtio-net: success patterns are given")
+
+
+@pytest.mark.parametrize("name", ["nightly.yaml", "driver-gate.yaml"])
+def test_shipped_windows_matrices_pass_on_the_agent_and_collect_devices(name):
+    from matrix.executors import cell_expect
+
+    cells = expand(load_matrix(ROOT / "matrix" / name, env={}))
+    assert cells and all(c.kind == "windows" for c in cells)
+    for c in cells:
+        exp = cell_expect(c)
+        assert exp.alternatives() == [["agent"]] and exp.collect_devices, c.id
