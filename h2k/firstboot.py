@@ -78,16 +78,23 @@ class Hook:
 
 
 def choose_hook(facts: WindowsFacts) -> Hook:
-    """CmdLine when Windows Setup is idle; otherwise SetupComplete.cmd (+ RunOnce where it may not run)."""
+    """CmdLine when Windows Setup is idle; otherwise SetupComplete.cmd, plus RunOnce where it may not run
+    (an OEM product key on a client edition, or no Windows Setup pass pending at all: someone
+    else's CmdLine is waiting, and SetupComplete.cmd runs only at the end of Windows Setup)."""
     setup = facts.setup.without_h2k_hook()
     if setup.idle:
         return Hook("setup-cmdline", False, "Windows Setup is idle: SYSTEM\\Setup\\CmdLine with SetupType=2 "
                                             "runs the bootstrap once before logon, which then restores both values")
-    edition = (facts.edition or "").lower()
-    reliable = facts.is_server or "server" in edition or edition.startswith("enterprise")
     why = (f"Windows Setup is not idle ({setup.describe()}): SYSTEM\\Setup is left as found; "
            "SetupComplete.cmd starts the bootstrap after OOBE")
-    if reliable:
+    image = (setup.image_state or "IMAGE_STATE_COMPLETE").upper()
+    setup_pending = (setup.kind == "generalized" or bool(setup.system_setup_in_progress)
+                     or bool(setup.oobe_in_progress) or image != "IMAGE_STATE_COMPLETE")
+    if not setup_pending:
+        return Hook("setupcomplete", True, why + "; no Windows Setup pass is pending (another tool's CmdLine is): "
+                    "an HKLM RunOnce value starts it at the first administrator logon too")
+    edition = (facts.edition or "").lower()
+    if facts.is_server or "server" in edition or edition.startswith("enterprise"):
         return Hook("setupcomplete", False, why)
     return Hook("setupcomplete", True, why + f"; {facts.edition or 'this edition'} may carry an OEM product key, "
                 "with which SetupComplete.cmd does not run: an HKLM RunOnce value starts it at the first "

@@ -158,6 +158,16 @@ def test_generalized_image_keeps_setup_and_chains_setupcomplete(pack, edition, s
     assert any("left as found" in n for n in p.notes)
 
 
+def test_someone_elses_pending_cmdline_is_kept_and_runonce_starts_ours(pack):
+    """SetupType=2 with another tool's CmdLine and no Setup pass pending: SetupComplete.cmd would
+    never run, so even a Server gets the RunOnce value; the other CmdLine is left alone."""
+    other = SetupState(setup_type=2, cmdline="C:\\Tools\\provision.exe /once", image_state="IMAGE_STATE_COMPLETE")
+    p = planmod.build_plan(win2019(setup=other), pack, "virtio-blk")
+    assert not [c for c in p.changes if isinstance(c, RegValue) and c.key.lower().startswith("setup")]
+    assert ("SOFTWARE", firstboot.RUNONCE_KEY, firstboot.RUNONCE_VALUE) in regs(p)
+    assert SETUP_COMPLETE in writes(p)
+
+
 def test_existing_setupcomplete_runs_after_ours_byte_for_byte_and_a_second_plan_is_identical(pack):
     odd = TEMPLATE + b"rem \xe9t\xe9 (ANSI), no final newline"
     f = win2019(setup=with_script(GENERALIZED, odd))
