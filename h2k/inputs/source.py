@@ -11,12 +11,16 @@ given is ever written; an OVA is extracted (safely) under ``workdir`` and
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from h2k.errors import InputError
+
+if TYPE_CHECKING:
+    from h2k.image import DiskImage
 
 FIRMWARES = ("bios", "uefi")
 
@@ -91,11 +95,17 @@ class ResolvedInput:
     disks: list[str]  # boot disk first
     machine: SourceMachine | None = None
     extracted: bool = False  # the disks live in a temporary directory (an OVA was unpacked)
+    images: list[DiskImage] = field(default_factory=list)  # the disks, opened by the front door
     _cleanup: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
     def disk(self) -> str:
         return self.disks[0]
+
+    @property
+    def image(self) -> DiskImage:
+        """The boot disk as the front door opened it (later stages take this, not the path)."""
+        return self.images[0]
 
     def metadata(self) -> dict[str, Any] | None:
         return self.machine.to_metadata() if self.machine else None
@@ -152,7 +162,8 @@ def load_machine(path: str | Path) -> SourceMachine:
 
 def resolve_input(path: str | Path, workdir: str | Path | None = None) -> ResolvedInput:
     """The disk(s) and the source machine for any supported input; InputError (one line) otherwise."""
-    from h2k.inputs import cloud, formats, ovf
+    from h2k.image import open_image
+    from h2k.inputs import cloud, ovf
 
     p = Path(path)
     if not p.exists():
@@ -182,13 +193,28 @@ def resolve_input(path: str | Path, workdir: str | Path | None = None) -> Resolv
         if not machine_disks:
             raise InputError(f"{p}: the metadata names no disk")
         res = ResolvedInput(given=str(p), disks=machine_disks, machine=machine)
-    for d in res.disks:
-        if not Path(d).exists():
-            res.cleanup()
-            raise InputError(f"{p}: disk {d} named by the metadata is missing")
     try:
-        formats.probe(res.disk)  # fail early with a clear line, before any appliance launch
-    except InputError:
+        for d in res.disks:
+            if not Path(d).exists():
+                raise InputError(f"{p}: disk {d} named by the metadata is missing")
+            if kind not in ("ova", "disk"):
+                _check_named_disk(p, kind, d)
+        # The front door, once per disk: before any appliance launch, and the format pinned from here on.
+        res.images = [open_image(d) for d in res.disks]
+    except BaseException:
         res.cleanup()
         raise
     return res
+
+
+def _check_named_disk(meta: Path, kind: str, disk: str) -> None:
+    """A disk named by metadata must live in the metadata's folder (symlinks followed); a Hyper-V
+    export's XML may also name its sibling ``Virtual Hard Disks`` folder."""
+    folder = os.path.realpath(meta.parent)
+    allowed = [folder]
+    if kind in ("hyperv", "xml"):
+        allowed.append(os.path.realpath(Path(folder).parent / "Virtual Hard Disks"))
+    real = os.path.realpath(disk)
+    if not any(os.path.commonpath([real, a]) == a for a in allowed):
+        raise InputError(f"{meta}: disk {disk!r} resolves to {real}, outside {folder}: refused "
+                         "(metadata may only name disks beside it)")
