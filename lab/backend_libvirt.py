@@ -313,7 +313,7 @@ class LibvirtBoot:
         wd = self.workdir
         disk = None
         if self.image is not None:
-            disk = backend_qemu.create_overlay(Path(self.image), wd / "overlay.qcow2")
+            disk = backend_qemu.create_overlay(self.image, wd / "overlay.qcow2")
         self.timings["overlay"] = round(time.monotonic() - t0, 4)
         nvram = None
         if self.profile.uefi:

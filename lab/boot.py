@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from h2k.errors import InputError
+from h2k.image import DiskImage, as_image
 from h2k.profile import MachineProfile
 from lab import backend_qemu
 from lab.verdict import BOOT_OK_MARKER, BUILTIN_FAILURES, BootResult, Expect, Pattern
@@ -26,7 +27,7 @@ BACKENDS = ("qemu", "libvirt")
 
 
 def boot(
-    image: Path | None,
+    image: DiskImage | Path | None,
     profile: MachineProfile,
     *,
     timeout: float,
@@ -47,9 +48,7 @@ def boot(
     if timeout <= 0:
         raise InputError("timeout must be positive")
     if image is not None:
-        image = Path(image)
-        if not image.exists():
-            raise InputError(f"{image}: no such disk image")
+        image = as_image(image)  # the front door: a bad or hostile image is refused before anything starts
     outdir = Path(outdir)
     if backend == "qemu":
         if connect:
@@ -72,7 +71,7 @@ def boot(
 
 
 def boot_two_phase(
-    image: Path,
+    image: DiskImage | Path,
     bootstrap_profile: MachineProfile,
     final_profile: MachineProfile,
     *,
@@ -94,6 +93,7 @@ def boot_two_phase(
     """
     if bootstrap_profile.firmware != final_profile.firmware:
         raise InputError("two-phase boot: the firmware must not change between phases")
+    image = as_image(image)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -104,14 +104,14 @@ def boot_two_phase(
     # a shared overlay on the image (the image itself stays untouched).
     workdir = backend_qemu.make_workdir()
     try:
-        disk = backend_qemu.create_overlay(Path(image), workdir / "phases.qcow2")
+        disk = backend_qemu.create_overlay(image, workdir / "phases.qcow2")
         return _two_phases(disk, bootstrap_profile, final_profile, timeout=timeout, outdir=outdir, expect=expect,
                            final_expect=final_expect, backend=backend, connect=connect, vars_file=vars_file, t0=t0)
     finally:
         backend_qemu.remove_workdir(workdir)
 
 
-def _two_phases(disk: Path, bootstrap_profile: MachineProfile, final_profile: MachineProfile, *, timeout: float,
+def _two_phases(disk: DiskImage, bootstrap_profile: MachineProfile, final_profile: MachineProfile, *, timeout: float,
                 outdir: Path, expect: Expect | None, final_expect: Expect | None, backend: str,
                 connect: str | None, vars_file: Path | None, t0: float) -> BootResult:
     phases = []

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from h2k import domain
 from h2k.errors import InputError
+from h2k.image import open_image
 from h2k.profile import DISK_BUSES, FIRMWARES, NIC_MODELS, MachineProfile
 from lab.boot import BACKENDS, boot, boot_two_phase
 from lab.verdict import BUILTIN_FAILURES, Expect, Pattern
@@ -109,8 +110,6 @@ def _profile(args: argparse.Namespace, stage: str, bus: str | None, nic: str | N
 def run(args: argparse.Namespace) -> int:
     if not args.image and not args.kernel and not args.profile_json:
         raise InputError("give a disk IMAGE or --kernel")
-    if args.image and not Path(args.image).exists():
-        raise InputError(f"{args.image}: no such disk image")
     if args.timeout <= 0:
         raise InputError("--timeout must be positive")
     if args.connect and args.backend != "libvirt":
@@ -122,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
     expect.known_issues = _named(args.known_issue, "softfailed")
     expect.require_network = args.require_network
     expect.require_agent = args.require_agent or args.require_network
+    image = open_image(args.image) if args.image else None  # the front door, before anything is created
     outdir = args.outdir or Path(tempfile.mkdtemp(prefix="h2k-boot-out-"))
-    image = Path(args.image) if args.image else None
     if args.profile_json:
         try:
             profile = MachineProfile.from_dict(json.loads(args.profile_json.read_text()))
