@@ -335,7 +335,7 @@ class QemuBoot:
         self.timings["overlay"] = round(time.monotonic() - t0, 4)
         fw = firmware.find(self.profile.firmware)
         vars_path = firmware.prepare_vars(fw, wd, self.opts.vars_file)
-        profile = confine.private_kernel(self.profile, wd, user)
+        profile, kernel_fds = confine.private_kernel(self.profile, wd, user)
         self.sockdir = SocketDir(wd)
         sd = self.sockdir
         tpm_args, tpm_fd = None, None
@@ -355,7 +355,7 @@ class QemuBoot:
             if self.opts.screendump:
                 self.screendump_ref = files(str(self.outdir / "screen.png"), "w")
             argv = cmd.argv[:1] + files.args + cmd.argv[1:]
-            pass_fds = cmd.pass_fds + files.fds + ([tpm_fd] if tpm_fd is not None else [])
+            pass_fds = cmd.pass_fds + files.fds + kernel_fds + ([tpm_fd] if tpm_fd is not None else [])
             (wd / "argv.json").write_text(json.dumps(argv))
             with open(self.outdir / "qemu.log", "ab") as log:
                 log.write(("# " + " ".join(argv) + "\n").encode())
@@ -365,6 +365,8 @@ class QemuBoot:
             for s in socks.values():
                 s.close()  # QEMU holds the listening sockets now
             files.close()  # and its own copies of the files
+            for fd in kernel_fds:
+                os.close(fd)
             if self.swtpm is not None and self.swtpm.client is not None:
                 self.swtpm.client.close()
                 self.swtpm.client = None

@@ -110,6 +110,8 @@ def _profile(args: argparse.Namespace, stage: str, bus: str | None, nic: str | N
 def run(args: argparse.Namespace) -> int:
     if not args.image and not args.kernel and not args.profile_json:
         raise InputError("give a disk IMAGE or --kernel")
+    if args.image and not Path(args.image).exists():
+        raise InputError(f"{args.image}: no such disk image")
     if args.timeout <= 0:
         raise InputError("--timeout must be positive")
     if args.connect and args.backend != "libvirt":

@@ -79,24 +79,25 @@ def child_setup(user: QemuUser | None):
     return setup
 
 
-def private_kernel(profile: MachineProfile, workdir: Path, user: QemuUser | None) -> MachineProfile:
-    """QEMU reads -kernel/-initrd by name: give an unprivileged QEMU copies only it (and root) can read."""
+def private_kernel(profile: MachineProfile, workdir: Path, user: QemuUser | None) -> tuple[MachineProfile, list[int]]:
+    """QEMU reads -kernel/-initrd by name, not through fd sets: an unprivileged QEMU gets copies only it
+    may read, opened by the lab and named ``/proc/self/fd/N`` (QEMU inherits fd N; opening that link
+    checks the copy's own permissions, not the lab's folders). Returns the profile and the fds to pass."""
     if user is None or not (profile.kernel or profile.initrd):
-        return profile
-    folder = workdir / "qemu-user"
-    folder.mkdir(mode=0o700)
-    os.chmod(workdir, 0o711)  # the user may cross the boot's directory, not list or read it
-    copies: dict[str, str | None] = {}
+        return profile, []
+    names: dict[str, str] = {}
+    fds: list[int] = []
     for key in ("kernel", "initrd"):
         src = getattr(profile, key)
         if src:
-            dest = folder / f"{key}{Path(src).suffix}"
+            dest = workdir / f"qemu-{key}"
             shutil.copyfile(src, dest)
             os.chown(dest, user.uid, user.gid)
             os.chmod(dest, 0o400)
-            copies[key] = str(dest)
-    os.chown(folder, user.uid, user.gid)
-    return replace(profile, **copies)
+            fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
+            fds.append(fd)
+            names[key] = f"/proc/self/fd/{fd}"
+    return replace(profile, **names), fds
 
 
 def process_status(pid: int) -> dict[str, str]:
