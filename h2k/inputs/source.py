@@ -183,7 +183,7 @@ def resolve_input(path: str | Path, workdir: str | Path | None = None) -> Resolv
         res.disks, res.machine = pkg.disks, pkg.machine
     elif kind == "disk":
         machine = cloud.sidecar_for(p)
-        res = ResolvedInput(given=str(p), disks=[str(p.resolve())], machine=machine)
+        res = ResolvedInput(given=str(p), disks=[str(p.absolute())], machine=machine)  # (the front door resolves it)
     else:
         machine = load_machine(p)
         if kind == "ovf":
