@@ -294,6 +294,7 @@ class LibvirtBoot:
             artifacts=self.artifacts(),
             agent=agent_data,
             signal=decision.signal,
+            evidence=list(decision.evidence),
             known_issues=decision.known_issues,
             profile=self.profile.to_dict(),
             backend="libvirt",

@@ -202,7 +202,7 @@ class LabExecutor:
         if cell.bus not in VERIFY_BUSES:  # nothing to share: verify this cell alone (and report why not)
             out = run_child("verify", {"image": ctx.disk.to_dict(), "bus": cell.bus}, ctx.outdir, ctx.stop,
                             deadline=time.monotonic() + cell.timeout)
-            return CellOutcome(**out["outcome"])
+            return CellOutcome(**out["outcome"], lab_setup=dict(ctx.prepared.info.get("lab_setup") or {}))
         base = str(ctx.prepared.base)
         with self._lock:
             lock = self._verify_locks.setdefault(base, threading.Lock())
@@ -306,13 +306,17 @@ def child_prepare(req: dict[str, Any]) -> dict[str, Any]:
             raise InputError(msg)
         return build_plan(facts, pack, "both")
 
-    report = fix_image(disk, planner, in_place=True)
+    # EMS on COM1 in the BCD of the lab's copy (never the user's output): under TCG a bugcheck
+    # reaches the lab only through EMS (no hv-crash), and <machine-info> shows the kernel came up.
+    report = fix_image(disk, planner, in_place=True, ems=True)
     facts = report.facts
     info = {
         "kind": "windows",
         "facts": {k: facts.get(k) for k in ("product_name", "build", "major", "minor", "is_server", "firmware", "arch")},
         "fix": report.summary(),
         "journal": report.journal,
+        "lab_setup": {"ems": "EMS on COM1 (115200) enabled in the BCD of the lab's fixed copy "
+                             f"{out.name}; the source image is untouched"},
         # Only boot cells attach the pack (bootstrap phase); fix+verify cells need no ISO.
         "pack_iso": _pack_iso(Path(req["pack"]), out.parent) if req["mode"] == "boot" else None,
     }
@@ -352,13 +356,25 @@ def profiles_for(cell: Cell, info: dict[str, Any], pack_iso: str | None, memory_
     return bootstrap, final
 
 
+def cell_expect(cell: Cell):
+    """What passes a cell's boots: the matrix's expect:, else the kind's default.
+
+    A Windows cell boots a fresh fix, so h2k's first-boot installer runs in it: the agent it
+    installs is the evidence (``Expect.for_os(..., first_boot=True)``), in both phases.
+    """
+    from lab.verdict import Expect
+
+    windows = cell.kind == "windows"
+    return Expect.for_os(cell.kind, first_boot=windows, collect_devices=windows,
+                         success=[list(a) for a in cell.success] or None, success_patterns=list(cell.patterns))
+
+
 def child_boot(req: dict[str, Any]) -> dict[str, Any]:
     from lab import boot as lab_boot
 
     cell = Cell.from_dict(req["cell"])
     bootstrap, final = profiles_for(cell, req.get("info") or {}, req.get("pack"), req["memory_mb"])
-    windows = cell.kind == "windows"
-    expect = lab_boot.Expect(require_agent=windows, collect_devices=windows)
+    expect = cell_expect(cell)
     outdir = Path(req["outdir"])
     kw = dict(timeout=cell.timeout, outdir=outdir, expect=expect, backend=req["backend"], connect=req.get("connect"))
     disk = DiskImage.from_dict(req["image"])  # the cell's overlay, opened by the parent
@@ -369,8 +385,12 @@ def child_boot(req: dict[str, Any]) -> dict[str, Any]:
     outcome = {
         "verdict": result.verdict, "reason": result.reason, "stop_code": result.stop_code,
         "stop_name": result.stop_name, "artifacts": dict(result.artifacts), "agent": _plain(result.agent),
-        "phases": [{k: ph.get(k) for k in ("phase", "verdict", "reason", "seconds", "stop_code", "stop_name")}
+        "phases": [{k: ph.get(k) for k in ("phase", "verdict", "reason", "seconds", "stop_code", "stop_name",
+                                           "evidence")}
                    for ph in result.phases],
+        "evidence": list(result.evidence),
+        "lab_setup": {**(req.get("info") or {}).get("lab_setup", {}), "success": expect.alternatives(),
+                      "patterns": list(expect.success_patterns)},
     }
     return {"outcome": outcome}
 

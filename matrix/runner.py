@@ -90,6 +90,8 @@ class CellOutcome:
     artifacts: dict[str, str] = field(default_factory=dict)
     agent: dict[str, Any] = field(default_factory=dict)
     phases: list[dict[str, Any]] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)  # a pass: the evidence names that decided it
+    lab_setup: dict[str, Any] = field(default_factory=dict)  # what the lab set up to observe it (EMS, success)
 
 
 class CellExecutor(Protocol):
@@ -345,6 +347,8 @@ class Runner:
                 agent=dict(out.agent),
                 phases=list(out.phases),
                 host=host,
+                evidence=list(out.evidence),
+                lab_setup=dict(out.lab_setup),
             )
         except Interrupted as exc:
             result = CellResult(cell, "incomplete", reason=f"interrupted: {exc or 'the run was stopped'}", host=host)
