@@ -33,7 +33,7 @@ VMDK_CREATE_TYPES = {
 }
 EXTENT_TYPES = {"FLAT", "SPARSE", "ZERO", "VMFS", "VMFSSPARSE", "VMFSRDM", "VMFSRAW"}
 _EXTENT_RE = re.compile(
-    r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)(?:\s+"([^"]*)"(?:\s+(\d+))?)?\s*$'
+    r'^(RW|RDONLY|NOACCESS)\s+([0-9]{1,20})\s+([A-Z]+)(?:\s+"([^"]*)"(?:\s+([0-9]{1,20}))?)?\s*$'
 )
 _KV_RE = re.compile(r'^([A-Za-z][\w.]*)\s*=\s*"?([^"]*)"?\s*$')
 

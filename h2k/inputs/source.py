@@ -23,6 +23,12 @@ if TYPE_CHECKING:
     from h2k.image import DiskImage
 
 FIRMWARES = ("bios", "uefi")
+# Every number a metadata file can give is bounded before anything uses it (QEMU 7.2's q35 takes
+# at most 1024 vCPUs; 16 TiB of memory is past any VM these tools convert).
+MAX_CPUS = 1024
+MAX_MEMORY_MIB = 16 << 20
+MAX_NICS = 64
+MAX_DISKS = 256
 
 
 @dataclass
@@ -60,6 +66,10 @@ class SourceMachine:
     def __post_init__(self) -> None:
         if self.firmware is not None and self.firmware not in FIRMWARES:
             raise InputError(f"{self.origin} metadata: firmware {self.firmware!r} is not bios or uefi")
+        for what, value, top in (("CPU count", self.cpus, MAX_CPUS), ("memory (MiB)", self.memory_mib, MAX_MEMORY_MIB),
+                                 ("NIC count", len(self.nics), MAX_NICS), ("disk count", len(self.disks), MAX_DISKS)):
+            if value is not None and not 0 <= value <= top:
+                raise InputError(f"{self.origin} metadata: {what} {value} is out of range (at most {top})")
 
     @property
     def macs(self) -> list[str]:
