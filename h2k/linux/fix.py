@@ -286,12 +286,7 @@ def unpin_macs(sess: _Session, facts: LinuxFacts) -> None:
 
 
 def _initrd_modules(g, path: str, tmp: Path) -> dict[str, str]:
-    local = tmp / "initrd"
-    g.download(path, str(local))
-    try:
-        return initrdlib.modules(local.read_bytes())
-    finally:
-        local.unlink()
+    return initrdlib.modules(initrdlib.read_from_guest(g, path, tmp))
 
 
 def fix_initramfs(sess: _Session, facts: LinuxFacts, tmp: Path) -> None:

@@ -105,10 +105,7 @@ def _kernels(g, workdir: Path) -> list[Kernel]:
             rd = _first(g, ["/boot/initramfs-linux.img"])
         mods: list[str] = []
         if rd is not None:
-            local = workdir / f"initrd-{ver}"
-            g.download(rd, str(local))
-            mods = sorted(initrdlib.modules(local.read_bytes()))
-            local.unlink()
+            mods = sorted(initrdlib.modules(initrdlib.read_from_guest(g, rd, workdir)))
         builtin_txt = _read(g, f"{moddir}/{ver}/modules.builtin") or ""
         builtin = sorted(
             m for m in VIRTIO_MODULES if re.search(rf"/{m.replace('_', '[_-]')}\.ko\b", builtin_txt)
