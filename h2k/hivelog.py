@@ -216,6 +216,11 @@ def replay(primary: bytes, logs: dict[str, bytes]) -> Replay:
             if e.seq == applied[-1]:
                 continue  # the same entry in both logs
             break  # a gap: later entries cannot be applied safely
+        # A hive grows only by bins the entry carries: a larger size is bogus, not a reason to
+        # allocate up to 4 GiB on the word of a crafted log.
+        page_end = max((off + len(page) for off, page in e.pages), default=0)
+        if e.hbins_size > max(len(hbins), page_end):
+            break
         if len(hbins) < e.hbins_size:
             hbins.extend(b"\0" * (e.hbins_size - len(hbins)))
         del hbins[e.hbins_size :]
@@ -224,6 +229,8 @@ def replay(primary: bytes, logs: dict[str, bytes]) -> Replay:
         applied.append(e.seq)
         if name not in used:
             used.append(name)
+    if not applied:
+        raise ReplayError("its first newer transaction log entry claims a hive size its pages do not cover")
     last = applied[-1]
     head = _with_base(primary[:BASE_BLOCK], seq1=last, seq2=last, hbins_size=len(hbins))
     return Replay(bytes(head) + bytes(hbins), applied, used)
