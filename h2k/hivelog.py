@@ -216,10 +216,9 @@ def replay(primary: bytes, logs: dict[str, bytes]) -> Replay:
             if e.seq == applied[-1]:
                 continue  # the same entry in both logs
             break  # a gap: later entries cannot be applied safely
-        # A hive grows only by bins the entry carries: a larger size is bogus, not a reason to
-        # allocate up to 4 GiB on the word of a crafted log.
-        page_end = max((off + len(page) for off, page in e.pages), default=0)
-        if e.hbins_size > max(len(hbins), page_end):
+        # A hive grows only by bins the entry carries (new bins are dirty pages): a larger size is
+        # bogus, not a reason to allocate up to 4 GiB on the word of a crafted log.
+        if e.hbins_size > len(hbins) + sum(len(page) for _, page in e.pages):
             break
         if len(hbins) < e.hbins_size:
             hbins.extend(b"\0" * (e.hbins_size - len(hbins)))

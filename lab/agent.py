@@ -65,7 +65,10 @@ class AgentClient:
         if self._sock is None:
             raise AgentError("agent not connected")
         self._log("out", msg)
-        self._sock.sendall((b"\xff" if delimit else b"") + json.dumps(msg).encode() + b"\n")
+        try:
+            self._sock.sendall((b"\xff" if delimit else b"") + json.dumps(msg).encode() + b"\n")
+        except OSError as exc:
+            raise AgentError(f"agent channel closed: {exc}") from None
 
     def _recv_line(self, deadline: float) -> bytes:
         assert self._sock is not None
@@ -78,6 +81,8 @@ class AgentClient:
                 chunk = self._sock.recv(65536)
             except socket.timeout:
                 raise AgentTimeout("guest agent did not answer in time") from None
+            except OSError as exc:
+                raise AgentError(f"agent channel closed: {exc}") from None
             if not chunk:
                 raise AgentError("agent channel closed")
             self._buf += chunk

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
@@ -111,6 +112,25 @@ def failure_message(r: CellResult) -> str:
     return ": ".join(parts)
 
 
+# Characters XML 1.0 cannot hold at all (ElementTree writes them raw and the file is then invalid):
+# control characters from a guest's console end up in reasons.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_safe(text: str) -> str:
+    """``text`` with every character XML 1.0 forbids written as ``\\xNN`` (``\\uNNNN``)."""
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                        text)
+
+
+def _xml_safe_tree(root: ET.Element) -> None:
+    for el in root.iter():
+        if el.text:
+            el.text = xml_safe(el.text)
+        for key, value in el.attrib.items():
+            el.attrib[key] = xml_safe(value)
+
+
 def _props(parent: ET.Element, props: list[tuple[str, str]]) -> None:
     el = ET.SubElement(parent, "properties")
     for name, value in props:
@@ -188,6 +208,7 @@ def junit_tree(results: RunResults) -> ET.ElementTree:
     for k in ("tests", "failures", "errors", "skipped"):
         root.set(k, str(totals[k]))
     root.set("time", f"{totals['time']:.3f}")
+    _xml_safe_tree(root)
     ET.indent(root)
     return ET.ElementTree(root)
 

@@ -268,6 +268,8 @@ def embedded_descriptor(path: Path) -> str:
         raise InputError(f"{path}: sparse VMDK extent has no embedded descriptor (open its descriptor file instead)")
     if desc_size * SECTOR > MAX_DESCRIPTOR:
         raise InputError(f"{path}: embedded VMDK descriptor is implausibly large (corrupt header)")
+    if (desc_off + desc_size) * SECTOR > path.stat().st_size:
+        raise InputError(f"{path}: VMDK file is truncated (descriptor past its end)")
     with open(path, "rb") as f:
         f.seek(desc_off * SECTOR)
         data = f.read(desc_size * SECTOR)
