@@ -43,8 +43,9 @@ def create_overlay(source: DiskImage | str | Path, overlay: str | Path) -> DiskI
     return overlay_on(as_image(source), overlay)
 
 
-def convert(source: DiskImage, output: str | Path) -> Path:
+def convert(source: DiskImage | str | Path, output: str | Path) -> Path:
     """A standalone copy of ``source`` (which may be an overlay) at ``output``: raw for .raw/.img, else qcow2."""
+    source = as_image(source)
     output = Path(output)
     out_fmt = "raw" if output.suffix.lower() in (".raw", ".img") else "qcow2"
     _run(["qemu-img", "convert", "-q", "-f", source.format, "-O", out_fmt, source.path, str(output)])
