@@ -227,7 +227,7 @@ def test_two_phase_keeps_one_nvram(results, tmp_path):
         assert f"opaque={qemu_opt(vars_file)} " in qlog
         assert Path(r.artifacts[f"{phase}/screen.png"]).read_bytes()[:4] == b"\x89PNG"
     boot_log = Path(r.artifacts["bootstrap/qemu.log"]).read_text()
-    assert f"opaque={qemu_opt(vars_file.parent / DRIVER_ISO)} " in boot_log  # the ISO was attached, as itself
+    assert f"opaque={qemu_opt(vars_file.parent.parent / DRIVER_ISO)} " in boot_log  # the ISO was attached, as itself
     assert '"driver":"raw","node-name":"cd0","read-only":true' in boot_log
 
 
