@@ -34,6 +34,7 @@ from matrix.reports import xml_safe
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 FUZZ_QEMU = settings(FUZZ, max_examples=30)  # qemu-img runs for what passes h2k's own checks
+FUZZ_SLOW = settings(FUZZ, max_examples=50)  # recursive JSON, whole report writes
 
 # Values a hostile document would put in a number field.
 NASTY_NUMBERS = st.sampled_from(["0", "-1", "1e9", "²", "٣", "0x10", " 7 ", "9" * 30, "9" * 5000, "",
@@ -202,7 +203,7 @@ JSONISH = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2
                        lambda kids: st.lists(kids, max_size=4) | st.dictionaries(TEXT, kids, max_size=4), max_leaves=12)
 
 
-@FUZZ
+@FUZZ_SLOW
 @given(st.fixed_dictionaries({}, optional={k: JSONISH for k in ("firmware", "generation", "secure_boot", "cpus",
                                                                   "memory_mib", "memory_mb", "nics", "mac", "disks",
                                                                   "name", "guest_os")}))
@@ -382,7 +383,7 @@ def test_qmp_reader_is_bounded(monkeypatch):
 # ---------------------------------------------------------------- guest text in JUnit
 
 
-@FUZZ
+@FUZZ_SLOW
 @given(st.text(max_size=200))
 def test_guest_text_keeps_junit_valid(tmp_path_factory, reason):
     from xml.etree import ElementTree as ET
