@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import queue
-import subprocess
 import threading
 import time
 import traceback
