@@ -194,7 +194,7 @@ class LabExecutor:
             "pack": ctx.prepared.info.get("pack_iso"), "memory_mb": ctx.memory_mb,
             "outdir": str(ctx.outdir / "boot"), "backend": self.backend, "connect": ctx.connect,
         }, ctx.outdir, ctx.stop)
-        return CellOutcome(**out["outcome"])
+        return CellOutcome(**out["outcome"], proof="real boot")
 
 
     def _verify_cell(self, ctx: CellContext) -> CellOutcome:
@@ -235,7 +235,7 @@ def outcome_for_bus(rules: list[dict[str, Any]], bus: str, shared_with: str | No
     phase: dict[str, Any] = {"phase": "verify", "bus": bus, "rules": mine}
     if shared_with:
         phase["verified"] = f"{shared_with} (read-only, once for both VirtIO buses)"
-    return CellOutcome("passed" if not failed else "failed", reason, phases=[phase])
+    return CellOutcome("passed" if not failed else "failed", reason, phases=[phase], proof="static verify")
 
 
 # --- child side ---------------------------------------------------------------------

@@ -26,6 +26,17 @@ BAD_VERDICTS = ("failed", "timeout", "incomplete", "skipped")
 # The keys a match rule (include/exclude/timeouts/known issues) may name.
 RULE_KEYS = ("image", "pack", "firmware", "bus", "nic", "boot_mode", "kind", "mode", "id")
 
+# How a cell's verdict is reached, the README's words: a guest really booted under QEMU, static
+# boot-readiness rules read on a disk that cannot boot (fix+verify), or a shape replayed from a
+# recording (an executor that runs no guest). A gate never compares two different modes.
+PROOF_MODES = ("real boot", "static verify", "recorded shape")
+
+
+def proof_of(mode: str) -> str:
+    """The proof mode of a cell by what it does: ``fix+verify`` cells verify, the others boot."""
+    return "static verify" if mode == "fix+verify" else "real boot"
+
+
 RESULTS_FORMAT = "hyper2kvm-matrix-results"
 RESULTS_VERSION = 1
 
@@ -191,10 +202,14 @@ class CellResult:
     evidence: list[str] = field(default_factory=list)  # a pass: the evidence names that decided it
     # What the lab changed on its own copy of the image to observe the boot (e.g. EMS for Windows).
     lab_setup: dict[str, Any] = field(default_factory=dict)
+    proof: str = ""  # one of PROOF_MODES; empty = from the cell's mode (older results files too)
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise ValueError(f"unknown verdict {self.verdict!r}")
+        self.proof = self.proof or proof_of(self.cell.mode)
+        if self.proof not in PROOF_MODES:
+            raise ValueError(f"unknown proof mode {self.proof!r}")
 
     @property
     def id(self) -> str:
@@ -239,6 +254,12 @@ class RunResults:
             out[r.verdict] += 1
         return out
 
+    def proof_counts(self) -> dict[str, int]:
+        out = {m: 0 for m in PROOF_MODES}
+        for r in self.cells:
+            out[r.proof] += 1
+        return out
+
     @property
     def ok(self) -> bool:
         return not self.interrupted and all(r.good for r in self.cells)
@@ -254,6 +275,7 @@ class RunResults:
             "finished": self.finished,
             "interrupted": self.interrupted,
             "counts": self.counts(),
+            "proof_counts": self.proof_counts(),
             "extra": self.extra,
             "cells": [r.to_dict() for r in self.cells],
         }

@@ -183,8 +183,9 @@ class CellItem(pytest.Item):
         from matrix.model import CellResult
 
         result = CellResult(self.cell, out.verdict, out.reason, out.stop_code, out.stop_name,
-                            artifacts=out.artifacts, agent=out.agent, phases=out.phases)
+                            artifacts=out.artifacts, agent=out.agent, phases=out.phases, proof=out.proof)
         self.user_properties.append(("verdict", out.verdict))
+        self.user_properties.append(("proof", result.proof))
         if out.stop_code is not None:
             self.user_properties.append(("stop_code", f"0x{out.stop_code:X}"))
         for k, v in sorted(out.artifacts.items()):

@@ -91,6 +91,7 @@ class CellOutcome:
     phases: list[dict[str, Any]] = field(default_factory=list)
     evidence: list[str] = field(default_factory=list)  # a pass: the evidence names that decided it
     lab_setup: dict[str, Any] = field(default_factory=dict)  # what the lab set up to observe it (EMS, success)
+    proof: str = ""  # how the verdict was reached (model.PROOF_MODES); empty = from the cell's mode
 
 
 class CellExecutor(Protocol):
@@ -348,6 +349,7 @@ class Runner:
                 host=host,
                 evidence=list(out.evidence),
                 lab_setup=dict(out.lab_setup),
+                proof=out.proof,
             )
         except Interrupted as exc:
             result = CellResult(cell, "incomplete", reason=f"interrupted: {exc or 'the run was stopped'}", host=host)

@@ -8,8 +8,9 @@ One ``h2k matrix run`` (two workers) mixes:
 * the Debian test-bed guest after ``h2k.linux.fix_image`` (the cached fixed disk of tests/e2e):
   the runner's own fix runs on it and finds nothing to do, then one real boot on virtio-blk,
   scored by the lab (console marker, guest agent);
-Then the JUnit file is validated against the schema, and the gate and report
-commands run on the real results.
+Then the JUnit file is validated against the schema, report.html is rendered by
+headless Chromium (every cell with its verdict and proof mode, the real screendump shown),
+and the gate and report commands run on the real results.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+
+from browser import Elements, colour_counts
 
 from matrix.reports import load_results
 
@@ -121,7 +124,9 @@ def test_matrix_reports(matrix_run):
     assert {s.get("name") for s in root.findall("testsuite")} == {"itest.win2019", "itest.win2022", "itest.hibernated",
                                                                   "itest.debian"}
     md = (out / "summary.md").read_text()
-    assert "| win2019 | PASS | PASS | - | - |" in md and "| hibernated | FAIL | SOFTFAIL | - | - |" in md
+    assert "| win2019 | static verify | PASS | PASS | - | - |" in md
+    assert "| hibernated | static verify | FAIL | SOFTFAIL | - | - |" in md
+    assert "| debian | real boot | PASS | - | - | - |" in md and "Proof: 1 real boot, 6 static verify." in md
     # report rebuilds the same files from results.json alone
     again = tmp / "again"
     subprocess.run([sys.executable, "-m", "h2k", "matrix", "report", str(out / "results.json"), "-o", str(again)],
@@ -147,3 +152,25 @@ def test_gate_on_the_real_results(matrix_run):
     assert bad.returncode == 1
     row = next(line for line in bad.stdout.splitlines() if line.startswith("win2022.uefi.virtio-scsi"))
     assert row.split()[1:4] == ["passed", "failed", "regression"]
+
+
+def test_html_report_of_the_real_run(matrix_run, chromium):
+    """The page a person opens after the run: rendered by Chromium from the run's own files."""
+    tmp, out, _ = matrix_run
+    results = load_results(out / "results.json")
+    page = out / "report.html"
+    dom = Elements(chromium.dom(page))
+    cells = {a["data-cell"]: (a["data-verdict"], a["data-proof"]) for a in dom.with_attr("data-cell")}
+    assert cells == {r.id: (r.verdict, r.proof) for r in results.cells}
+    # a static verify cell and a booted one say so
+    assert cells["win2019.bios.virtio-blk.virtio-net"] == ("passed", "static verify")
+    assert cells[DEBIAN_CELL] == ("passed", "real boot")
+    # the booted cell's evidence: its screendump as a thumbnail and its logs, linked relatively
+    thumbs = [a["src"] for a in dom.tags("img")]
+    assert thumbs == [f"./cells/{DEBIAN_CELL}/boot/screen.png"]
+    links = {a["href"].rsplit("/", 1)[-1] for a in dom.tags("a") if f"/cells/{DEBIAN_CELL}/" in a["href"]}
+    assert {"screen.png", "serial.log", "qmp.jsonl", "verdict.json"} <= links
+    assert all((out / a["href"]).is_file() for a in dom.tags("a") if not a["href"].startswith("#"))
+    colours = colour_counts(chromium.screenshot(page, tmp / "report.png", size=(1200, 2400)))
+    assert colours[(0xC8, 0xE6, 0xC9)] > 500 and colours[(0xFF, 0xCD, 0xD2)] > 500  # passed and failed cells
+    assert colours[(0, 0, 0)] > 1000  # the guest's VGA screen (black), loaded through its relative link
