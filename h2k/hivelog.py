@@ -264,6 +264,7 @@ def replay(primary: bytes, logs: dict[str, bytes]) -> Replay:
     if not candidates:
         raise ReplayError(_nothing_to_apply(base, parsed))
     hbins = bytearray(primary[BASE_BLOCK : BASE_BLOCK + base.hbins_size])
+    budget = len(primary) + sum(len(data) for data in logs.values())
     applied: list[int] = []
     used: list[str] = []
     flags = base.flags
@@ -272,9 +273,9 @@ def replay(primary: bytes, logs: dict[str, bytes]) -> Replay:
             if e.seq == applied[-1]:
                 continue  # the same entry in both logs
             break  # a gap: later entries cannot be applied safely
-        # A hive grows only by bins the entry carries (new bins are dirty pages): a larger size is
-        # bogus, not a reason to allocate up to 4 GiB on the word of a crafted log.
-        if e.hbins_size > len(hbins) + sum(len(page) for _, page in e.pages):
+        # The bins a hive grows by are written to its logs: a size past the primary plus every log
+        # is bogus, not a reason to allocate up to 4 GiB on the word of a crafted entry.
+        if e.hbins_size > budget:
             break
         # The hive bins data takes the entry's size (grown with zeros, or cut).
         hbins[e.hbins_size :] = b""
