@@ -37,6 +37,7 @@ from h2k import ntfs_acl, overlay, registry
 from h2k.changes import REG_DWORD, FileCopy, FileWrite, Plan, RegDeleteKey, RegValue
 from h2k.errors import H2KError, InputError
 from h2k.facts import WindowsFacts
+from h2k.image import DiskImage
 from h2k.inspect import BOOTMGFW, Inspection, blocker_error, guest_path, inspect_handle, open_guest
 from h2k.journal import GUEST_JOURNAL_DIR, FileRecord, HiveRecord, Journal, host_journal_path
 from h2k.progress import Progress
@@ -325,7 +326,7 @@ def guest_sha256(g, path: str, tmp: Path, size: int | None = None) -> str:
 
 
 def fix_image(
-    image: str | Path,
+    image: DiskImage | str | Path,
     plan: PlanSource,
     *,
     output: str | Path | None = None,
@@ -335,16 +336,16 @@ def fix_image(
 ) -> FixReport:
     """Fix ``image`` per ``plan`` (a Plan, or a callable building one from the facts)."""
     t0 = time.monotonic()
-    image = Path(image)
     with overlay.fix_target(image, output, in_place) as target:
-        report = _fix_on(target.work, image, target.final, plan, ems=ems, metadata=metadata, in_place=in_place)
+        image = Path(target.source.given)  # as the user named it
+        report = _fix_on(target.disk, image, target.final, plan, ems=ems, metadata=metadata, in_place=in_place)
     if report.journal is not None:
         Journal.from_json(Path(report.journal).read_text())  # it parses
     report.seconds = time.monotonic() - t0
     return report
 
 
-def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool, metadata, in_place: bool) -> FixReport:
+def _fix_on(work: DiskImage, image: Path, final: Path, plan: PlanSource, *, ems: bool, metadata, in_place: bool) -> FixReport:
     progress = Progress(f"fix {image.name}", 6)
     g = open_guest(work, readonly=False)
     try:

@@ -43,6 +43,7 @@ from h2k import hibernation, hivelog, netbind
 from h2k.firstboot import SETUP_COMPLETE
 from h2k.errors import BlockerError, InputError
 from h2k.facts import Blocker, NicConfig, ServiceInfo, SetupState, WindowsFacts
+from h2k.image import DiskImage, as_image
 from h2k.registry import current_control_set, decode, find_key, find_value
 
 log = logging.getLogger("h2k.inspect")
@@ -76,16 +77,14 @@ class NotWindows(InputError):
 # ---------------------------------------------------------------- guest helpers
 
 
-def open_guest(image: str | Path, *, readonly: bool, fmt: str | None = None):
-    """A launched libguestfs handle on ``image`` (the one launch of an operation)."""
+def open_guest(image: DiskImage | str | Path, *, readonly: bool):
+    """A launched libguestfs handle on ``image`` (the one launch of an operation), its format pinned."""
     import guestfs
 
+    disk = as_image(image)  # the front door, unless the caller already went through it
     accel.apply_libguestfs_env()
     g = guestfs.GuestFS(python_return_dict=True)
-    opts: dict[str, Any] = {"readonly": 1 if readonly else 0}
-    if fmt:
-        opts["format"] = fmt
-    g.add_drive_opts(str(image), **opts)
+    g.add_drive_opts(disk.path, format=disk.format, readonly=1 if readonly else 0)
     g.launch()
     return g
 
@@ -771,13 +770,11 @@ def inspect_image(image: str | Path, metadata: dict[str, Any] | None = None) -> 
     Raises :class:`NotWindows` for another OS, InputError when no OS is found,
     BlockerError when the system volume cannot even be read (BitLocker).
     """
-    image = str(image)
-    if not os.path.exists(image):
-        raise InputError(f"{image}: no such file")
-    g = open_guest(image, readonly=True)
+    disk = as_image(image)
+    g = open_guest(disk, readonly=True)
     try:
         with tempfile.TemporaryDirectory(prefix="h2k-inspect-") as tmp:
-            return inspect_handle(g, image, tmp, metadata).facts
+            return inspect_handle(g, disk.given, tmp, metadata).facts
     finally:
         g.close()
 

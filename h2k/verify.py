@@ -304,9 +304,9 @@ def verify_hives(
 def verify_image(image: str | Path, bus: str, metadata: dict[str, Any] | None = None) -> VerifyReport:
     """Run every rule on ``image`` in one read-only libguestfs launch."""
     drivers_for_bus(bus)  # bad bus -> InputError before the launch
-    from h2k.overlay import image_format
+    from h2k.image import as_image
 
-    image_format(image)
+    image = as_image(image)  # the front door: before the launch
     g = open_guest(image, readonly=True)
     try:
         with tempfile.TemporaryDirectory(prefix="h2k-verify-") as tmp:
