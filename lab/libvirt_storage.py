@@ -14,7 +14,8 @@ transient directory pool the lab creates at ``/var/lib/libvirt/images/h2k``; it 
 A disk whose image is a single qcow2 or raw file is uploaded as it is; anything else
 (a backing chain such as the lab's or the matrix's overlays, other formats, an external
 data file) is first flattened to one local qcow2 with ``qemu-img convert``. Each boot
-uploads its own copy: the cost is the disk's allocated size over the wire, per boot.
+uploads its own copy: the cost is the disk's allocated size over the wire, per boot (per
+run for a two-phase run, whose phases share one volume).
 """
 
 from __future__ import annotations
@@ -95,9 +96,10 @@ def needs_flattening(shape: ImageShape) -> bool:
     return shape.format not in UPLOADABLE or shape.chain > 1 or shape.data_file
 
 
-def flatten(image: Path, dest: Path) -> Path:
-    """One self-contained qcow2 with everything the chain holds (read with force-share: others may boot it)."""
-    proc = subprocess.run(["qemu-img", "convert", "-U", "-O", "qcow2", str(image), str(dest)],
+def flatten(image: Path, dest: Path, fmt: str | None = None) -> Path:
+    """One self-contained qcow2 with everything the chain holds (read with force-share: others may boot it);
+    ``fmt``: the image's format as the front door pinned it."""
+    proc = subprocess.run(["qemu-img", "convert", "-U", *(["-f", fmt] if fmt else []), "-O", "qcow2", str(image), str(dest)],
                           capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise H2KError(f"qemu-img convert {image}: {proc.stderr.strip()[:300]}")

@@ -2,7 +2,8 @@
 on SeaBIOS and OVMF: passed with network (agent + gateway ping), a panic caught
 through GUEST_PANICKED (pvpanic), a reboot loop (SHUTDOWN guest-reset), a timeout,
 a silent guest, no bootable device, Secure Boot refusing an unsigned loader, a
-two-phase boot that keeps one NVRAM, and a guest that prints nothing passed by its agent alone.
+two-phase boot that keeps one NVRAM and what the bootstrap phase wrote on the disk, and a
+guest that prints nothing passed by its agent alone.
 
 The boots run five at a time in one module fixture, once per test run even under
 xdist (a file lock): on 2 shared cores that keeps the wall time near the CPU time the guests need (tiny guests reach their marker
@@ -14,14 +15,18 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pwd
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from lab import tinyguest
+from lab import confine, tinyguest
 from lab.boot import boot, boot_two_phase
+from lab.qemu_cmd import qemu_opt
 from lab.verdict import BootResult, Expect
+from tinyguest_checks import counter_line, printed_counts
 
 pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("lab-boot")]
 
@@ -59,6 +64,9 @@ CASES = {
     "bios-quiet-agent": ("bios", "quiet", "kernel", {}, Expect.for_os("linux"), LONG),
 }
 SHUTDOWN_ON_PASS = {"bios-acpi-shutdown"}
+# Booted right after the two-phase run, in the same worker: a plain boot of the same image
+# must count its boot as the first again (the two-phase run never wrote the image).
+AFTER_TWO_PHASE = "uefi-disk-virtio-scsi"
 
 
 def _run_case(case_id: str, outroot: Path):
@@ -73,20 +81,32 @@ def _run_case(case_id: str, outroot: Path):
                 shutdown_on_pass=case_id in SHUTDOWN_ON_PASS)
 
 
-def _run_two_phase(outroot: Path):
+# Paths with commas that would add options if QEMU's key=value syntax saw them raw: the two-phase
+# boot's folder (its NVRAM, logs and screendumps) and the driver ISO its bootstrap phase attaches.
+TWO_PHASE_DIR = "two-phase,readonly=on"
+DRIVER_ISO = "drivers,media=disk,format=qcow2.iso"
+
+
+def _run_two_phase_then_plain(outroot: Path):
     image = tinyguest.disk_image("pass")
-    first = tinyguest.disk_profile("uefi", disk_bus="sata", nic_model="e1000e", stage="bootstrap")
+    iso = outroot / DRIVER_ISO
+    subprocess.run(["xorriso", "-report_about", "SORRY", "-outdev", str(iso), "-volid", "VIRTIO_WIN",
+                    "-map", str(Path(__file__)), "/readme.txt"], check=True, capture_output=True)
+    first = tinyguest.disk_profile("uefi", disk_bus="sata", nic_model="e1000e", stage="bootstrap", cdroms=[str(iso)])
     final = tinyguest.disk_profile("uefi", disk_bus="virtio-blk", nic_model="virtio-net")
-    return boot_two_phase(image, first, final, timeout=LONG, outdir=outroot / "two-phase", expect=NET)
+    two = boot_two_phase(image, first, final, timeout=LONG, outdir=outroot / TWO_PHASE_DIR, expect=NET)
+    return two, _run_case(AFTER_TWO_PHASE, outroot)
 
 
 def _run_all(outroot: Path) -> dict:
     tinyguest.initramfs(), tinyguest.disk_image("pass"), tinyguest.empty_disk()  # build once, up front
     images = {str(p): p.stat().st_mtime_ns for p in (tinyguest.disk_image("pass"), tinyguest.empty_disk())}
     with ThreadPoolExecutor(max_workers=5) as pool:
-        futs = {"two-phase": pool.submit(_run_two_phase, outroot)}  # the longest: start it first
-        futs.update({cid: pool.submit(_run_case, cid, outroot) for cid in CASES})
+        chain = pool.submit(_run_two_phase_then_plain, outroot)  # the longest: start it first
+        futs = {cid: pool.submit(_run_case, cid, outroot) for cid in CASES if cid != AFTER_TWO_PHASE}
         out = {cid: f.result().to_dict() for cid, f in futs.items()}
+        two, plain = chain.result()
+        out.update({"two-phase": two.to_dict(), AFTER_TWO_PHASE: plain.to_dict()})
     return {"results": out, "images": images}
 
 
@@ -136,6 +156,8 @@ def test_passed_with_network(results, case):
     assert r.agent["gateway_ping"]["exitcode"] == 0
     _evidence(r)
     assert "H2K-BOOT-OK" in Path(r.artifacts["serial.log"]).read_text(errors="replace")
+    if CASES[case][2] == "disk":  # each plain boot writes its own overlay: the image's first boot
+        assert printed_counts(r.artifacts["serial.log"]) == {"1"}
 
 
 def test_every_kept_mac_is_a_nic_the_guest_sees(results):
@@ -209,11 +231,40 @@ def test_two_phase_keeps_one_nvram(results, tmp_path):
     assert "shut down cleanly (guest agent guest-shutdown, SHUTDOWN reason guest-shutdown)" in boot_phase["reason"]
     assert boot_phase["profile"]["disk_bus"] == "sata" and final_phase["profile"]["disk_bus"] == "virtio-blk"
     vars_file = Path(r.artifacts["OVMF_VARS.fd"])
-    assert vars_file.exists()
-    # Both phases ran with the same NVRAM file.
+    assert vars_file.exists() and vars_file.parent.name == TWO_PHASE_DIR
+    # Both phases ran with the same NVRAM file (handed to QEMU as an fd set named after it), and the
+    # comma in its folder's name neither broke QEMU's options nor added one.
     for phase in ("bootstrap", "final"):
         qlog = Path(r.artifacts[f"{phase}/qemu.log"]).read_text()
-        assert f"unit=1,file={vars_file}" in qlog
+        assert f"opaque={qemu_opt(vars_file)} " in qlog
+        assert Path(r.artifacts[f"{phase}/screen.png"]).read_bytes()[:4] == b"\x89PNG"
+    boot_log = Path(r.artifacts["bootstrap/qemu.log"]).read_text()
+    assert f"opaque={qemu_opt(vars_file.parent.parent / DRIVER_ISO)} " in boot_log  # the ISO was attached, as itself
+    assert '"driver":"raw","node-name":"cd0","read-only":true' in boot_log
+    # ... and the same disk: the final phase counts the boot the bootstrap phase wrote on it.
+    counts = {phase: printed_counts(r.artifacts[f"{phase}/serial.log"]) for phase in ("bootstrap", "final")}
+    assert counts == {"bootstrap": {"1"}, "final": {"2"}}, counts
+    # The image itself was not written: qemu-img reads the counter it was built with, and a
+    # plain boot of it after the two-phase run counts 1 again.
+    assert counter_line(tinyguest.disk_image("pass")) == "H2K-BOOT-COUNT 0"
+    after = results[AFTER_TWO_PHASE]
+    assert after.verdict == "passed", after.reason
+    assert printed_counts(after.artifacts["serial.log"]) == {"1"}
+
+
+def test_qemu_runs_unprivileged_in_its_sandbox(results):
+    # /proc/PID/status of every boot's QEMU, read by the lab once QMP answered (QEMU's set-up done).
+    user = pwd.getpwnam(confine.DEFAULT_USER) if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+    runs = {cid: r for cid, r in results.items() if cid != "_images"}
+    for cid, r in runs.items():
+        paths = [v for k, v in r.artifacts.items() if k.endswith("process.json")]
+        assert paths, cid
+        for path in paths:
+            st = json.loads(Path(path).read_text())
+            assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1", (cid, st)  # seccomp filter mode
+            assert st["Uid"].split() == [str(user.pw_uid)] * 4 and st["Gid"].split()[0] == str(user.pw_gid), (cid, st)
+            if os.geteuid() == 0:
+                assert int(st["CapEff"], 16) == 0 and st["user"] == confine.DEFAULT_USER, (cid, st)
 
 
 def test_clean_shutdown_through_acpi(results):
