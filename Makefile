@@ -43,7 +43,20 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/system
 	@touch $@
 
 venv: $(STAMPS)/venv
-setup: venv
+
+# The lab runs QEMU as this unprivileged system user when it is started as root (lab/confine.py;
+# H2K_QEMU_USER names another). Members of kvm may use /dev/kvm where KVM works.
+QEMU_USER ?= h2k-qemu
+$(STAMPS)/qemu-user: $(STAMPS)/system
+	@mkdir -p $(STAMPS)
+	@if [ "$$(id -u)" = 0 ] && ! getent passwd $(QEMU_USER) >/dev/null; then \
+	  echo "creating the system user $(QEMU_USER) (QEMU runs as it)"; \
+	  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin $(QEMU_USER) && \
+	  if getent group kvm >/dev/null; then usermod -a -G kvm $(QEMU_USER); fi; \
+	fi
+	@touch $@
+
+setup: venv $(STAMPS)/qemu-user
 
 # `make test`: every tier, the Linux end-to-end one included (marked `linux`: Debian guests,
 # their fix inside the libguestfs appliance and real boots); `make test-linux` runs that tier alone.

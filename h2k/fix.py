@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from h2k import bcd as bcdlib
-from h2k import overlay, registry
+from h2k import ntfs_acl, overlay, registry
 from h2k.changes import REG_DWORD, FileCopy, FileWrite, Plan, RegDeleteKey, RegValue
 from h2k.errors import H2KError, InputError
 from h2k.facts import WindowsFacts
-from h2k.inspect import Inspection, blocker_error, guest_path, inspect_handle, open_guest
+from h2k.image import DiskImage
+from h2k.inspect import BOOTMGFW, Inspection, blocker_error, guest_path, inspect_handle, open_guest
 from h2k.journal import GUEST_JOURNAL_DIR, FileRecord, HiveRecord, Journal, host_journal_path
 from h2k.progress import Progress
 
@@ -69,6 +70,8 @@ class FixReport:
     bcd_repairs: list[str] = field(default_factory=list)
     bcd_left_alone: list[str] = field(default_factory=list)
     ems: bool = False
+    uefi_fallback: str | None = None  # what was done to the ESP's removable-media loader (None: nothing)
+    acls_set: int = 0  # files and folders given a SYSTEM/Administrators security descriptor (read back)
     journal: str | None = None  # host path
     guest_journal: str | None = None
     seconds: float = 0.0
@@ -90,6 +93,11 @@ class FixReport:
         lines += [f"  BCD left alone: {p}" for p in self.bcd_left_alone]
         if self.ems:
             lines.append("  EMS serial console on COM1 @ 115200")
+        if self.uefi_fallback:
+            lines.append(f"  UEFI fallback loader: {self.uefi_fallback}")
+        if self.acls_set:
+            lines.append(f"  security descriptors: {self.acls_set} new file(s)/folder(s) writable only by SYSTEM "
+                         "and Administrators (staging, scripts, backups private; drivers readable by Users)")
         if self.journal:
             lines.append(f"  journal: {self.journal} (in the guest: {self.guest_journal})")
         lines.append(f"  took {self.seconds:.1f}s")
@@ -101,7 +109,13 @@ def _sha(data: bytes) -> str:
 
 
 class _Session:
-    """The state of one fix inside the launched appliance (volumes mounted side by side)."""
+    """The state of one fix inside the launched appliance (volumes mounted side by side).
+
+    Files and directories are created through ``tar_in``; on NTFS each carries its
+    security descriptor in the tar (``system.ntfs_acl``, :mod:`h2k.ntfs_acl`), read
+    back after the write: ntfs-3g alone would give every new file "Everyone: full
+    control". A file that is replaced keeps the descriptor it had.
+    """
 
     def __init__(self, g, insp: Inspection, journal: Journal, tmp: Path) -> None:
         self.g = g
@@ -112,84 +126,148 @@ class _Session:
         self.tmp = tmp
         self.dirs: dict[tuple[str, str], str] = {}  # (device, lower-case path) -> real path
         self.made: set[str] = set()  # real paths of the directories this run created (known empty)
+        self.acls_set = 0  # files and directories whose security descriptor this run set (and read back)
+
+    def ntfs(self, device: str) -> bool:
+        part = self.insp.layout.by_device(device)
+        return part is not None and part.fstype == "ntfs"
+
+    def _tar_in(self, device: str, parent_real: str, entries: list[tuple[str, bytes | None, bytes | None]]) -> None:
+        """One ``tar_in`` into ``parent_real``: (name, content or None for a directory, security descriptor)."""
+        tar_path = self.tmp / "entries.tar"
+        now = int(time.time())
+        with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+            for name, content, sd in entries:
+                info = tarfile.TarInfo(name)
+                info.mtime = now
+                if content is None:
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                else:
+                    info.size, info.mode = len(content), 0o644
+                if sd is not None:
+                    info.pax_headers = {f"SCHILY.xattr.{ntfs_acl.XATTR}": ntfs_acl.pax_value(sd)}
+                tar.addfile(info, None if content is None else io.BytesIO(content))
+        ntfs = self.ntfs(device)
+        self.g.tar_in(str(tar_path), parent_real, xattrs=ntfs)
+        tar_path.unlink()
+
+    def check_acl(self, real: str, sd: bytes) -> None:
+        """Read a security descriptor back (ntfs-3g's ``system.ntfs_acl``): it must be the one written."""
+        try:
+            got = self.g.getxattr(real, ntfs_acl.XATTR)
+        except RuntimeError as exc:
+            raise H2KError(f"cannot read the security descriptor of {real} (is the volume mounted by ntfs-3g?): {exc}") from exc
+        if got != sd:
+            raise H2KError(f"security descriptor of {real} did not stick: wrote {sd.hex()}, read {bytes(got).hex()}")
+        self.acls_set += 1
 
     def mkdirs(self, device: str, path: str) -> str:
-        """mkdir -p (case-insensitive, cached) recording the directories it creates; returns the real path."""
+        """mkdir -p (case-insensitive, cached) recording the directories it creates; returns the real path.
+
+        The missing tail is created by one ``tar_in`` from the deepest existing folder,
+        each new folder with its security descriptor on NTFS.
+        """
         key = (device, path.lower().rstrip("/") or "/")
         if key in self.dirs:
             return self.dirs[key]
         g, m = self.g, self.mounts
-        stripped = path.rstrip("/")
-        if not stripped:
-            real = m.p(device, "/").rstrip("/")
-        else:
-            parent, name = stripped.rsplit("/", 1)
-            rparent = self.mkdirs(device, parent or "/")
-            real = guest_path(g, f"{rparent}/{name}")
-            if real is None:
-                real = f"{rparent}/{name}"
-                g.mkdir(real)
-                self.made.add(real)
-                self.journal.created_dirs.append([device, m.rel(device, real)])
+        parts = [p for p in path.split("/") if p]
+        real = m.p(device, "/").rstrip("/")
+        have = 0
+        while have < len(parts):
+            sub = (device, "/" + "/".join(parts[: have + 1]).lower())
+            found = self.dirs.get(sub) or guest_path(g, f"{real}/{parts[have]}")
+            if found is None:
+                break
+            real = self.dirs[sub] = found
+            have += 1
+        if have < len(parts):
+            entries = []
+            for i in range(have, len(parts)):
+                rel_dir = "/" + "/".join(parts[: i + 1])
+                sd = ntfs_acl.profile_for(rel_dir, True, self.facts.system_root).to_bytes() if self.ntfs(device) else None
+                entries.append(("/".join(parts[have : i + 1]), None, sd))
+                self.journal.created_dirs.append([device, m.rel(device, f"{real}/{'/'.join(parts[have : i + 1])}")])
+            self._tar_in(device, real, entries)
+            for name, _, sd in entries:
+                made = f"{real}/{name}"
+                self.made.add(made)
+                if sd is not None:
+                    self.check_acl(made, sd)
+            for i in range(have, len(parts)):
+                made = f"{real}/{'/'.join(parts[have : i + 1])}"
+                self.dirs[(device, "/" + "/".join(parts[: i + 1]).lower())] = made
+            real = f"{real}/{'/'.join(parts[have:])}"
         self.dirs[key] = real
         return real
 
+    def put_file(self, device: str, parent_real: str, name: str, data: bytes) -> str:
+        """A private file (SYSTEM and Administrators only on NTFS: backups, journals), read back."""
+        sd = ntfs_acl.PRIVATE_FILE.to_bytes() if self.ntfs(device) else None
+        self._tar_in(device, parent_real, [(name, data, sd)])
+        real = f"{parent_real}/{name}"
+        if guest_sha256(self.g, real, self.tmp, size=len(data)) != _sha(data):
+            raise H2KError(f"read-back mismatch for {real}")
+        if sd is not None:
+            self.check_acl(real, sd)
+        return real
+
     def backup_file(self, device: str, rel: str) -> str:
-        """Keep a copy of a file about to be replaced (download + upload: no helper process)."""
+        """Keep a private copy of a file about to be replaced (download + tar_in: no helper process)."""
         dest_dir = self.mkdirs(device, f"{GUEST_BACKUP_DIR}/{self.journal.run_id}{rel.rsplit('/', 1)[0]}")
         local = self.tmp / "backup.bin"
         self.g.download(self.mounts.p(device, rel), str(local))
-        dest = f"{dest_dir}/{rel.rsplit('/', 1)[1]}"
-        self.g.upload(str(local), dest)
+        dest = self.put_file(device, dest_dir, rel.rsplit("/", 1)[1], local.read_bytes())
+        local.unlink()
         return self.mounts.rel(device, dest)
 
     # ---------------------------------------------------------- files
 
-    def write_folder(self, parent: str, changes: list[FileCopy | FileWrite]) -> list[str]:
+    def write_folder(self, parent: str, changes: list[FileCopy | FileWrite], device: str | None = None) -> list[str]:
         """Stage the files of one guest folder with ONE ``tar_in`` (the tar is built on the host).
 
         Per folder: the (cached) mkdir -p, one ``ls`` to find existing names
         (case-insensitively, as NTFS), one ``tar_in``. Per file: a read of an
         existing file to compare (identical: skipped, for idempotence; different:
-        backed up first) and one read-back after the write. Every written file
-        is journalled with its hashes, as before.
+        backed up first, and its security descriptor kept) and one read-back of
+        content and descriptor after. Every written file is journalled with its hashes.
         """
-        g, root, m = self.g, self.facts.root, self.mounts
+        g, m = self.g, self.mounts
+        root = device or self.facts.root
+        ntfs = self.ntfs(root)
         rparent = self.mkdirs(root, parent or "/")
         existing = {} if rparent in self.made else {n.lower(): n for n in g.ls(rparent)}
-        todo: dict[str, tuple[str, bytes, str | None, str | None]] = {}  # lower name -> (name, data, before, backup)
+        # lower name -> (name, data, before, backup, security descriptor)
+        todo: dict[str, tuple[str, bytes, str | None, str | None, bytes | None]] = {}
         for change in changes:
             content = _content(change)
             name = change.dest.rstrip("/").rsplit("/", 1)[1]
             real_name = existing.get(name.lower(), name)
             real = f"{rparent}/{real_name}"
             before = backup = None
+            sd = ntfs_acl.profile_for(change.dest, False, self.facts.system_root).to_bytes() if ntfs else None
             if name.lower() in existing and g.is_file(real):
                 before = guest_sha256(g, real, self.tmp)
                 if before == _sha(content):
                     todo.pop(name.lower(), None)
                     continue  # already there: idempotence
+                if ntfs:
+                    sd = bytes(g.getxattr(real, ntfs_acl.XATTR))  # a replaced file keeps its descriptor
                 backup = self.backup_file(root, m.rel(root, real))
-            todo[name.lower()] = (real_name, content, before, backup)
+            todo[name.lower()] = (real_name, content, before, backup, sd)
         if not todo:
             return []
-        tar_path = self.tmp / "folder.tar"
-        now = int(time.time())
-        with tarfile.open(tar_path, "w") as tar:
-            for real_name, content, _, _ in todo.values():
-                info = tarfile.TarInfo(real_name)
-                info.size, info.mode, info.mtime = len(content), 0o644, now
-                tar.addfile(info, io.BytesIO(content))
-        g.tar_in(str(tar_path), rparent)
-        tar_path.unlink()
+        self._tar_in(root, rparent, [(n, c, sd) for n, c, _, _, sd in todo.values()])
         written = []
-        for real_name, content, before, backup in todo.values():
+        for real_name, content, before, backup, sd in todo.values():
             real = f"{rparent}/{real_name}"
             rel = m.rel(root, real)
             want = _sha(content)
             after = guest_sha256(g, real, self.tmp, size=len(content))
             if after != want:
                 raise H2KError(f"read-back mismatch for {rel}: wrote {want[:12]}, read {after[:12]}")
+            if sd is not None:
+                self.check_acl(real, sd)
             self.journal.files.append(FileRecord(device=root, path=rel, sha256_after=after, sha256_before=before,
                                                  backup_path=backup))
             written.append(rel)
@@ -203,6 +281,7 @@ class _Session:
 
         ``replayed``: the hive was dirty and ``local`` has its transaction logs applied; the
         upload makes it clean (equal sequence numbers), so Windows ignores the old log entries.
+        The backup is private (SYSTEM and Administrators) on NTFS; the hive keeps its own descriptor.
         """
         g, m = self.g, self.mounts
         real = m.p(device, rel)
@@ -210,9 +289,8 @@ class _Session:
         if guest_sha256(g, real, self.tmp) != original_sha:
             raise H2KError(f"{name} hive changed in the guest while it was being edited: {rel}")
         backup = f"{rel}.h2k-backup-{self.journal.run_id}"
-        g.upload(str(original), m.p(device, backup))
-        if guest_sha256(g, m.p(device, backup), self.tmp) != original_sha:
-            raise H2KError(f"backup of {rel} does not match the original")
+        folder, backup_name = real.rsplit("/", 1)[0], backup.rsplit("/", 1)[1]
+        self.put_file(device, folder, backup_name, original.read_bytes())
         g.upload(str(local), real)
         after = overlay.sha256_file(local)
         if guest_sha256(g, real, self.tmp) != after:
@@ -248,7 +326,7 @@ def guest_sha256(g, path: str, tmp: Path, size: int | None = None) -> str:
 
 
 def fix_image(
-    image: str | Path,
+    image: DiskImage | str | Path,
     plan: PlanSource,
     *,
     output: str | Path | None = None,
@@ -258,16 +336,16 @@ def fix_image(
 ) -> FixReport:
     """Fix ``image`` per ``plan`` (a Plan, or a callable building one from the facts)."""
     t0 = time.monotonic()
-    image = Path(image)
     with overlay.fix_target(image, output, in_place) as target:
-        report = _fix_on(target.work, image, target.final, plan, ems=ems, metadata=metadata, in_place=in_place)
+        image = Path(target.source.given)  # as the user named it
+        report = _fix_on(target.disk, image, target.final, plan, ems=ems, metadata=metadata, in_place=in_place)
     if report.journal is not None:
         Journal.from_json(Path(report.journal).read_text())  # it parses
     report.seconds = time.monotonic() - t0
     return report
 
 
-def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool, metadata, in_place: bool) -> FixReport:
+def _fix_on(work: DiskImage, image: Path, final: Path, plan: PlanSource, *, ems: bool, metadata, in_place: bool) -> FixReport:
     progress = Progress(f"fix {image.name}", 6)
     g = open_guest(work, readonly=False)
     try:
@@ -318,17 +396,19 @@ def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool
                     journal.registry += res.changes
                     report.hives_changed.append(name)
 
-            progress.step("BCD")
+            progress.step("BCD and UEFI fallback loader")
             _fix_bcd(sess, report, [c for c in changes if isinstance(c, RegValue) and c.hive.upper() == "BCD"], ems)
+            _fix_uefi_fallback(sess, report)
 
             report.registry_changes = len(journal.registry)
+            report.acls_set = sess.acls_set
             progress.step("journal")
             if journal.empty:
                 report.nothing_to_do = True
             else:
                 jdir = sess.mkdirs(facts.root, GUEST_JOURNAL_DIR)
                 # the journal file itself is not a journalled change; rollback removes it
-                g.write(f"{jdir}/{journal.run_id}.json", journal.to_json().encode())
+                sess.put_file(facts.root, jdir, f"{journal.run_id}.json", journal.to_json().encode())
                 report.guest_journal = f"{GUEST_JOURNAL_DIR}/{journal.run_id}.json"
                 report.journal = str(journal.save(host_journal_path(final, journal.run_id)))
             insp.mounts.umount_all()  # ntfs-3g writes back on unmount
@@ -389,3 +469,30 @@ def _fix_bcd(sess: _Session, report: FixReport, planned: list[RegValue], ems: bo
         sess.commit_hive("BCD", facts.bcd_device, facts.bcd_path, local, original)
         sess.journal.registry += res.changes
         report.hives_changed.append("BCD")
+
+
+def _fix_uefi_fallback(sess: _Session, report: FixReport) -> None:
+    """Fresh NVRAM boots the ESP's removable-media loader: make it a copy of Windows' boot manager.
+
+    Only when inspection found it missing or different from ``\\EFI\\Microsoft\\Boot\\bootmgfw.efi``;
+    a replaced loader is backed up on the ESP and journalled like any other file (rollback
+    restores it, or removes the copy and the folders this run created).
+    """
+    facts = sess.facts
+    if facts.uefi_fallback not in ("missing", "differs") or not facts.esp_device or not facts.uefi_fallback_path:
+        return
+    esp = facts.esp_device
+    if not sess.mounts.writable.get(esp):
+        raise InputError(f"{esp} (the ESP) cannot be mounted read-write: the UEFI fallback loader cannot be installed")
+    source = sess.mounts.find(esp, BOOTMGFW)
+    if source is None:
+        raise H2KError(f"{BOOTMGFW} vanished from {esp} during the fix")
+    local = sess.tmp / "bootmgfw.efi"
+    sess.g.download(source, str(local))
+    change = FileWrite(facts.uefi_fallback_path, local.read_bytes(),
+                       "OVMF with empty NVRAM boots the removable-media path: a copy of Windows' boot manager")
+    local.unlink()
+    written = sess.write_folder(facts.uefi_fallback_path.rsplit("/", 1)[0], [change], device=esp)
+    report.files_written += written
+    was = "was missing" if facts.uefi_fallback == "missing" else "was not Windows' boot manager (backed up)"
+    report.uefi_fallback = f"{facts.uefi_fallback_path} on {esp} {was}: now a copy of {BOOTMGFW}"

@@ -264,6 +264,7 @@ def replay(primary: bytes, logs: dict[str, bytes]) -> Replay:
     if not candidates:
         raise ReplayError(_nothing_to_apply(base, parsed))
     hbins = bytearray(primary[BASE_BLOCK : BASE_BLOCK + base.hbins_size])
+    budget = len(primary) + sum(len(data) for data in logs.values())
     applied: list[int] = []
     used: list[str] = []
     flags = base.flags
@@ -272,6 +273,10 @@ def replay(primary: bytes, logs: dict[str, bytes]) -> Replay:
             if e.seq == applied[-1]:
                 continue  # the same entry in both logs
             break  # a gap: later entries cannot be applied safely
+        # The bins a hive grows by are written to its logs: a size past the primary plus every log
+        # is bogus, not a reason to allocate up to 4 GiB on the word of a crafted entry.
+        if e.hbins_size > budget:
+            break
         # The hive bins data takes the entry's size (grown with zeros, or cut).
         hbins[e.hbins_size :] = b""
         hbins.extend(b"\0" * (e.hbins_size - len(hbins)))
@@ -281,6 +286,8 @@ def replay(primary: bytes, logs: dict[str, bytes]) -> Replay:
         applied.append(e.seq)
         if name not in used:
             used.append(name)
+    if not applied:
+        raise ReplayError("its first newer transaction log entry claims a hive size its pages do not cover")
     last = applied[-1]
     head = with_base_fields(primary[:BASE_BLOCK], seq1=last, seq2=last, hbins_size=len(hbins), flags=flags)
     notes = [f"{n}: {p.stopped}" for n, p in parsed.items() if p.stopped and "hash mismatch" in p.stopped]

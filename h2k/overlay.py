@@ -9,7 +9,6 @@ first, so a refused fix (blocker, bad input) leaves no output behind.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from h2k.errors import H2KError, InputError
+from h2k.image import DiskImage, as_image, overlay_on
 
 OVERLAY_SUFFIX = ".h2k.qcow2"
 
@@ -33,39 +33,22 @@ def sha256_file(path: str | Path, chunk: int = 4 << 20) -> str:
     return h.hexdigest()
 
 
-def image_format(path: str | Path) -> str:
-    """The disk image format qemu-img sees (qcow2, raw, vmdk, vhdx ...). Unreadable -> InputError."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such image file")
-    proc = subprocess.run(
-        ["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        reason = (proc.stderr.strip().splitlines() or ["unreadable"])[-1]
-        raise InputError(f"{path}: not a disk image qemu-img can read ({reason})")
-    return json.loads(proc.stdout)["format"]
-
-
 def default_overlay(image: str | Path) -> Path:
     image = Path(image)
     return image.with_name(image.name + OVERLAY_SUFFIX)
 
 
-def create_overlay(source: str | Path, overlay: str | Path) -> Path:
-    """A qcow2 overlay whose backing file is ``source`` (absolute path, format pinned)."""
-    source = Path(source).resolve()
-    overlay = Path(overlay)
-    fmt = image_format(source)
-    _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(source), str(overlay)])
-    return overlay
+def create_overlay(source: DiskImage | str | Path, overlay: str | Path) -> DiskImage:
+    """A qcow2 overlay whose backing file is ``source`` (opened through the front door; format pinned)."""
+    return overlay_on(as_image(source), overlay)
 
 
-def convert(source: str | Path, output: str | Path) -> Path:
+def convert(source: DiskImage | str | Path, output: str | Path) -> Path:
     """A standalone copy of ``source`` (which may be an overlay) at ``output``: raw for .raw/.img, else qcow2."""
+    source = as_image(source)
     output = Path(output)
     out_fmt = "raw" if output.suffix.lower() in (".raw", ".img") else "qcow2"
-    _run(["qemu-img", "convert", "-q", "-O", out_fmt, str(source), str(output)])
+    _run(["qemu-img", "convert", "-q", "-f", source.format, "-O", out_fmt, source.path, str(output)])
     return output
 
 
@@ -84,10 +67,12 @@ def remove(path: str | Path) -> None:
 
 @dataclass
 class FixTarget:
-    """The disk a fix works on (``work``) and the one it leaves (``final``)."""
+    """The disk a fix works on (``work``, opened as ``disk``) and the one it leaves (``final``)."""
 
     final: Path
     work: Path
+    disk: DiskImage
+    source: DiskImage  # the image given, as the front door opened it
 
 
 @contextmanager
@@ -98,22 +83,22 @@ def fix_target(image: str | Path, output: str | Path | None, in_place: bool) -> 
     success becomes the default overlay (renamed) or ``output`` (flattened by qemu-img
     convert); on any failure it is removed, so a refused fix leaves nothing behind.
     """
-    image = Path(image)
-    image_format(image)  # unreadable image -> InputError before anything is created
+    source = as_image(image)  # the front door: a bad or hostile image -> InputError before anything is created
+    image = Path(source.given)
     if in_place and output is not None:
         raise InputError("--in-place and -o/--output exclude each other")
     if in_place:
-        yield FixTarget(image, image)
+        yield FixTarget(image, image, source, source)
         return
     final = Path(output) if output is not None else default_overlay(image)
     if final.exists():  # the image itself included: -o never overwrites
         raise InputError(f"{final} already exists; remove it or choose another -o")
-    target = FixTarget(final, final.with_name(f".{final.name}.h2k-tmp-{os.getpid()}.qcow2"))
-    create_overlay(image, target.work)
+    work = final.with_name(f".{final.name}.h2k-tmp-{os.getpid()}.qcow2")
+    target = FixTarget(final, work, overlay_on(source, work), source)
     try:
         yield target
         if output is not None:
-            convert(target.work, final)
+            convert(target.disk, final)
         else:
             os.replace(target.work, final)
             target.work = final

@@ -20,6 +20,7 @@ from typing import Any
 from h2k import overlay, registry
 from h2k.errors import H2KError, InputError
 from h2k.fix import guest_sha256
+from h2k.image import DiskImage, as_image
 from h2k.inspect import Mounts, NotWindows, open_guest, read_layout
 from h2k.journal import GUEST_JOURNAL_DIR, Journal, host_journals
 
@@ -50,13 +51,13 @@ class RollbackReport:
         return "\n".join(lines)
 
 
-def rollback_image(image: str | Path) -> RollbackReport:
+def rollback_image(image: DiskImage | str | Path) -> RollbackReport:
     """Undo every journalled fix run on ``image`` (which is written in place)."""
     t0 = time.monotonic()
-    image = Path(image)
-    overlay.image_format(image)
+    disk = as_image(image)  # the front door: before the launch
+    image = Path(disk.given)
     report = RollbackReport(image=str(image))
-    g = open_guest(image, readonly=False)
+    g = open_guest(disk, readonly=False)
     try:
         layout = read_layout(g)
         mounts = Mounts(g)

@@ -21,6 +21,11 @@ from typing import Any
 from lab.unixsock import connect_unix
 
 
+# The guest writes this channel: a reply longer than this without a line end ends the session
+# instead of growing the lab's memory (guest-exec output and device lists are far smaller).
+MAX_MESSAGE = 16 << 20
+
+
 class AgentError(Exception):
     pass
 
@@ -70,7 +75,10 @@ class AgentClient:
         if self._sock is None:
             raise AgentError("agent not connected")
         self._log("out", msg)
-        self._sock.sendall((b"\xff" if delimit else b"") + json.dumps(msg).encode() + b"\n")
+        try:
+            self._sock.sendall((b"\xff" if delimit else b"") + json.dumps(msg).encode() + b"\n")
+        except OSError as exc:
+            raise AgentError(f"agent channel closed: {exc}") from None
 
     def _recv_line(self, deadline: float) -> bytes:
         assert self._sock is not None
@@ -83,10 +91,17 @@ class AgentClient:
                 chunk = self._sock.recv(65536)
             except socket.timeout:
                 raise AgentTimeout("guest agent did not answer in time") from None
+            except OSError as exc:
+                raise AgentError(f"agent channel closed: {exc}") from None
             if not chunk:
                 raise AgentError("agent channel closed")
             self._buf += chunk
+            if b"\n" not in self._buf and len(self._buf) > MAX_MESSAGE:
+                self._buf = b""
+                raise AgentError(f"the guest agent sent more than {MAX_MESSAGE} bytes without a line end")
         line, self._buf = self._buf.split(b"\n", 1)
+        if len(line) > MAX_MESSAGE:
+            raise AgentError(f"the guest agent sent a reply of {len(line)} bytes (more than {MAX_MESSAGE})")
         return line
 
     def sync(self, timeout: float = 5.0) -> None:
@@ -102,9 +117,8 @@ class AgentClient:
             line = line.strip()
             if not line:
                 continue
-            try:
-                msg = json.loads(line)
-            except ValueError:
+            msg = _json_object(line)
+            if msg is None:
                 continue
             self._log("in", msg)
             if msg.get("return") == token:
@@ -120,13 +134,12 @@ class AgentClient:
             line = self._recv_line(deadline).lstrip(b"\xff").strip()
             if not line:
                 continue
-            try:
-                reply = json.loads(line)
-            except ValueError:
+            reply = _json_object(line)
+            if reply is None:
                 continue
             self._log("in", reply)
             if "error" in reply:
-                err = reply["error"]
+                err = reply["error"] if isinstance(reply["error"], dict) else {"desc": reply["error"]}
                 raise AgentError(f"{command}: {err.get('class')}: {err.get('desc')}")
             if "return" in reply:
                 return reply["return"]
@@ -146,17 +159,22 @@ class AgentClient:
 
     def exec(self, path: str, args: list[str] | None = None, timeout: float = 30.0) -> dict[str, Any]:
         """Run a program in the guest and wait for it; returns exitcode, out, err (decoded)."""
-        pid = self.execute("guest-exec", {"path": path, "arg": args or [], "capture-output": True})["pid"]
+        started = self.execute("guest-exec", {"path": path, "arg": args or [], "capture-output": True})
+        pid = started.get("pid") if isinstance(started, dict) else None
+        if not isinstance(pid, int):
+            raise AgentError(f"guest-exec: no pid in the agent's reply {str(started)[:80]!r}")
         deadline = time.monotonic() + timeout
         delay = 0.05
         while True:
             st = self.execute("guest-exec-status", {"pid": pid})
+            if not isinstance(st, dict):
+                raise AgentError(f"guest-exec-status: not an object: {str(st)[:80]!r}")
             if st.get("exited"):
                 return {
                     "exitcode": st.get("exitcode"),
                     "signal": st.get("signal"),
-                    "out": base64.b64decode(st.get("out-data", "")).decode(errors="replace"),
-                    "err": base64.b64decode(st.get("err-data", "")).decode(errors="replace"),
+                    "out": _b64_text(st.get("out-data", "")),
+                    "err": _b64_text(st.get("err-data", "")),
                 }
             if time.monotonic() >= deadline:
                 raise AgentTimeout(f"guest command {path} still running after {timeout:.0f}s")
@@ -172,6 +190,22 @@ class AgentClient:
         if self.log_path:
             with open(self.log_path, "a") as fh:
                 fh.write(json.dumps({"t": round(time.time(), 6), "dir": direction, "msg": msg}) + "\n")
+
+
+def _b64_text(data: object) -> str:
+    try:
+        return base64.b64decode(str(data), validate=True).decode(errors="replace")
+    except ValueError:  # binascii.Error
+        raise AgentError("guest-exec-status: output is not base64") from None
+
+
+def _json_object(line: bytes) -> dict[str, Any] | None:
+    """A JSON object from the guest, or None for anything else (garbage, a bare value)."""
+    try:
+        msg = json.loads(line)
+    except ValueError:  # includes UnicodeDecodeError
+        return None
+    return msg if isinstance(msg, dict) else None
 
 
 def ipv4_addresses(interfaces: list[dict[str, Any]]) -> dict[str, list[str]]:

@@ -62,6 +62,7 @@ from typing import Any, Callable, Iterator
 from h2k import accel as accelmod
 from h2k import libvirt_xml
 from h2k.errors import H2KError, InputError
+from h2k.image import DiskImage, as_image
 from h2k.profile import MachineProfile
 from lab import backend_qemu
 from lab.console import ConsoleScanner
@@ -256,14 +257,16 @@ def _agent_error(desc: str) -> bytes:
 # The disk
 
 
-def upload_disk(vols: libvirt_storage.BootVolumes, image: Path, workdir: Path,
+def upload_disk(vols: libvirt_storage.BootVolumes, image: "DiskImage | Path", workdir: Path,
                 note: Callable[[str], None]) -> tuple[str, str]:
     """Upload ``image`` as a volume (flattened to one qcow2 in ``workdir`` first if it is a chain);
     returns the volume's name and the format of what it holds."""
-    src, fmt = image, "qcow2"
-    shape = libvirt_storage.image_shape(src)
+    image = as_image(image)  # the front door's view (format, chain): never probed again
+    src, fmt = Path(image.path), "qcow2"
+    # (external data files never get here: the front door refuses them)
+    shape = libvirt_storage.ImageShape(image.format, len(image.layers), data_file=False)
     if libvirt_storage.needs_flattening(shape):
-        src = libvirt_storage.flatten(src, workdir / "disk.qcow2")
+        src = libvirt_storage.flatten(src, workdir / "disk.qcow2", fmt=image.format)
         note(f"flattened {image} ({shape.format}, {shape.chain} image(s) in its chain) to one qcow2 for the upload")
     else:
         fmt = shape.format
@@ -288,8 +291,8 @@ class PhaseVolume:
 class _PhaseVolumeOwner:
     """Uploads the run's disk and deletes it (idempotent; also at interpreter exit)."""
 
-    def __init__(self, image: Path, uri: str) -> None:
-        self.image = Path(image)
+    def __init__(self, image: "DiskImage | Path", uri: str) -> None:
+        self.image = image
         self.uri = uri
         self.tag = f"h2k-{uuid.uuid4().hex[:12]}"
         self.conn: "libvirt.virConnect | None" = None
@@ -332,7 +335,7 @@ class _PhaseVolumeOwner:
 
 
 @contextmanager
-def phase_volume(image: Path, *, connect: str | None = None) -> Iterator[PhaseVolume]:
+def phase_volume(image: "DiskImage | Path", *, connect: str | None = None) -> Iterator[PhaseVolume]:
     """Upload ``image`` once for the phases of a two-phase run; delete the volume when the run
     ends, however it ends (a SIGKILLed lab leaves it in the pool, like a boot's volumes)."""
     owner = _PhaseVolumeOwner(image, connect or DEFAULT_URI)
@@ -533,7 +536,7 @@ class LibvirtBoot:
             self._note_event(f"disk: volume {disk} of the two-phase run, written in place by each phase "
                              f"({shared.how} once, before the bootstrap phase)")
         elif self.image is not None:
-            disk, fmt = upload_disk(vols, Path(self.image), self.workdir, self._note_event)
+            disk, fmt = upload_disk(vols, self.image, self.workdir, self._note_event)
         kernel = vols.path(vols.upload(Path(p.kernel), "kernel")) if p.kernel else None
         initrd = vols.path(vols.upload(Path(p.initrd), "initrd")) if p.initrd else None
         cdroms = [vols.path(vols.upload(Path(iso), f"cd{i}.iso")) for i, iso in enumerate(p.cdroms)]

@@ -7,13 +7,14 @@ KeyboardInterrupt so ``finally`` blocks run; atexit kills what is left). All
 sockets, the overlay and the NVRAM copy live in one private temp dir per boot,
 removed at the end. The image itself is never written: QEMU gets a qcow2
 overlay on top of it (one per boot; for the phases of a two-phase run, the run's
-one overlay, so the final phase sees what the bootstrap phase wrote).
+one overlay, so the final phase sees what the bootstrap phase wrote). QEMU runs
+sandboxed, unprivileged, and with file descriptors instead of paths (:mod:`lab.confine`);
+``process.json`` records the user and sandbox it ran with.
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import json
 import os
 import shutil
@@ -32,7 +33,8 @@ from typing import Any, Iterator
 from h2k import accel as accelmod
 from h2k.errors import H2KError, InputError
 from h2k.profile import MachineProfile
-from lab import firmware, qemu_cmd
+from h2k.image import DiskImage, as_image, overlay_on
+from lab import confine, firmware, qemu_cmd
 from lab.console import ConsoleScanner, SocketWatcher
 from lab.qmp import QMPClient, QMPError
 from lab.scoring import AgentChecker, Decision, Scorer, Signal, SignalBus, finish_evidence, score
@@ -48,20 +50,12 @@ TMP_PREFIX = "h2k-boot-"
 _live: dict[int, subprocess.Popen[Any]] = {}
 _tmpdirs: set[str] = set()
 _lock = threading.Lock()
-_PR_SET_PDEATHSIG = 1
 
 
-def _child_setup() -> None:
-    # Die with the lab even if it is SIGKILLed (no cleanup code runs then).
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def spawn(cmd: list[str], **kw: Any) -> subprocess.Popen[Any]:
-    """Start a lab child in its own process group and register it for cleanup."""
-    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_child_setup,
+def spawn(cmd: list[str], user: confine.QemuUser | None = None, **kw: Any) -> subprocess.Popen[Any]:
+    """Start a lab child in its own process group (as ``user`` if given; dying with the lab even if
+    the lab is SIGKILLed) and register it for cleanup."""
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=confine.child_setup(user),
                             stdin=subprocess.DEVNULL, **kw)
     with _lock:
         _live[proc.pid] = proc
@@ -153,21 +147,34 @@ class interrupt_guard:
 # --------------------------------------------------------------------------------------
 # Disk overlay
 
-def image_format(image: Path) -> str:
-    try:
-        out = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(image)],
-                             capture_output=True, text=True, timeout=60, check=True).stdout
-    except subprocess.CalledProcessError as exc:
-        raise InputError(f"{image}: not a disk image qemu-img can read: {exc.stderr.strip()[:200]}") from exc
-    return json.loads(out)["format"]
+def create_overlay(image: DiskImage | Path, dest: Path) -> DiskImage:
+    """A qcow2 overlay backed by ``image`` (opened through the front door unless it already was);
+    QEMU writes only the overlay."""
+    return overlay_on(as_image(image), dest)
 
 
-def create_overlay(image: Path, dest: Path) -> Path:
-    """A qcow2 overlay backed by ``image``; QEMU writes only the overlay."""
-    fmt = image_format(image)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(image.resolve()), str(dest)],
-                   check=True, capture_output=True, timeout=60)
-    return dest
+class PassedFiles:
+    """Files the lab opens for QEMU and hands over as fd sets (``-add-fd``): QEMU is told
+    ``/dev/fdset/N`` and needs no access to the path. Used as qemu_cmd's ``files``."""
+
+    FLAGS = {"r": os.O_RDONLY, "rw": os.O_RDWR, "a": os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+             "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC}
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self.args: list[str] = []
+
+    def __call__(self, path: str, mode: str) -> str:
+        fd = os.open(path, self.FLAGS[mode] | os.O_CLOEXEC, 0o644)
+        self.fds.append(fd)
+        fdset = len(self.fds)
+        # opaque: the path, for people reading qemu.log or query-fdsets
+        self.args += ["-add-fd", f"fd={fd},set={fdset},opaque={qemu_cmd.qemu_opt(path)}"]
+        return f"/dev/fdset/{fdset}"
+
+    def close(self) -> None:
+        while self.fds:
+            os.close(self.fds.pop())
 
 
 @dataclass(frozen=True)
@@ -176,18 +183,18 @@ class PhaseOverlay:
     the lab. Each phase boots it directly (no per-boot overlay on top), so the final phase
     sees what the bootstrap phase wrote; the image below is only read."""
 
-    path: Path
+    path: DiskImage
     lab_notes: list[str] = field(default_factory=list)  # filled at the end: what could not be removed
 
 
 @contextmanager
-def phase_overlay(image: Path) -> Iterator[PhaseOverlay]:
+def phase_overlay(image: DiskImage | Path) -> Iterator[PhaseOverlay]:
     """The run's overlay on ``image``, removed when the run ends (however it ends)."""
     workdir = make_workdir()
     disk = None
     try:
         try:
-            disk = PhaseOverlay(create_overlay(Path(image), workdir / "phases.qcow2"))
+            disk = PhaseOverlay(create_overlay(image, workdir / "phases.qcow2"))
         except subprocess.SubprocessError as exc:
             raise H2KError(f"two-phase boot: cannot make an overlay on {image}: {exc}") from None
         yield disk
@@ -273,18 +280,22 @@ class QemuBoot:
         self.swtpm: firmware.Swtpm | None = None
         self.workdir: Path | None = None
         self.sockdir: SocketDir | None = None
+        self.passed: PassedFiles | None = None
+        self.screendump_ref: str | None = None  # what QEMU's screendump writes to (an fd set)
         self.bus = SignalBus()
         self.agent_checker: AgentChecker | None = None
 
     def artifacts(self) -> dict[str, str]:
-        names = ["serial.log", "qmp.jsonl", "qemu.log", "firmware.log", "screen.png", "agent.jsonl", "verdict.json"]
+        names = ["serial.log", "qmp.jsonl", "qemu.log", "firmware.log", "screen.png", "agent.jsonl", "process.json",
+                 "verdict.json"]
         return {n: str(self.outdir / n) for n in names if (self.outdir / n).exists() or n == "verdict.json"}
 
     def run(self) -> BootResult:
         t_start = time.monotonic()
         deadline = t_start + self.opts.timeout
         self.outdir.mkdir(parents=True, exist_ok=True)
-        for stale in ("serial.log", "qmp.jsonl", "qemu.log", "firmware.log", "screen.png", "agent.jsonl", "verdict.json"):
+        for stale in ("serial.log", "qmp.jsonl", "qemu.log", "firmware.log", "screen.png", "agent.jsonl", "process.json",
+                      "verdict.json"):
             try:
                 (self.outdir / stale).unlink()
             except FileNotFoundError:
@@ -347,47 +358,60 @@ class QemuBoot:
     # -- start ---------------------------------------------------------------
     def _start(self, accel: accelmod.AccelDecision) -> None:
         t0 = time.monotonic()
+        user = confine.qemu_user()  # None unless the lab is root
         self.workdir = make_workdir()
         wd = self.workdir
         disk = None
         if self.opts.phase_disk is not None:
             disk = self.opts.phase_disk.path
         elif self.image is not None:
-            if not Path(self.image).exists():
-                raise InputError(f"{self.image}: no such disk image")
-            disk = create_overlay(Path(self.image), wd / "overlay.qcow2")
+            disk = create_overlay(self.image, wd / "overlay.qcow2")
         self.timings["overlay"] = round(time.monotonic() - t0, 4)
         fw = firmware.find(self.profile.firmware)
         vars_path = firmware.prepare_vars(fw, wd, self.opts.vars_file)
+        profile, kernel_fds = confine.private_kernel(self.profile, wd, user)
         self.sockdir = SocketDir(wd)
         sd = self.sockdir
-        tpm_args = None
+        tpm_args, tpm_fd = None, None
         if self.profile.tpm:
             self.swtpm = firmware.Swtpm(wd, sock_path=sd.path("tpm.sock"))
             self.swtpm.start()
-            tpm_args = self.swtpm.qemu_args(self.profile.machine_type)
+            tpm_args, tpm_fd = self.swtpm.qemu_args(self.profile.machine_type)
         socks = {role: _listen(sd.path(f"{role}.sock")) for role in ("qmp", "console", "fwdbg", "agent")}
+        self.passed = files = PassedFiles()
         try:
             fds = qemu_cmd.SocketFds(qmp=socks["qmp"].fileno(), console=socks["console"].fileno(),
                                      debugcon=socks["fwdbg"].fileno(), agent=socks["agent"].fileno())
-            cmd = qemu_cmd.build(self.profile, accel=accel, name=self.tag, fds=fds,
+            cmd = qemu_cmd.build(profile, accel=accel, name=self.tag, fds=fds,
                                  serial_log=self.outdir / "serial.log", firmware_log=self.outdir / "firmware.log",
-                                 disk=disk, fw=fw, vars_path=vars_path, tpm_args=tpm_args,
+                                 disk=disk, files=files, fw=fw, vars_path=vars_path, tpm_args=tpm_args,
                                  qemu_binary=self.opts.qemu_binary)
-            if sd.fd is not None:  # same number in QEMU, so /proc/self/fd/N/tpm.sock resolves there too
-                cmd.pass_fds.append(sd.fd)
-            (wd / "argv.json").write_text(json.dumps(cmd.argv))
+            if self.opts.screendump:
+                self.screendump_ref = files(str(self.outdir / "screen.png"), "w")
+            argv = cmd.argv[:1] + files.args + cmd.argv[1:]
+            pass_fds = cmd.pass_fds + files.fds + kernel_fds + ([tpm_fd] if tpm_fd is not None else [])
+            (wd / "argv.json").write_text(json.dumps(argv))
             with open(self.outdir / "qemu.log", "ab") as log:
-                log.write(("# " + " ".join(cmd.argv) + "\n").encode())
+                log.write(("# " + " ".join(argv) + "\n").encode())
                 log.flush()
-                self.proc = spawn(cmd.argv, pass_fds=cmd.pass_fds, stdout=log, stderr=subprocess.STDOUT)
+                self.proc = spawn(argv, user=user, pass_fds=pass_fds, stdout=log, stderr=subprocess.STDOUT)
         finally:
             for s in socks.values():
                 s.close()  # QEMU holds the listening sockets now
+            files.close()  # and its own copies of the files
+            for fd in kernel_fds:
+                os.close(fd)
+            if self.swtpm is not None and self.swtpm.client is not None:
+                self.swtpm.client.close()
+                self.swtpm.client = None
         self.qmp = QMPClient(sd.path("qmp.sock"), self.outdir / "qmp.jsonl")
         proc = self.proc
         self.qmp.connect(timeout=30, alive=lambda: proc.poll() is None)
         self.timings["start_to_qmp"] = round(time.monotonic() - t0, 4)
+        # QMP answers once QEMU's set-up is done: the user and the sandbox are the final ones now.
+        status = confine.process_status(proc.pid)
+        status["user"] = user.name if user else None
+        (self.outdir / "process.json").write_text(json.dumps(status, indent=2) + "\n")
         self.qmp.add_listener(self.bus.qmp_listener)
         if self.profile.serial_console:
             w = SocketWatcher(sd.path("console.sock"), ConsoleScanner(self.opts.expect, "console"),
@@ -458,11 +482,11 @@ class QemuBoot:
         def screendump() -> None:
             assert self.qmp is not None
             try:
-                self.qmp.execute("screendump", {"filename": str(self.outdir / "screen.png"), "format": "png"}, timeout=10)
+                self.qmp.execute("screendump", {"filename": self.screendump_ref, "format": "png"}, timeout=10)
             except QMPError:
                 pass
 
-        can_dump = self.opts.screendump and self.qmp is not None and not self.qmp.closed.is_set()
+        can_dump = self.screendump_ref is not None and self.qmp is not None and not self.qmp.closed.is_set()
         return finish_evidence(decision, self.timings, screendump=screendump if can_dump else None,
                                clean_shutdown=self._clean_shutdown if self.opts.shutdown_on_pass else None)
 
@@ -518,6 +542,9 @@ class QemuBoot:
             self.sockdir.close()
         if self.workdir is not None:
             remove_workdir(self.workdir)
+        shot = self.outdir / "screen.png"
+        if shot.exists() and shot.stat().st_size == 0:  # opened for QEMU, never written
+            shot.unlink()
 
 
 def run(image: Path | None, profile: MachineProfile, opts: BootOptions) -> BootResult:

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any, Callable, ContextManager
 
 from h2k.errors import InputError
+from h2k.image import DiskImage, as_image
 from h2k.profile import MachineProfile
 from lab import backend_qemu
 from lab.verdict import BOOT_OK_MARKER, BUILTIN_FAILURES, BootResult, Expect, Pattern
@@ -28,7 +29,7 @@ BACKENDS = ("qemu", "libvirt")
 
 
 def boot(
-    image: Path | None,
+    image: DiskImage | Path | None,
     profile: MachineProfile,
     *,
     timeout: float,
@@ -49,7 +50,7 @@ def boot(
                  vars_file=vars_file, shutdown_on_pass=shutdown_on_pass)
 
 
-def _boot(image: Path | None, profile: MachineProfile, *, timeout: float, outdir: Path, expect: Expect | None,
+def _boot(image: DiskImage | Path | None, profile: MachineProfile, *, timeout: float, outdir: Path, expect: Expect | None,
           backend: str, connect: str | None, vars_file: Path | None, shutdown_on_pass: bool,
           phase_disk: Any = None) -> BootResult:
     """``boot``; ``phase_disk`` (a backend's disk of a two-phase run) is booted instead of a copy of ``image``."""
@@ -57,9 +58,7 @@ def _boot(image: Path | None, profile: MachineProfile, *, timeout: float, outdir
     if timeout <= 0:
         raise InputError("timeout must be positive")
     if image is not None:
-        image = Path(image)
-        if not image.exists():
-            raise InputError(f"{image}: no such disk image")
+        image = as_image(image)  # the front door: a bad or hostile image is refused before anything starts
     outdir = Path(outdir)
     if backend == "qemu":
         if connect:
@@ -86,7 +85,7 @@ def _libvirt_backend() -> ModuleType:
         raise InputError(f"the libvirt backend is not available: {exc}") from exc
 
 
-def _phase_disk(image: Path, backend: str, connect: str | None) -> ContextManager[Any]:
+def _phase_disk(image: DiskImage, backend: str, connect: str | None) -> ContextManager[Any]:
     """The one disk both phases of a two-phase run boot, made on ``image`` (never written)."""
     if backend == "qemu":
         if connect:
@@ -98,7 +97,7 @@ def _phase_disk(image: Path, backend: str, connect: str | None) -> ContextManage
 
 
 def boot_two_phase(
-    image: Path,
+    image: DiskImage | Path,
     bootstrap_profile: MachineProfile,
     final_profile: MachineProfile,
     *,
@@ -123,9 +122,7 @@ def boot_two_phase(
         raise InputError("two-phase boot: the firmware must not change between phases")
     if timeout <= 0:
         raise InputError("timeout must be positive")
-    image = Path(image)
-    if not image.exists():
-        raise InputError(f"{image}: no such disk image")
+    image = as_image(image)  # the front door: a bad or hostile image is refused before anything starts
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from h2k import domain
 from h2k.errors import InputError
+from h2k.image import DiskImage, open_image
 from h2k.profile import DISK_BUSES, FIRMWARES, NIC_MODELS, MachineProfile
 from lab.boot import BACKENDS, boot, boot_two_phase
 from lab.guestos import os_family_of
@@ -120,10 +121,10 @@ def _profile(args: argparse.Namespace, stage: str, bus: str | None, nic: str | N
     return prof
 
 
-def _auto_os(args: argparse.Namespace) -> str:
+def _auto_os(args: argparse.Namespace, image: DiskImage | None) -> str:
     """--os auto: a kernel boot is Linux; a disk is whatever libguestfs inspection finds on it."""
-    if args.image and not args.kernel:
-        family, found = os_family_of(Path(args.image))
+    if image is not None and not args.kernel:
+        family, found = os_family_of(image)
         print(f"h2k boot: --os {family} (libguestfs inspection found {found})", file=sys.stderr)
         return family
     return "linux"
@@ -150,11 +151,11 @@ def run(args: argparse.Namespace) -> int:
                              require_network=args.require_network, max_reboots=max_reboots)
 
     expect_for("linux" if args.os == "auto" else args.os)  # bad input ends here, before any inspection or boot
+    image = open_image(args.image) if args.image else None  # the front door, before anything is created
     if args.os == "auto":
-        args.os = _auto_os(args)
+        args.os = _auto_os(args, image)
     expect = expect_for(args.os)
     outdir = args.outdir or Path(tempfile.mkdtemp(prefix="h2k-boot-out-"))
-    image = Path(args.image) if args.image else None
     if args.profile_json:
         try:
             profile = MachineProfile.from_dict(json.loads(args.profile_json.read_text()))

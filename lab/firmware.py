@@ -63,13 +63,24 @@ def prepare_vars(fw: FirmwareFiles, workdir: Path, keep: Path | None = None) -> 
     return dest
 
 
-def qemu_args(fw: FirmwareFiles, vars_path: Path | None) -> list[str]:
+PFLASH_MACHINE_PROPS = ",pflash0=fw-code,pflash1=fw-vars"  # appended to -machine for UEFI
+
+
+def qemu_args(fw: FirmwareFiles, vars_path: Path | None, files=None) -> list[str]:
+    """The two pflash block nodes (-blockdev JSON; the machine takes them with PFLASH_MACHINE_PROPS).
+    ``files(path, mode)`` says what QEMU is to open (default: the path)."""
     if fw.code is None:
         return []
-    args = [
-        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={fw.code}",
-        "-drive", f"if=pflash,format=raw,unit=1,file={vars_path}",
-    ]
+    from lab.qemu_cmd import blockdev_arg, by_path  # late: qemu_cmd imports this module
+
+    files = files or by_path
+
+    def node(name: str, path: Path, ro: bool) -> list[str]:
+        return blockdev_arg({"driver": "raw", "node-name": name, "read-only": ro,
+                             "file": {"driver": "file", "filename": files(str(path), "r" if ro else "rw"),
+                                      "read-only": ro}})
+
+    args = node("fw-code", fw.code, True) + node("fw-vars", vars_path, False)
     if fw.secure_boot:
         # The secure-boot build keeps its variables in SMM-protected flash.
         args += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
@@ -94,6 +105,7 @@ class Swtpm:
         self.sock_path = Path(sock_path) if sock_path else self.workdir / "tpm.sock"
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+        self.client: socket.socket | None = None  # the lab's connection, handed to QEMU as its chardev
 
     def start(self) -> Path:
         exe = shutil.which("swtpm")
@@ -114,13 +126,22 @@ class Swtpm:
         lsock.close()
         return self.sock_path
 
-    def qemu_args(self, machine_type: str) -> list[str]:
+    def qemu_args(self, machine_type: str) -> tuple[list[str], int]:
+        """QEMU's TPM arguments and the fd to pass: a socket the lab connected to swtpm (QEMU needs
+        no access to the socket's path)."""
         model = "tpm-crb" if machine_type == "q35" else "tpm-tis"
-        return ["-chardev", f"socket,id=chrtpm,path={self.sock_path}",
-                "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", f"{model},tpmdev=tpm0"]
+        from lab.unixsock import connect_unix
+
+        self.client = connect_unix(str(self.sock_path), 10.0)
+        fd = self.client.fileno()
+        return (["-chardev", f"socket,id=chrtpm,fd={fd}",
+                 "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", f"{model},tpmdev=tpm0"], fd)
 
     def stop(self) -> None:
         from lab import backend_qemu as procs
+        if self.client is not None:
+            self.client.close()
+            self.client = None
         if self.proc is not None:
             procs.terminate(self.proc, grace=2.0)
             self.proc = None

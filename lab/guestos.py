@@ -8,24 +8,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from h2k import accel, overlay
+from h2k import accel
 from h2k.errors import InputError
+from h2k.image import DiskImage, as_image
 
 FAMILIES = {"windows": "windows", "linux": "linux"}
 
 
-def os_family_of(image: Path) -> tuple[str, str]:
+def os_family_of(image: DiskImage | Path) -> tuple[str, str]:
     """("windows" | "linux", what inspection found, e.g. "linux debian 12") for ``image``.
 
     InputError when there is no operating system or one the lab has no defaults for.
     """
     import guestfs
 
-    fmt = overlay.image_format(image)  # InputError for a file qemu-img cannot read
+    disk = as_image(image)  # the front door (unless the caller went through it)
     accel.apply_libguestfs_env()
     g = guestfs.GuestFS(python_return_dict=True)
     try:
-        g.add_drive_opts(str(image), format=fmt, readonly=True)
+        g.add_drive_opts(disk.path, format=disk.format, readonly=True)
         g.launch()
         roots = g.inspect_os()
         found = []

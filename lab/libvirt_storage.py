@@ -96,9 +96,10 @@ def needs_flattening(shape: ImageShape) -> bool:
     return shape.format not in UPLOADABLE or shape.chain > 1 or shape.data_file
 
 
-def flatten(image: Path, dest: Path) -> Path:
-    """One self-contained qcow2 with everything the chain holds (read with force-share: others may boot it)."""
-    proc = subprocess.run(["qemu-img", "convert", "-U", "-O", "qcow2", str(image), str(dest)],
+def flatten(image: Path, dest: Path, fmt: str | None = None) -> Path:
+    """One self-contained qcow2 with everything the chain holds (read with force-share: others may boot it);
+    ``fmt``: the image's format as the front door pinned it."""
+    proc = subprocess.run(["qemu-img", "convert", "-U", *(["-f", fmt] if fmt else []), "-O", "qcow2", str(image), str(dest)],
                           capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise H2KError(f"qemu-img convert {image}: {proc.stderr.strip()[:300]}")

@@ -10,16 +10,40 @@ a screendump before it stops QEMU.
 Sockets are opened by the lab and passed to QEMU as listening fds, so the lab
 can connect at once, and QEMU starts paused (-S) so nothing is printed before
 the watchers are attached.
+
+Paths never go into QEMU's option syntax unescaped: block devices are
+``-blockdev`` JSON (the disk's whole chain, each layer with its ``driver``, so
+QEMU never reads a backing name or guesses a format), and every other path in a
+``key=value,...`` option has its commas doubled (:func:`qemu_opt`). Which string
+stands for a file is decided by ``files`` (the direct backend hands QEMU file
+descriptors, see :mod:`lab.confine`); the default is the path itself.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from h2k.accel import AccelDecision
+from h2k.image import DiskImage
 from h2k.profile import MachineProfile
-from lab import firmware
+from lab import confine, firmware
+
+# files(path, mode) -> what QEMU is told to open: mode r (read-only), rw, a (append, create), w (create, truncate).
+FileRef = Callable[[str, str], str]
+COW_FORMATS = ("qcow2", "vmdk")  # formats with a backing file
+
+
+def by_path(path: str, mode: str) -> str:
+    """QEMU opens the path itself."""
+    return str(path)
+
+
+def qemu_opt(value: str | Path) -> str:
+    """A value for QEMU's key=value,... syntax: a comma is doubled, so it can neither end the value nor add an option."""
+    return str(value).replace(",", ",,")
 
 # Hyper-V enlightenments Windows uses on KVM; hv-crash makes a bugcheck a QMP
 # GUEST_PANICKED event carrying the stop code, with no guest driver.
@@ -75,9 +99,34 @@ def cpu_arg(accel: AccelDecision, profile: MachineProfile) -> tuple[list[str], s
     return rest, cpu
 
 
-def disk_args(profile: MachineProfile, disk: Path, fmt: str = "qcow2") -> list[str]:
+def blockdev(disk: DiskImage, node: str, files: FileRef = by_path, *, read_only: bool = False) -> dict:
+    """The -blockdev tree for ``disk``: every layer with its format pinned, backing given explicitly
+    (the base gets ``backing: null``), the top writable unless ``read_only``, cache=unsafe."""
+    def layer(i: int) -> dict:
+        d = disk.layers[i]
+        ro = read_only or i > 0
+        # A multi-file VMDK finds its extents by name next to its descriptor: that one is passed by path.
+        name = files(d.path, "r" if ro else "rw") if len(d.files) <= 1 else d.path
+        fmt: dict = {"driver": d.format, "read-only": ro, "cache": {"no-flush": True},
+                     "file": {"driver": "file", "filename": name, "read-only": ro, "cache": {"no-flush": True}}}
+        if d.format in COW_FORMATS:
+            fmt["backing"] = layer(i + 1) if i + 1 < len(disk.layers) else None
+        return fmt
+
+    top = layer(0)
+    top["node-name"] = node
+    if not read_only:
+        top["discard"] = top["file"]["discard"] = "unmap"
+    return top
+
+
+def blockdev_arg(tree: dict) -> list[str]:
+    return ["-blockdev", json.dumps(tree, separators=(",", ":"))]
+
+
+def disk_args(profile: MachineProfile, disk: DiskImage, files: FileRef = by_path) -> list[str]:
     """The boot disk on the profile's bus, bootindex 1."""
-    drive = ["-drive", f"if=none,id=disk0,file={disk},format={fmt},cache=unsafe,discard=unmap"]
+    drive = blockdev_arg(blockdev(disk, "disk0", files))
     bus = profile.disk_bus
     q35 = profile.machine_type == "q35"
     if bus == "sata":
@@ -100,11 +149,12 @@ def disk_args(profile: MachineProfile, disk: Path, fmt: str = "qcow2") -> list[s
     return drive + dev
 
 
-def cdrom_args(profile: MachineProfile) -> list[str]:
+def cdrom_args(profile: MachineProfile, files: FileRef = by_path) -> list[str]:
     out: list[str] = []
     q35 = profile.machine_type == "q35"
     for i, iso in enumerate(profile.cdroms):
-        out += ["-drive", f"if=none,id=cd{i},file={iso},format=raw,media=cdrom,readonly=on"]
+        out += blockdev_arg({"driver": "raw", "node-name": f"cd{i}", "read-only": True,
+                             "file": {"driver": "file", "filename": files(iso, "r"), "read-only": True}})
         if q35:  # ICH9 AHCI ports 1..5 (port 0 may hold the disk)
             out += ["-device", f"ide-cd,drive=cd{i},bus=ide.{i + 1}"]
         else:  # i440fx IDE: secondary channel, then primary slave
@@ -140,8 +190,8 @@ def build(
     fds: SocketFds,
     serial_log: Path,
     firmware_log: Path,
-    disk: Path | None = None,
-    disk_format: str = "qcow2",
+    disk: DiskImage | None = None,
+    files: FileRef = by_path,
     fw: firmware.FirmwareFiles | None = None,
     vars_path: Path | None = None,
     tpm_args: list[str] | None = None,
@@ -153,7 +203,10 @@ def build(
     machine = profile.machine_type
     if fw.secure_boot:
         machine += ",smm=on"
+    if fw.code is not None:
+        machine += firmware.PFLASH_MACHINE_PROPS
     argv = [qemu_binary, "-name", name, "-nodefaults", "-no-user-config",
+            "-sandbox", confine.SANDBOX,
             "-machine", machine, *accel_args, "-cpu", cpu,
             "-m", str(profile.memory_mb), "-smp", str(profile.cpus),
             "-display", "none", "-vga", "std",
@@ -165,18 +218,21 @@ def build(
     pass_fds = [fds.qmp]
     if paused:
         argv.append("-S")
-    argv += firmware.qemu_args(fw, vars_path)
+    argv += firmware.qemu_args(fw, vars_path, files)
     if fw.code is not None:
         argv += firmware.ovmf_no_network_boot_args()
     # The firmware debug port (0x402): SeaBIOS' "No bootable device.", OVMF's debug log.
     if fds.debugcon is not None:
-        argv += ["-chardev", f"socket,id=fwdbg,fd={fds.debugcon},server=on,wait=off,logfile={firmware_log}",
+        argv += ["-chardev", f"socket,id=fwdbg,fd={fds.debugcon},server=on,wait=off,"
+                 f"logfile={qemu_opt(files(str(firmware_log), 'a'))},logappend=on",
                  "-device", "isa-debugcon,iobase=0x402,chardev=fwdbg"]
         pass_fds.append(fds.debugcon)
     else:
-        argv += ["-chardev", f"file,id=fwdbg,path={firmware_log}", "-device", "isa-debugcon,iobase=0x402,chardev=fwdbg"]
+        argv += ["-chardev", f"file,id=fwdbg,path={qemu_opt(files(str(firmware_log), 'a'))},append=on",
+                 "-device", "isa-debugcon,iobase=0x402,chardev=fwdbg"]
     if profile.serial_console and fds.console is not None:
-        argv += ["-chardev", f"socket,id=com1,fd={fds.console},server=on,wait=off,logfile={serial_log}",
+        argv += ["-chardev", f"socket,id=com1,fd={fds.console},server=on,wait=off,"
+                 f"logfile={qemu_opt(files(str(serial_log), 'a'))},logappend=on",
                  "-serial", "chardev:com1"]
         pass_fds.append(fds.console)
     if profile.pvpanic:
@@ -187,8 +243,8 @@ def build(
                  "-device", f"virtserialport,bus=vser0.0,chardev=qga0,name={AGENT_PORT_NAME},id={AGENT_PORT_ID}"]
         pass_fds.append(fds.agent)
     if disk is not None:
-        argv += disk_args(profile, disk, disk_format)
-    argv += cdrom_args(profile)
+        argv += disk_args(profile, disk, files)
+    argv += cdrom_args(profile, files)
     argv += nic_args(profile)
     if tpm_args:
         argv += tpm_args

@@ -32,6 +32,9 @@ class QMPClosed(QMPError):
 
 
 EventListener = Callable[[dict[str, Any]], None]
+# QEMU's replies and events are small; a line longer than this (no line end) ends the connection
+# instead of growing the lab's memory.
+MAX_MESSAGE = 16 << 20
 
 
 class QMPClient:
@@ -65,10 +68,13 @@ class QMPClient:
         self._sock = sock
         sock.settimeout(max(0.1, deadline - time.monotonic()))
         fh = sock.makefile("rb")
-        line = fh.readline()
+        line = fh.readline(MAX_MESSAGE + 1)
         if not line:
             raise QMPError("QMP closed before its greeting")
-        self.greeting = json.loads(line)
+        try:
+            self.greeting = json.loads(line)
+        except ValueError:
+            raise QMPError(f"QMP greeting is not JSON: {line[:80]!r}") from None
         self._log("in", self.greeting)
         sock.settimeout(None)
         self._reader = threading.Thread(target=self._read_loop, args=(fh,), name="qmp-reader", daemon=True)
@@ -156,14 +162,22 @@ class QMPClient:
     # -- internals -----------------------------------------------------------
     def _read_loop(self, fh: Any) -> None:
         try:
-            for line in fh:
+            while True:
+                line = fh.readline(MAX_MESSAGE + 1)
+                if not line:
+                    break
+                if len(line) > MAX_MESSAGE:
+                    self._log("in-garbage", {"raw": f"{len(line)} bytes without a line end: connection dropped"})
+                    break
                 line = line.strip()
                 if not line:
                     continue
                 try:
                     msg = json.loads(line)
                 except ValueError:
-                    self._log("in-garbage", {"raw": line.decode(errors="replace")})
+                    msg = None
+                if not isinstance(msg, dict):
+                    self._log("in-garbage", {"raw": line.decode(errors="replace")[:4096]})
                     continue
                 self._log("in", msg)
                 if "event" in msg:

@@ -155,6 +155,11 @@ def run_run(args: argparse.Namespace) -> int:
         cells = [c for c in cells if c.id in bad]
     if not cells:
         raise InputError(f"{args.matrix}: no cells to run" + (" (nothing failed in the previous run)" if previous else ""))
+    from h2k.image import open_image
+
+    for name in sorted({c.image for c in cells}):  # the front door: a bad or hostile image is exit 3, before any cell
+        if spec.image(name).path:
+            open_image(spec.image(name).path)
     hosts = [h for v in (args.connect or []) for h in v.split(",") if h]
     args.backend = args.backend or ("libvirt" if hosts else "qemu")
     executor = load_executor(args.executor, args)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from h2k.errors import H2KError, InputError
+from h2k.image import DiskImage, open_image
 from matrix.model import Cell, ImageSpec, PackSpec
 from matrix.runner import CellContext, CellOutcome, Interrupted, Prepared
 
@@ -170,13 +171,11 @@ class LabExecutor:
 
     def prepare(self, image: ImageSpec, pack: PackSpec | None, workdir: Path, stop: threading.Event) -> Prepared:
         if not self.fix:
-            from h2k.overlay import image_format
-
-            src = resolve_image(image)
+            src = open_image(resolve_image(image))  # the front door
             pack_path = resolve_pack(pack)
             info = {"kind": image.kind, "fix": "not fixed (--no-fix)",
                     "pack_iso": _pack_iso(pack_path, workdir) if pack_path and image.mode == "boot" else None}
-            return Prepared(image, pack, src, image_format(src), info=info)
+            return Prepared(image, pack, src, info=info)
         # Resolving may build a test-bed artefact: that happens in the child too, so it can be stopped.
         out = run_child("prepare", {
             # What passes a boot travels with each cell, not with the fix.
@@ -184,7 +183,7 @@ class LabExecutor:
             "pack_spec": vars(pack) if pack else None,
             "output": str(workdir / "fixed.qcow2"),
         }, workdir, stop)
-        return Prepared(image, pack, Path(out["base"]), "qcow2", info=out.get("info", {}))
+        return Prepared(image, pack, DiskImage.from_dict(out["disk"]), info=out.get("info", {}))
 
     def run_cell(self, ctx: CellContext) -> CellOutcome:
         cell = ctx.cell
@@ -193,7 +192,7 @@ class LabExecutor:
         if ctx.connect and self.backend != "libvirt":
             raise InputError("--connect needs the libvirt backend")
         out = run_child("boot", {
-            "image": str(ctx.overlay), "cell": cell.to_dict(), "info": ctx.prepared.info,
+            "image": ctx.disk.to_dict(), "cell": cell.to_dict(), "info": ctx.prepared.info,
             "pack": ctx.prepared.info.get("pack_iso"), "memory_mb": ctx.memory_mb,
             "outdir": str(ctx.outdir / "boot"), "backend": self.backend, "connect": ctx.connect,
         }, ctx.outdir, ctx.stop)
@@ -203,7 +202,7 @@ class LabExecutor:
     def _verify_cell(self, ctx: CellContext) -> CellOutcome:
         cell = ctx.cell
         if cell.bus not in VERIFY_BUSES:  # nothing to share: verify this cell alone (and report why not)
-            out = run_child("verify", {"image": str(ctx.overlay), "bus": cell.bus}, ctx.outdir, ctx.stop,
+            out = run_child("verify", {"image": ctx.disk.to_dict(), "bus": cell.bus}, ctx.outdir, ctx.stop,
                             deadline=time.monotonic() + cell.timeout)
             return CellOutcome(**out["outcome"], lab_setup=dict(ctx.prepared.info.get("lab_setup") or {}))
         base = str(ctx.prepared.base)
@@ -213,7 +212,7 @@ class LabExecutor:
             got = self._verified.get(base)
             if got is None or isinstance(got, Interrupted):
                 try:
-                    got = run_child("verify", {"image": base, "bus": "both"}, ctx.outdir, ctx.stop,
+                    got = run_child("verify", {"image": ctx.prepared.disk.to_dict(), "bus": "both"}, ctx.outdir, ctx.stop,
                                     deadline=time.monotonic() + cell.timeout)
                 except BaseException as exc:
                     got = exc
@@ -284,7 +283,7 @@ def child_prepare(req: dict[str, Any]) -> dict[str, Any]:
     req = {"kind": image.kind, "mode": image.mode, "pack": str(pack_path) if pack_path else None,
            "expected_os": image.os}
     out.unlink(missing_ok=True)
-    overlay.create_overlay(src, out)  # the fix writes only this overlay; the source stays untouched
+    disk = overlay.create_overlay(src, out)  # the front door; the fix writes only this overlay, never the source
     if req["kind"] == "linux":
         import importlib
 
@@ -292,9 +291,9 @@ def child_prepare(req: dict[str, Any]) -> dict[str, Any]:
             linux = importlib.import_module("h2k.linux")
         except ImportError as exc:
             raise InputError(f"the Linux pipeline (h2k.linux) is not available: {exc}") from None
-        result = linux.fix_image(out, in_place=True)
+        result = linux.fix_image(disk, in_place=True)
         info = {"kind": "linux", "fix": result.summary() if hasattr(result, "summary") else _plain(result)}
-        return {"base": str(out), "info": info}
+        return {"disk": disk.to_dict(), "info": info}
     from h2k.driverpack import open_pack
     from h2k.fix import fix_image
     from h2k.plan import build_plan
@@ -313,7 +312,7 @@ def child_prepare(req: dict[str, Any]) -> dict[str, Any]:
 
     # EMS on COM1 in the BCD of the lab's copy (never the user's output): under TCG a bugcheck
     # reaches the lab only through EMS (no hv-crash), and <machine-info> shows the kernel came up.
-    report = fix_image(out, planner, in_place=True, ems=True)
+    report = fix_image(disk, planner, in_place=True, ems=True)
     facts = report.facts
     info = {
         "kind": "windows",
@@ -325,13 +324,13 @@ def child_prepare(req: dict[str, Any]) -> dict[str, Any]:
         # Only boot cells attach the pack (bootstrap phase); fix+verify cells need no ISO.
         "pack_iso": _pack_iso(Path(req["pack"]), out.parent) if req["mode"] == "boot" else None,
     }
-    return {"base": str(out), "info": info}
+    return {"disk": disk.to_dict(), "info": info}
 
 
 def child_verify(req: dict[str, Any]) -> dict[str, Any]:
     from h2k.verify import verify_image
 
-    report = verify_image(req["image"], req["bus"])
+    report = verify_image(DiskImage.from_dict(req["image"]), req["bus"])  # opened by the parent
     rules = [dict(vars(r)) for r in report.results]
     out = outcome_for_bus(rules, req["bus"]) if req["bus"] in VERIFY_BUSES else None
     outcome = vars(out) if out else {"verdict": "passed" if report.passed else "failed",
@@ -383,10 +382,11 @@ def child_boot(req: dict[str, Any]) -> dict[str, Any]:
     expect = cell_expect(cell)
     outdir = Path(req["outdir"])
     kw = dict(timeout=cell.timeout, outdir=outdir, expect=expect, backend=req["backend"], connect=req.get("connect"))
+    disk = DiskImage.from_dict(req["image"])  # the cell's overlay, opened by the parent
     if bootstrap is None:
-        result = lab_boot.boot(Path(req["image"]), final, **kw)
+        result = lab_boot.boot(disk, final, **kw)
     else:
-        result = lab_boot.boot_two_phase(Path(req["image"]), bootstrap, final, **kw)
+        result = lab_boot.boot_two_phase(disk, bootstrap, final, **kw)
     outcome = {
         "verdict": result.verdict, "reason": result.reason, "stop_code": result.stop_code,
         "stop_name": result.stop_name, "artifacts": dict(result.artifacts), "agent": _plain(result.agent),

@@ -31,6 +31,9 @@ from typing import Any
 
 import pytest
 
+from h2k.errors import InputError
+from h2k.image import DiskImage, as_image, open_image
+
 GROUP = "hyper2kvm matrix (boot an image in every chosen configuration)"
 
 
@@ -73,14 +76,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 # --- which cells --------------------------------------------------------------------
 
 
-def disk_firmware(path: Path) -> str:
-    """uefi for a GPT disk, bios otherwise: the partition table read through qemu-img (any format)."""
-    fmt = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)], check=True,
-                                    capture_output=True, text=True).stdout)["format"]
+def disk_firmware(disk: DiskImage | Path) -> str:
+    """uefi for a GPT disk, bios otherwise: the partition table read through qemu-img (format pinned)."""
+    disk = as_image(disk)
     with tempfile.TemporaryDirectory(prefix="h2k-head-") as tmp:
         out = Path(tmp) / "head.raw"
-        subprocess.run(["qemu-img", "dd", "-f", fmt, "-O", "raw", f"if={path}", f"of={out}", "bs=512", "count=2"],
-                       check=True, capture_output=True)
+        subprocess.run(["qemu-img", "dd", "-f", disk.format, "-O", "raw", f"if={disk.path}", f"of={out}", "bs=512",
+                        "count=2"], check=True, capture_output=True)
         head = out.read_bytes()
     return "uefi" if head[512:520] == b"EFI PART" else "bios"
 
@@ -104,13 +106,17 @@ def build_cells(config: pytest.Config):
         path = Path(raw).expanduser().resolve()
         if not path.exists():
             raise pytest.UsageError(f"--image {raw}: no such disk image")
+        try:
+            disk = open_image(path)  # the front door: a bad or hostile image stops the run before any cell
+        except InputError as exc:
+            raise pytest.UsageError(f"--image {raw}: {exc}") from None
         name = _name(path)
         while name in names:
             name += "-x"
         names.add(name)
         firmware = [f for f in config.getoption("firmware") if f != "auto"]
         if not firmware:
-            firmware = [disk_firmware(path)]
+            firmware = [disk_firmware(disk)]
         image: dict[str, Any] = {"name": name, "kind": kind, "path": str(path), "firmware": firmware}
         expect = {k: v for k, v in (("success", config.getoption("h2k_success")),
                                     ("patterns", config.getoption("h2k_expect_pattern"))) if v}
@@ -184,9 +190,9 @@ class CellItem(pytest.Item):
         cell_dir = outroot / "cells" / self.cell.id
         cell_dir.mkdir(parents=True, exist_ok=True)
         overlay = cell_dir / "disk.qcow2"
-        create_overlay(prepared.base, prepared.base_format, overlay)
+        disk = create_overlay(prepared.disk, overlay)
         ctx = CellContext(self.cell, prepared, overlay, cell_dir, None, threading.Event(),
-                          default_memory_mb(image))
+                          default_memory_mb(image), disk)
         try:
             out = executor.run_cell(ctx)
         finally:
@@ -259,10 +265,9 @@ def prepare_cached(executor, image, pack, root: Path):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if done.exists():
             d = json.loads(done.read_text())
-            return Prepared(image, pack, Path(d["base"]), d["format"], d["info"])
+            return Prepared(image, pack, DiskImage.from_dict(d["disk"]), d["info"])
         prepared = executor.prepare(image, pack, workdir, threading.Event())
         tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"base": str(prepared.base), "format": prepared.base_format,
-                                   "info": prepared.info}))
+        tmp.write_text(json.dumps({"disk": prepared.disk.to_dict(), "info": prepared.info}))
         os.replace(tmp, done)
         return prepared

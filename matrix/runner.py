@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import queue
-import subprocess
 import threading
 import time
 import traceback
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from h2k.errors import H2KError
+from h2k.image import DiskImage, as_image, overlay_on
 from matrix.model import Cell, CellResult, ImageSpec, KnownIssue, MatrixSpec, PackSpec, RunResults
 from matrix.progress import MatrixProgress
 from matrix.reports import write_all
@@ -53,9 +53,19 @@ class Prepared:
 
     image: ImageSpec
     pack: PackSpec | None
-    base: Path
-    base_format: str = "qcow2"
+    disk: DiskImage  # the base as the front door opened it (a path is opened through it)
     info: dict[str, Any] = field(default_factory=dict)  # e.g. plan summary, inspected OS
+
+    def __post_init__(self) -> None:
+        self.disk = as_image(self.disk)
+
+    @property
+    def base(self) -> Path:
+        return Path(self.disk.path)
+
+    @property
+    def base_format(self) -> str:
+        return self.disk.format
 
 
 @dataclass
@@ -67,6 +77,7 @@ class CellContext:
     connect: str | None  # libvirt URI, None = local QEMU
     stop: threading.Event  # set when the cell must end now (interrupt or watchdog)
     memory_mb: int
+    disk: DiskImage  # ``overlay`` with its chain, as the lab takes it
 
 
 @dataclass
@@ -124,17 +135,12 @@ def worker_bound(jobs: int | None, n_cells: int, per_cell_mb: int, *, cores: int
     return max(1, min(want, by_mem, max(1, n_cells)))
 
 
-def create_overlay(base: Path, fmt: str, overlay: Path) -> None:
+def create_overlay(base: DiskImage, overlay: Path) -> DiskImage:
+    """A cell's own qcow2 overlay on the prepared base (backing format pinned)."""
     overlay.parent.mkdir(parents=True, exist_ok=True)
     if overlay.exists():
         overlay.unlink()
-    proc = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(Path(base).resolve()), "-F", fmt, str(overlay)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise H2KError(f"qemu-img create overlay on {base}: {proc.stderr.strip() or proc.returncode}")
+    return overlay_on(base, overlay)
 
 
 def soften(result: CellResult, issues: list[KnownIssue]) -> CellResult:
@@ -323,13 +329,13 @@ class Runner:
         try:
             prepared = self._prepare(cell)
             overlay = cell_dir / "disk.qcow2"
-            create_overlay(prepared.base, prepared.base_format, overlay)
+            disk = create_overlay(prepared.disk, overlay)
             # The cell's own time (and its timeout) starts now: the fix is shared and reported apart.
             t0 = time.monotonic()
             with self._lock:
                 self._running[cell.id] = (t0, ev, False)
             ctx = CellContext(cell, prepared, overlay, cell_dir, host, ev,
-                              default_memory_mb(self.spec.image(cell.image)))
+                              default_memory_mb(self.spec.image(cell.image)), disk)
             out = self.executor.run_cell(ctx)
             result = CellResult(
                 cell,

@@ -38,7 +38,6 @@ def outputs_for(output: Path, count: int) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from h2k.inputs.chain import backing_chain
     from h2k.inputs.convert import convert_disk
     from h2k.inputs.source import resolve_input
     from h2k.progress import Progress
@@ -56,12 +55,11 @@ def run(args: argparse.Namespace) -> int:
         results = []
         written: list[Path] = []
         try:
-            for disk, out in zip(res.disks, outs):
-                chain = backing_chain(disk)
+            for chain, out in zip(res.images, outs):  # each disk as the front door opened it
                 if chain.is_chain:
                     print(f"h2k: snapshot chain of {len(chain.layers)} layers:\n{chain.describe()}", file=sys.stderr)
-                with Progress(f"convert {Path(disk).name}", 10) as prog:
-                    results.append(convert_disk(disk, out, fmt=args.format, flatten=args.flatten, progress=prog,
+                with Progress(f"convert {Path(chain.given).name}", 10) as prog:
+                    results.append(convert_disk(chain, out, fmt=args.format, flatten=args.flatten, progress=prog,
                                                 checksum=not args.no_checksum))
                 written.append(out)
         except BaseException:

@@ -13,6 +13,7 @@ import tempfile
 from h2k import domain, libvirt_xml
 from h2k.errors import CheckFailed, InputError
 from h2k.facts import WindowsFacts
+from h2k.image import DiskImage, open_image
 from h2k.profile import FIRMWARES, NIC_MODELS
 
 
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _source(args: argparse.Namespace, metadata: dict | None) -> WindowsFacts | dict:
+def _source(args: argparse.Namespace, disk: DiskImage, metadata: dict | None) -> WindowsFacts | dict:
     """Facts from --facts, else --os/--firmware as given, else one read-only inspection of the image."""
     if args.facts:
         try:
@@ -69,7 +70,7 @@ def _source(args: argparse.Namespace, metadata: dict | None) -> WindowsFacts | d
 
     accel.apply_libguestfs_env()
     try:
-        facts = inspect.inspect_image(args.image, metadata)
+        facts = inspect.inspect_image(disk, metadata)
     except inspect.NotWindows as exc:
         raise InputError(f"{exc} -- for this guest pass --os {exc.os_type if exc.os_type in domain.OS_TYPES else 'linux'} and --firmware") from None
     if args.firmware:
@@ -95,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.image}: a VM, not a disk: 'h2k convert' (or 'h2k fix') it first, then "
                          f"'h2k domain DISK --metadata {args.image}'")
     # .vmx/.ovf/.ova/Hyper-V .xml/JSON, or the IMAGE.machine.json 'h2k fix' left: firmware, MACs, CPUs, memory
+    disk = open_image(image)  # the front door: the format libvirt gets is h2k's, never a guess
     metadata = metadata_dict(args.metadata or profiles_beside(image))
-    source = _source(args, metadata)
+    source = _source(args, disk, metadata)
     meta = metadata or {}
     common = dict(name=name, macs=args.mac or domain.macs_of(meta), memory_mb=args.memory or _int_or_none(meta.get("memory_mb")),
                   cpus=args.cpus or _int_or_none(meta.get("cpus")))
@@ -105,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         profile = domain.final_profile(source, bus=args.bus or "virtio-blk", nic=args.nic or "virtio-net", **common)
     files = libvirt_xml.DomainFiles(
-        disk=image,
-        disk_format=libvirt_xml.disk_format_of(image),
+        disk=disk.path,
+        disk_format=disk.format,
         nvram=args.nvram and os.path.abspath(args.nvram),
     )
     xml = libvirt_xml.domain_xml(profile, files, libvirt_xml.XmlOptions(domain_type=args.domain_type, lab=args.lab))

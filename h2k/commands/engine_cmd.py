@@ -156,12 +156,14 @@ def _verify(args: argparse.Namespace, disk: str, meta: dict | None) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    from h2k.image import open_image
     from h2k.rollback import rollback_image
 
+    image = open_image(args.image)  # the front door, once for both pipelines
     try:
-        report = rollback_image(args.image)
+        report = rollback_image(image)
     except NotWindows as exc:  # no NTFS at all: the Linux pipeline's journal, if any
-        result = _linux("rollback_image", exc, any_os=True)(args.image)
+        result = _linux("rollback_image", exc, any_os=True)(image)
         show(result, args.json)
         return 0
     show(report, args.json)

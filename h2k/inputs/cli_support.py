@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from h2k.errors import InputError
+from h2k.image import DiskImage
 from h2k.inputs.source import ResolvedInput, SourceMachine, input_kind, load_machine, resolve_input
 
 RICH_METADATA = ("vmx", "ovf", "ova", "hyperv", "xml", "vmcx")
@@ -72,14 +73,15 @@ def profiles_beside(image: str | Path) -> Path | None:
 
 @contextmanager
 def engine_input(image: str, metadata_path: str | None = None, workdir: str | Path | None = None
-                 ) -> Iterator[tuple[str, dict[str, Any] | None, ResolvedInput]]:
-    """(boot disk, merged metadata, the resolved input); extracted files are removed on exit."""
+                 ) -> Iterator[tuple[DiskImage, dict[str, Any] | None, ResolvedInput]]:
+    """(boot disk as the front door opened it, merged metadata, the resolved input); extracted
+    files are removed on exit."""
     with tempfile.TemporaryDirectory(prefix=".h2k-input-", dir=workdir) as work:
         res = resolve_input(image, work)
         try:
             meta = dict(res.metadata() or {})
             meta.update(metadata_dict(metadata_path) or {})
-            yield res.disk, (meta or None), res
+            yield res.image, (meta or None), res
         finally:
             res.cleanup()
 

@@ -55,6 +55,9 @@ def parse(data: Any, base: Path, where: str = "sidecar") -> SourceMachine:
         fw = {"efi": "uefi"}.get(str(fw).lower(), str(fw).lower())
         if fw not in ("bios", "uefi"):
             raise InputError(f"{where}: firmware must be bios or uefi, not {data.get('firmware')!r}")
+    for key, kind in (("nics", list), ("disks", list), ("name", str), ("guest_os", str), ("os", str)):
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            raise InputError(f"{where}: {key} must be a {'list' if kind is list else 'string'}")
     nics = []
     for n in data.get("nics") or []:
         if not isinstance(n, dict):

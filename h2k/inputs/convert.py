@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from h2k.errors import H2KError, InputError
-from h2k.inputs.chain import Chain, backing_chain
+from h2k.image import DiskImage, as_image
 from h2k.overlay import sha256_file
 from h2k.progress import Progress
 
@@ -58,7 +58,7 @@ def out_format(output: str | Path, fmt: str | None = None) -> str:
     return OUT_FORMATS.get(Path(output).suffix.lower(), "qcow2")
 
 
-def required_bytes(chain: Chain, fmt: str) -> int:
+def required_bytes(chain: DiskImage, fmt: str) -> int:
     """What the output will take at most, from ``qemu-img measure`` over the whole chain."""
     top = chain.top
     proc = subprocess.run(
@@ -79,7 +79,7 @@ def check_space(directory: Path, need: int) -> None:
 
 
 def convert_disk(
-    source: str | Path,
+    source: DiskImage | str | Path,
     output: str | Path,
     *,
     fmt: str | None = None,
@@ -90,7 +90,7 @@ def convert_disk(
 ) -> ConvertResult:
     """Convert ``source`` (any readable format, chains followed) into a standalone ``output``."""
     t0 = time.monotonic()
-    chain = backing_chain(source)
+    chain = as_image(source)  # the front door (a DiskImage passes as it is)
     if chain.is_chain and not flatten:
         raise InputError(f"{source} is a snapshot chain of {len(chain.layers)} layers; pass --flatten to merge it into one disk")
     fmt = out_format(output, fmt)

@@ -1,22 +1,24 @@
-"""What a disk file is: magic bytes first, then ``qemu-img info``; VMDK descriptors parsed and checked.
+"""What a disk file is, from its own bytes; VMDK descriptors parsed and checked.
 
-qemu-img alone is not enough: it probes a *fixed* VHD as raw (the VHD footer
-sits at the end of the file, so the guest would get 512 extra bytes), and its
-messages for a broken VMDK descriptor or a missing extent are not one clear
-line. So we read the first bytes ourselves, parse VMDK descriptors (text file
-or embedded in a sparse/streamOptimized extent), check that every extent file
-is present and long enough, and always pass the format to qemu-img with -f.
+QEMU's probe is not used: it reads a *fixed* VHD as raw (the VHD footer sits at
+the end of the file, so the guest would get 512 extra bytes), probing is unsafe
+for raw images, and its messages for a broken VMDK descriptor or a missing
+extent are not one clear line. So we read the first bytes ourselves, parse VMDK
+descriptors (text file or embedded in a sparse/streamOptimized extent), check
+that every extent file is present and long enough, and recognise the magic of
+the formats QEMU would probe but h2k does not read, so that such a file is
+refused instead of being taken for raw. :mod:`h2k.image` (the front door)
+builds on this and always passes the format to qemu-img with -f.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
-import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from h2k.errors import InputError
 
@@ -31,7 +33,7 @@ VMDK_CREATE_TYPES = {
 }
 EXTENT_TYPES = {"FLAT", "SPARSE", "ZERO", "VMFS", "VMFSSPARSE", "VMFSRDM", "VMFSRAW"}
 _EXTENT_RE = re.compile(
-    r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)(?:\s+"([^"]*)"(?:\s+(\d+))?)?\s*$'
+    r'^(RW|RDONLY|NOACCESS)\s+([0-9]{1,20})\s+([A-Z]+)(?:\s+"([^"]*)"(?:\s+([0-9]{1,20}))?)?\s*$'
 )
 _KV_RE = re.compile(r'^([A-Za-z][\w.]*)\s*=\s*"?([^"]*)"?\s*$')
 
@@ -111,12 +113,26 @@ def parse_vmdk_descriptor(text: str, where: str = "descriptor") -> VmdkDescripto
     if not extents:
         raise InputError(f"{where}: VMDK descriptor lists no extents (truncated or corrupt)")
     parent_cid = keys.get("parentCID")
-    hint = keys.get("parentFileNameHint") or None
+    hint = qemu_parent_hint(text, where)
     return VmdkDescriptor(
         create_type=ctype, cid=keys.get("CID"),
         parent_cid=None if parent_cid in (None, "ffffffff") else parent_cid,
         parent_hint=hint, extents=tuple(extents), adapter_type=keys.get("ddb.adapterType"),
     )
+
+
+def qemu_parent_hint(text: str, where: str = "descriptor") -> str | None:
+    """The parent disk QEMU opens, read as QEMU reads it (``vmdk_parent_open``): the first
+    ``parentFileNameHint`` anywhere in the text (comments included), the two characters after
+    it skipped (``="``), up to the next double quote."""
+    at = text.find("parentFileNameHint")
+    if at < 0:
+        return None
+    start = at + len("parentFileNameHint") + 2
+    end = text.find('"', start)
+    if end < 0:
+        raise InputError(f"{where}: VMDK parentFileNameHint has no closing quote (corrupt descriptor)")
+    return text[start:end] or None
 
 
 def read_head(path: Path, n: int = 4096) -> bytes:
@@ -174,18 +190,58 @@ def _decode_prefix(sample: bytes) -> str | None:
     return None
 
 
+# Formats QEMU probes by magic that h2k does not read (block/*.c probe functions): such a file
+# must be refused, never taken for raw.
+FOREIGN_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"QED\x00", "qed"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+    (0, b"Bochs Virtual HD Image", "bochs"),
+    (0, b"#!/bin/sh\n#V2.0 Format\n", "cloop"),
+    (0x40, b"\x7f\x10\xda\xbe", "vdi"),
+)
+PROBE_BYTES = 2048  # what QEMU's probe reads (BLOCK_PROBE_BUF_SIZE)
+_VMDK_VERSION_LINES = tuple(f"version={v}{eol}".encode() for v in "123" for eol in ("\n", "\r\n"))
+
+
+def qemu_sees_vmdk_text(head: bytes) -> bool:
+    """QEMU's vmdk_probe for text: after comment lines and blank lines, a ``version=1|2|3`` line."""
+    p, end = 0, len(head)
+    while p < end:
+        if head[p:p + 1] == b"#":
+            nl = head.find(b"\n", p)
+            p = end if nl < 0 else nl + 1
+            continue
+        if head[p:p + 1] == b" ":
+            while p < end and head[p:p + 1] == b" ":
+                p += 1
+            if p < end and head[p:p + 1] == b"\r":
+                p += 1
+            if p == end or head[p:p + 1] != b"\n":
+                return False
+            p += 1
+            continue
+        return head[p:].startswith(_VMDK_VERSION_LINES)
+    return False
+
+
 def sniff(path: str | Path) -> str:
-    """What the first bytes say: qcow2, vmdk-sparse, vmdk-descriptor, vhdx, vhd, vhd-fixed, tar, xml, json, or raw."""
+    """What the first bytes say: qcow2, vmdk-sparse, vmdk-descriptor, vhdx, vhd, vhd-fixed, tar, xml, json,
+    ``foreign:<format>`` (a format QEMU knows and h2k does not read), or raw."""
     path = Path(path)
-    head = read_head(path)
+    head = read_head(path, PROBE_BYTES)
     if head[:4] == b"QFI\xfb":
         return "qcow2"
     if head[:4] == b"KDMV":
         return "vmdk-sparse"
     if head[:4] == b"COWD":
         return "vmdk-cowd"
-    if head.lstrip().startswith(b"# Disk DescriptorFile"):
+    if head.lstrip().startswith(b"# Disk DescriptorFile") or qemu_sees_vmdk_text(head):
         return "vmdk-descriptor"
+    for offset, magic, name in FOREIGN_MAGIC:
+        if head[offset:offset + len(magic)] == magic:
+            return f"foreign:{name}"
     if head[:8] == b"vhdxfile":
         return "vhdx"
     if head[:8] == b"conectix":
@@ -212,6 +268,8 @@ def embedded_descriptor(path: Path) -> str:
         raise InputError(f"{path}: sparse VMDK extent has no embedded descriptor (open its descriptor file instead)")
     if desc_size * SECTOR > MAX_DESCRIPTOR:
         raise InputError(f"{path}: embedded VMDK descriptor is implausibly large (corrupt header)")
+    if (desc_off + desc_size) * SECTOR > path.stat().st_size:
+        raise InputError(f"{path}: VMDK file is truncated (descriptor past its end)")
     with open(path, "rb") as f:
         f.seek(desc_off * SECTOR)
         data = f.read(desc_size * SECTOR)
@@ -235,8 +293,12 @@ def vmdk_descriptor(path: str | Path) -> VmdkDescriptor:
     raise InputError(f"{path}: not a VMDK file")
 
 
-def check_vmdk(path: str | Path) -> tuple[VmdkDescriptor, list[str]]:
-    """The descriptor and every file the disk reads; InputError for a missing or short extent."""
+def check_vmdk(path: str | Path, confine: Callable[[str], str] | None = None) -> tuple[VmdkDescriptor, list[str]]:
+    """The descriptor and every file the disk reads; InputError for a missing or short extent.
+
+    ``confine(name)`` (the front door's) returns an extent's real path or refuses it, before
+    anything of the extent is read.
+    """
     path = Path(path)
     desc = vmdk_descriptor(path)
     files = [str(path.resolve())]
@@ -248,7 +310,7 @@ def check_vmdk(path: str | Path) -> tuple[VmdkDescriptor, list[str]]:
             continue  # monolithic / streamOptimized: the extent is this file
         if os.path.isabs(ext.filename):
             raise InputError(f"{path}: extent {ext.filename!r} is an absolute path; keep extents next to the descriptor")
-        extent = (path.parent / ext.filename)
+        extent = Path(confine(ext.filename)) if confine else path.parent / ext.filename
         if not extent.is_file():
             raise InputError(f"{path}: missing extent file {ext.filename!r}")
         if ext.type in ("FLAT", "VMFS") and extent.stat().st_size < (ext.offset + ext.sectors) * SECTOR:
@@ -263,8 +325,34 @@ def check_vmdk(path: str | Path) -> tuple[VmdkDescriptor, list[str]]:
 # What a file name claims, to catch e.g. a broken ".vmdk" that would otherwise pass as a raw disk.
 CLAIMED = {".vmdk": "vmdk", ".vhd": "vpc", ".vhdx": "vhdx", ".avhdx": "vhdx", ".avhd": "vpc", ".qcow2": "qcow2"}
 
+# sniff() kind -> the qemu-img driver h2k pins; kinds not listed are refused (see refusal()).
+SNIFFED_FORMATS = {"qcow2": "qcow2", "vmdk-sparse": "vmdk", "vmdk-descriptor": "vmdk", "vhdx": "vhdx",
+                   "vhd": "vpc", "vhd-fixed": "vpc", "raw": "raw"}
 
-def _check_raw(path: Path) -> None:
+
+def refusal(path: Path, kind: str) -> str:
+    """The one-line reason a file of sniff() ``kind`` is not opened as a disk."""
+    if kind in ("tar", "xml", "json"):
+        return f"{path}: is {kind} metadata, not a disk image"
+    if kind == "vmdk-cowd":
+        return f"{path}: old ESX 'COWD' VMDK delta disks are not supported; consolidate the snapshot first"
+    if kind.startswith("foreign:"):
+        return (f"{path}: unknown or unsupported image format ({kind.split(':', 1)[1]}); "
+                "h2k reads qcow2, raw, VMDK, VHD and VHDX")
+    return f"{path}: unknown image format ({kind})"
+
+
+def vhd_subformat(path: Path) -> str:
+    """fixed or dynamic; InputError for a differencing VHD (qemu-img cannot read VHD parents)."""
+    footer = _vhd_footer_type(path)
+    if footer == 4 or read_head(path, 64)[60:64] == struct.pack(">I", 4):
+        raise InputError(f"{path}: differencing VHD (a Hyper-V checkpoint); qemu-img cannot read VHD "
+                         "parents: merge the checkpoint in Hyper-V (Edit Disk > Merge) first")
+    return "fixed" if read_head(path, 8) != b"conectix" else "dynamic"
+
+
+def check_raw(path: Path) -> None:
+    """A file with no known header is raw only if its name and size agree."""
     size = path.stat().st_size
     claimed = CLAIMED.get(path.suffix.lower())
     if claimed:
@@ -273,59 +361,3 @@ def _check_raw(path: Path) -> None:
         raise InputError(f"{path}: empty file, not a disk image")
     if size % SECTOR:
         raise InputError(f"{path}: unknown format (no known image header, and {size} bytes is not a whole number of sectors)")
-
-
-def qemu_info(path: str | Path, fmt: str | None = None, chain: bool = False) -> list[dict] | dict:
-    cmd = ["qemu-img", "info", "--output=json"]
-    if fmt:
-        cmd += ["-f", fmt]
-    if chain:
-        cmd.append("--backing-chain")
-    proc = subprocess.run(cmd + [str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        reason = (proc.stderr.strip().splitlines() or ["unreadable"])[-1]
-        reason = reason.removeprefix("qemu-img: ")
-        raise InputError(f"{path}: qemu-img cannot read it ({reason})")
-    return json.loads(proc.stdout)
-
-
-def probe(path: str | Path) -> DiskInfo:
-    """Identify a disk image file; InputError (one line) if it is not one qemu-img can read safely."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if not path.is_file():
-        raise InputError(f"{path}: not a regular file")
-    kind = sniff(path)
-    files = [str(path.resolve())]
-    sub = None
-    if kind in ("tar", "xml", "json"):
-        raise InputError(f"{path}: is {kind} metadata, not a disk image")
-    if kind == "vmdk-cowd":
-        raise InputError(f"{path}: old ESX 'COWD' VMDK delta disks are not supported; consolidate the snapshot first")
-    if kind.startswith("vmdk"):
-        desc, files = check_vmdk(path)
-        fmt, sub = "vmdk", desc.create_type
-    elif kind == "vhd-fixed":
-        fmt, sub = "vpc", "fixed"
-    elif kind == "vhd":
-        fmt = "vpc"
-        if _vhd_footer_type(path) == 4 or read_head(path, 64)[60:64] == struct.pack(">I", 4):
-            raise InputError(f"{path}: differencing VHD (a Hyper-V checkpoint); qemu-img cannot read VHD "
-                             "parents: merge the checkpoint in Hyper-V (Edit Disk > Merge) first")
-        sub = "dynamic"
-    elif kind == "raw":
-        _check_raw(path)
-        fmt = "raw"
-    else:
-        fmt = kind
-    info = qemu_info(path, fmt)
-    backing = info.get("full-backing-filename") or info.get("backing-filename")
-    if backing and not os.path.isabs(backing):
-        backing = str((path.parent / backing).resolve())
-    if fmt == "vhdx" and info.get("format-specific", {}).get("data", {}).get("parent"):
-        raise InputError(f"{path}: differencing VHDX (AVHDX); merge the checkpoint in Hyper-V first")
-    return DiskInfo(
-        path=str(path.resolve()), format=fmt, virtual_size=int(info["virtual-size"]),
-        actual_size=info.get("actual-size"), subformat=sub, backing=backing, files=files,
-    )

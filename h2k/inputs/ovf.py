@@ -20,12 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from h2k.errors import InputError, read_input_file
+from h2k.inputs.safexml import parse_untrusted
 from h2k.inputs.source import SourceController, SourceDisk, SourceMachine, SourceNic
 
 MAX_OVF = 8 << 20
 RT_CPU, RT_MEMORY, RT_IDE, RT_SCSI, RT_NIC, RT_DISK, RT_OTHER_STORAGE, RT_SATA = 3, 4, 5, 6, 10, 17, 20, 20
 BUS_RANK = {"scsi": 0, "sata": 1, "nvme": 2, "ide": 3}
 _UNITS = {"byte": 0, "kilobytes": 10, "megabytes": 20, "gigabytes": 30, "kb": 10, "mb": 20, "gb": 30}
+MAX_UNIT_SHIFT = 60  # "byte * 2^N": no unit is larger than an exbibyte
+MAX_DISK_BYTES = 1 << 63  # QEMU's own limit on a virtual disk
 
 
 @dataclass
@@ -74,12 +77,24 @@ def _units_shift(units: str | None, default: int) -> int:
     if not units:
         return default
     u = units.strip().lower().replace(" ", "")
-    m = re.fullmatch(r"byte(?:\*2\^(\d+))?", u)
+    m = re.fullmatch(r"byte(?:\*2\^([0-9]{1,3}))?", u)
     if m:
-        return int(m.group(1) or 0)
+        shift = int(m.group(1) or 0)
+        if shift > MAX_UNIT_SHIFT:
+            raise InputError(f"OVF: allocation units {units!r} are implausibly large")
+        return shift
     if u in _UNITS:
         return _UNITS[u]
     raise InputError(f"OVF: unknown allocation units {units!r}")
+
+
+def _number(text: str | None, what: str, where: str, digits: int = 20) -> int | None:
+    """A decimal count from the descriptor (ASCII digits, bounded length); None when absent or empty."""
+    if text is None or not text.strip():
+        return None
+    if not re.fullmatch(f"[0-9]{{1,{digits}}}", text.strip()):
+        raise InputError(f"{where}: {what} {text.strip()[:40]!r} is not a number")
+    return int(text)
 
 
 def safe_relative(name: str, where: str) -> str:
@@ -98,12 +113,7 @@ def safe_relative(name: str, where: str) -> str:
 
 def parse(text: str, where: str = "ovf") -> OvfPackage:
     """Parse OVF descriptor text into the machine and the disk files in boot order."""
-    if re.search(r"<!(DOCTYPE|ENTITY)", text[:65536], re.I):
-        raise InputError(f"{where}: refusing an OVF with a DOCTYPE or entity declarations")
-    try:
-        root = ET.fromstring(text)
-    except ET.ParseError as exc:
-        raise InputError(f"{where}: not well-formed OVF XML ({exc})") from None
+    root = parse_untrusted(text, where, "OVF XML")
     if _local(root.tag) != "Envelope":
         raise InputError(f"{where}: not an OVF descriptor (root element is {_local(root.tag)!r}, not Envelope)")
     files: dict[str, str] = {}
@@ -120,9 +130,12 @@ def parse(text: str, where: str = "ovf") -> OvfPackage:
             continue
         if ref not in files:
             raise InputError(f"{where}: disk {did!r} refers to unknown file {ref!r}")
-        cap = _attr(d, "capacity")
+        cap = _number(_attr(d, "capacity"), f"disk {did!r} capacity", where)
         shift = _units_shift(_attr(d, "capacityAllocationUnits"), 0)
-        disks[did] = OvfDisk(did, files[ref], int(cap) << shift if cap and cap.isdigit() else None)
+        size = cap << shift if cap is not None else None
+        if size is not None and size > MAX_DISK_BYTES:
+            raise InputError(f"{where}: disk {did!r} capacity of {cap} << {shift} bytes is implausibly large")
+        disks[did] = OvfDisk(did, files[ref], size)
     systems = _find_all(root, "VirtualSystem")
     if len(systems) != 1:
         raise InputError(f"{where}: expected one VirtualSystem, found {len(systems)} (multi-VM OVFs are not supported)")
@@ -141,11 +154,11 @@ def parse(text: str, where: str = "ovf") -> OvfPackage:
         rt = _child_text(item, "ResourceType")
         sub = (_child_text(item, "ResourceSubType") or "").lower()
         iid = _child_text(item, "InstanceID")
-        rt_n = int(rt) if rt and rt.isdigit() else -1
+        rt_n = int(rt) if rt and re.fullmatch(r"[0-9]{1,4}", rt) else -1
         if rt_n == RT_CPU:
-            cpus = int(_child_text(item, "VirtualQuantity") or 0) or None
+            cpus = _number(_child_text(item, "VirtualQuantity"), "CPU count", where, 6) or None
         elif rt_n == RT_MEMORY:
-            qty = int(_child_text(item, "VirtualQuantity") or 0)
+            qty = _number(_child_text(item, "VirtualQuantity"), "memory size", where) or 0
             shift = _units_shift(_child_text(item, "AllocationUnits"), 20)
             mem = (qty << shift) >> 20 or None
         elif rt_n in (RT_IDE, RT_SCSI, RT_OTHER_STORAGE) and iid:
@@ -176,7 +189,7 @@ def parse(text: str, where: str = "ovf") -> OvfPackage:
             if did not in disks:
                 raise InputError(f"{where}: disk item refers to unknown disk {host!r}")
             addr = _child_text(item, "AddressOnParent")
-            disk_items.append((_child_text(item, "Parent"), int(addr) if addr and addr.isdigit() else 0, order, did))
+            disk_items.append((_child_text(item, "Parent"), _number(addr, "AddressOnParent", where, 6) or 0, order, did))
 
     def rank(entry: tuple[str | None, int, int, str]) -> tuple:
         parent, addr, order, _ = entry

@@ -11,14 +11,24 @@ given is ever written; an OVA is extracted (safely) under ``workdir`` and
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from h2k.errors import InputError
 
+if TYPE_CHECKING:
+    from h2k.image import DiskImage
+
 FIRMWARES = ("bios", "uefi")
+# Every number a metadata file can give is bounded before anything uses it (QEMU 7.2's q35 takes
+# at most 1024 vCPUs; 16 TiB of memory is past any VM these tools convert).
+MAX_CPUS = 1024
+MAX_MEMORY_MIB = 16 << 20
+MAX_NICS = 64
+MAX_DISKS = 256
 
 
 @dataclass
@@ -56,6 +66,10 @@ class SourceMachine:
     def __post_init__(self) -> None:
         if self.firmware is not None and self.firmware not in FIRMWARES:
             raise InputError(f"{self.origin} metadata: firmware {self.firmware!r} is not bios or uefi")
+        for what, value, top in (("CPU count", self.cpus, MAX_CPUS), ("memory (MiB)", self.memory_mib, MAX_MEMORY_MIB),
+                                 ("NIC count", len(self.nics), MAX_NICS), ("disk count", len(self.disks), MAX_DISKS)):
+            if value is not None and not 0 <= value <= top:
+                raise InputError(f"{self.origin} metadata: {what} {value} is out of range (at most {top})")
 
     @property
     def macs(self) -> list[str]:
@@ -91,11 +105,17 @@ class ResolvedInput:
     disks: list[str]  # boot disk first
     machine: SourceMachine | None = None
     extracted: bool = False  # the disks live in a temporary directory (an OVA was unpacked)
+    images: list[DiskImage] = field(default_factory=list)  # the disks, opened by the front door
     _cleanup: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
     def disk(self) -> str:
         return self.disks[0]
+
+    @property
+    def image(self) -> DiskImage:
+        """The boot disk as the front door opened it (later stages take this, not the path)."""
+        return self.images[0]
 
     def metadata(self) -> dict[str, Any] | None:
         return self.machine.to_metadata() if self.machine else None
@@ -152,7 +172,8 @@ def load_machine(path: str | Path) -> SourceMachine:
 
 def resolve_input(path: str | Path, workdir: str | Path | None = None) -> ResolvedInput:
     """The disk(s) and the source machine for any supported input; InputError (one line) otherwise."""
-    from h2k.inputs import cloud, formats, ovf
+    from h2k.image import open_image
+    from h2k.inputs import cloud, ovf
 
     p = Path(path)
     if not p.exists():
@@ -172,7 +193,7 @@ def resolve_input(path: str | Path, workdir: str | Path | None = None) -> Resolv
         res.disks, res.machine = pkg.disks, pkg.machine
     elif kind == "disk":
         machine = cloud.sidecar_for(p)
-        res = ResolvedInput(given=str(p), disks=[str(p.resolve())], machine=machine)
+        res = ResolvedInput(given=str(p), disks=[str(p.absolute())], machine=machine)  # (the front door resolves it)
     else:
         machine = load_machine(p)
         if kind == "ovf":
@@ -182,13 +203,28 @@ def resolve_input(path: str | Path, workdir: str | Path | None = None) -> Resolv
         if not machine_disks:
             raise InputError(f"{p}: the metadata names no disk")
         res = ResolvedInput(given=str(p), disks=machine_disks, machine=machine)
-    for d in res.disks:
-        if not Path(d).exists():
-            res.cleanup()
-            raise InputError(f"{p}: disk {d} named by the metadata is missing")
     try:
-        formats.probe(res.disk)  # fail early with a clear line, before any appliance launch
-    except InputError:
+        for d in res.disks:
+            if not Path(d).exists():
+                raise InputError(f"{p}: disk {d} named by the metadata is missing")
+            if kind not in ("ova", "disk"):
+                _check_named_disk(p, kind, d)
+        # The front door, once per disk: before any appliance launch, and the format pinned from here on.
+        res.images = [open_image(d) for d in res.disks]
+    except BaseException:
         res.cleanup()
         raise
     return res
+
+
+def _check_named_disk(meta: Path, kind: str, disk: str) -> None:
+    """A disk named by metadata must live in the metadata's folder (symlinks followed); a Hyper-V
+    export's XML may also name its sibling ``Virtual Hard Disks`` folder."""
+    folder = os.path.realpath(meta.parent)
+    allowed = [folder]
+    if kind in ("hyperv", "xml"):
+        allowed.append(os.path.realpath(Path(folder).parent / "Virtual Hard Disks"))
+    real = os.path.realpath(disk)
+    if not any(os.path.commonpath([real, a]) == a for a in allowed):
+        raise InputError(f"{meta}: disk {disk!r} resolves to {real}, outside {folder}: refused "
+                         "(metadata may only name disks beside it)")

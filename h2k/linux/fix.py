@@ -286,12 +286,7 @@ def unpin_macs(sess: _Session, facts: LinuxFacts) -> None:
 
 
 def _initrd_modules(g, path: str, tmp: Path) -> dict[str, str]:
-    local = tmp / "initrd"
-    g.download(path, str(local))
-    try:
-        return initrdlib.modules(local.read_bytes())
-    finally:
-        local.unlink()
+    return initrdlib.modules(initrdlib.read_from_guest(g, path, tmp))
 
 
 def fix_initramfs(sess: _Session, facts: LinuxFacts, tmp: Path) -> None:
@@ -440,11 +435,11 @@ def fix_image(
     """Fix a Linux disk. Default: a qcow2 overlay ``<image>.h2k.qcow2`` over the untouched source;
     ``output``: a standalone copy; ``in_place``: the image itself."""
     t0 = time.monotonic()
-    image = Path(image)
     with overlay.fix_target(image, output, in_place) as target:
+        image = Path(target.source.given)  # as the user named it
         report = LinuxFixReport(image=str(image), output=str(target.final))
         progress = Progress(f"fix {image.name}", 6)
-        g, root = open_linux(target.work, readonly=False)
+        g, root = open_linux(target.disk, readonly=False)
         try:
             progress.step("launched; inspecting")
             with tempfile.TemporaryDirectory(prefix="h2k-linux-fix-") as tmp:

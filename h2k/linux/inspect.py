@@ -11,7 +11,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from h2k import accel, overlay
+from h2k import accel
+from h2k.image import DiskImage, as_image
 from h2k.errors import InputError
 from h2k.linux import initrd as initrdlib
 from h2k.linux.facts import Kernel, LinuxFacts, MountEntry, PinnedMac
@@ -29,18 +30,18 @@ def is_linux_guest(g) -> bool:
     return any(g.inspect_get_type(r) == "linux" for r in g.inspect_os())
 
 
-def open_linux(image: str | Path, *, readonly: bool):
+def open_linux(image: DiskImage | str | Path, *, readonly: bool):
     """Launch libguestfs on ``image``, find the Linux root and mount its file systems.
 
     Returns ``(g, root)``. Bad input (unreadable image, no OS, not Linux) -> InputError.
     """
     import guestfs
 
-    fmt = overlay.image_format(image)  # InputError for a missing/unreadable file
+    disk = as_image(image)  # the front door: InputError for a missing, unreadable or hostile image
     accel.apply_libguestfs_env()
     g = guestfs.GuestFS(python_return_dict=True)
     try:
-        g.add_drive_opts(str(image), format=fmt, readonly=readonly)
+        g.add_drive_opts(disk.path, format=disk.format, readonly=readonly)
         g.launch()
         roots = g.inspect_os()
         linux = [r for r in roots if g.inspect_get_type(r) == "linux"]
@@ -104,10 +105,7 @@ def _kernels(g, workdir: Path) -> list[Kernel]:
             rd = _first(g, ["/boot/initramfs-linux.img"])
         mods: list[str] = []
         if rd is not None:
-            local = workdir / f"initrd-{ver}"
-            g.download(rd, str(local))
-            mods = sorted(initrdlib.modules(local.read_bytes()))
-            local.unlink()
+            mods = sorted(initrdlib.modules(initrdlib.read_from_guest(g, rd, workdir)))
         builtin_txt = _read(g, f"{moddir}/{ver}/modules.builtin") or ""
         builtin = sorted(
             m for m in VIRTIO_MODULES if re.search(rf"/{m.replace('_', '[_-]')}\.ko\b", builtin_txt)

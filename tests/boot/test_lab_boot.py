@@ -16,13 +16,16 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pwd
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from lab import tinyguest
+from lab import confine, tinyguest
 from lab.boot import boot, boot_two_phase
+from lab.qemu_cmd import qemu_opt
 from lab.verdict import BootResult, Expect
 from tinyguest_checks import counter_line, printed_counts
 
@@ -85,11 +88,20 @@ def _run_case(case_id: str, outroot: Path):
                 shutdown_on_pass=case_id in SHUTDOWN_ON_PASS)
 
 
+# Paths with commas that would add options if QEMU's key=value syntax saw them raw: the two-phase
+# boot's folder (its NVRAM, logs and screendumps) and the driver ISO its bootstrap phase attaches.
+TWO_PHASE_DIR = "two-phase,readonly=on"
+DRIVER_ISO = "drivers,media=disk,format=qcow2.iso"
+
+
 def _run_two_phase_then_plain(outroot: Path):
     image = tinyguest.disk_image("pass")
-    first = tinyguest.disk_profile("uefi", disk_bus="sata", nic_model="e1000e", stage="bootstrap")
+    iso = outroot / DRIVER_ISO
+    subprocess.run(["xorriso", "-report_about", "SORRY", "-outdev", str(iso), "-volid", "VIRTIO_WIN",
+                    "-map", str(Path(__file__)), "/readme.txt"], check=True, capture_output=True)
+    first = tinyguest.disk_profile("uefi", disk_bus="sata", nic_model="e1000e", stage="bootstrap", cdroms=[str(iso)])
     final = tinyguest.disk_profile("uefi", disk_bus="virtio-blk", nic_model="virtio-net")
-    two = boot_two_phase(image, first, final, timeout=LONG, outdir=outroot / "two-phase", expect=NET)
+    two = boot_two_phase(image, first, final, timeout=LONG, outdir=outroot / TWO_PHASE_DIR, expect=NET)
     return two, _run_case(AFTER_TWO_PHASE, outroot)
 
 
@@ -263,11 +275,16 @@ def test_two_phase_keeps_one_nvram(results, tmp_path):
     assert "shut down cleanly (guest agent guest-shutdown, SHUTDOWN reason guest-shutdown)" in boot_phase["reason"]
     assert boot_phase["profile"]["disk_bus"] == "sata" and final_phase["profile"]["disk_bus"] == "virtio-blk"
     vars_file = Path(r.artifacts["OVMF_VARS.fd"])
-    assert vars_file.exists()
-    # Both phases ran with the same NVRAM file.
+    assert vars_file.exists() and vars_file.parent.name == TWO_PHASE_DIR
+    # Both phases ran with the same NVRAM file (handed to QEMU as an fd set named after it), and the
+    # comma in its folder's name neither broke QEMU's options nor added one.
     for phase in ("bootstrap", "final"):
         qlog = Path(r.artifacts[f"{phase}/qemu.log"]).read_text()
-        assert f"unit=1,file={vars_file}" in qlog
+        assert f"opaque={qemu_opt(vars_file)} " in qlog
+        assert Path(r.artifacts[f"{phase}/screen.png"]).read_bytes()[:4] == b"\x89PNG"
+    boot_log = Path(r.artifacts["bootstrap/qemu.log"]).read_text()
+    assert f"opaque={qemu_opt(vars_file.parent.parent / DRIVER_ISO)} " in boot_log  # the ISO was attached, as itself
+    assert '"driver":"raw","node-name":"cd0","read-only":true' in boot_log
     # ... and the same disk: the final phase counts the boot the bootstrap phase wrote on it.
     counts = {phase: printed_counts(r.artifacts[f"{phase}/serial.log"]) for phase in ("bootstrap", "final")}
     assert counts == {"bootstrap": {"1"}, "final": {"2"}}, counts
@@ -277,6 +294,21 @@ def test_two_phase_keeps_one_nvram(results, tmp_path):
     after = results[AFTER_TWO_PHASE]
     assert after.verdict == "passed", after.reason
     assert printed_counts(after.artifacts["serial.log"]) == {"1"}
+
+
+def test_qemu_runs_unprivileged_in_its_sandbox(results):
+    # /proc/PID/status of every boot's QEMU, read by the lab once QMP answered (QEMU's set-up done).
+    user = pwd.getpwnam(confine.DEFAULT_USER) if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+    runs = {cid: r for cid, r in results.items() if cid != "_images"}
+    for cid, r in runs.items():
+        paths = [v for k, v in r.artifacts.items() if k.endswith("process.json")]
+        assert paths, cid
+        for path in paths:
+            st = json.loads(Path(path).read_text())
+            assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1", (cid, st)  # seccomp filter mode
+            assert st["Uid"].split() == [str(user.pw_uid)] * 4 and st["Gid"].split()[0] == str(user.pw_gid), (cid, st)
+            if os.geteuid() == 0:
+                assert int(st["CapEff"], 16) == 0 and st["user"] == confine.DEFAULT_USER, (cid, st)
 
 
 def test_clean_shutdown_through_acpi(results):

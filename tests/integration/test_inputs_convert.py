@@ -236,7 +236,7 @@ def test_bad_inputs(base_raw: Path, tmp_path: Path, case: str) -> None:
     else:
         src = tmp_path / "child.qcow2"
         run("qemu-img", "create", "-f", "qcow2", "-b", str(tmp_path / "gone.qcow2"), "-F", "qcow2", "-u", str(src), "1G")
-        needle = "parent disk"
+        needle = "missing backing file"
     r = h2k("convert", str(src), "-o", str(out_dir / "x.qcow2"), "--flatten")
     _one_line_error(r, 3, needle)
     assert os.listdir(out_dir) == []

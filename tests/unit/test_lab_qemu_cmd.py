@@ -6,16 +6,27 @@ from pathlib import Path
 
 import pytest
 
+import json
+
 from h2k.accel import AccelDecision
+from h2k.image import DiskImage
+from h2k.inputs.formats import DiskInfo
 from h2k.profile import MachineProfile
-from lab import firmware, qemu_cmd
+from lab import confine, firmware, qemu_cmd
 
 TCG = AccelDecision("tcg", "test", "env")
 KVM = AccelDecision("kvm", "test", "env")
 FDS = qemu_cmd.SocketFds(qmp=10, console=11, debugcon=12, agent=13)
 
 
-def argv(profile, disk=Path("/tmp/d.qcow2"), accel=TCG, **kw):
+def layer(path, fmt, backing=None, files=None):
+    return DiskInfo(path=path, format=fmt, virtual_size=1 << 30, backing=backing, files=files or [path])
+
+
+DISK = DiskImage("/tmp/d.qcow2", (layer("/tmp/d.qcow2", "qcow2"),))
+
+
+def argv(profile, disk=DISK, accel=TCG, **kw):
     return qemu_cmd.build(profile, accel=accel, name="h2k-test", fds=FDS, serial_log=Path("/o/serial.log"),
                           firmware_log=Path("/o/firmware.log"), disk=disk, **kw).argv
 
@@ -101,8 +112,10 @@ def test_uefi_vars_copy_and_no_network_boot(tmp_path):
     vars_path = firmware.prepare_vars(fw, tmp_path)
     assert vars_path.read_bytes() == fw.vars_template.read_bytes() and vars_path.parent == tmp_path
     a = argv(MachineProfile("w", firmware="uefi"), fw=fw, vars_path=vars_path)
-    assert f"if=pflash,format=raw,unit=0,readonly=on,file={fw.code}" in a
-    assert f"if=pflash,format=raw,unit=1,file={vars_path}" in a
+    code, nvram = (json.loads(b) for b in opt_values(a, "-blockdev")[:2])
+    assert code["node-name"] == "fw-code" and code["read-only"] and code["file"]["filename"] == str(fw.code)
+    assert nvram["node-name"] == "fw-vars" and not nvram["read-only"] and nvram["file"]["filename"] == str(vars_path)
+    assert opt_values(a, "-machine") == ["q35,pflash0=fw-code,pflash1=fw-vars"]
     assert "name=opt/org.tianocore/IPv4PXESupport,string=n" in a
     # A kept VARS file is reused as is (two-phase boots keep one NVRAM).
     vars_path.write_bytes(b"changed")
@@ -113,7 +126,7 @@ def test_secure_boot_uses_smm_and_enrolled_vars(tmp_path):
     fw = firmware.find("uefi-secureboot")
     assert "secboot" in fw.code.name and ".ms." in fw.vars_template.name
     a = argv(MachineProfile("w", firmware="uefi-secureboot"), fw=fw, vars_path=tmp_path / "v.fd")
-    assert opt_values(a, "-machine") == ["q35,smm=on"]
+    assert opt_values(a, "-machine") == ["q35,smm=on,pflash0=fw-code,pflash1=fw-vars"]
     assert "driver=cfi.pflash01,property=secure,value=on" in a
 
 
@@ -121,4 +134,61 @@ def test_direct_kernel_and_no_disk():
     p = MachineProfile("k", kernel="/boot/vmlinuz", initrd="/i.cpio.gz", append="console=ttyS0")
     a = argv(p, disk=None)
     assert opt_values(a, "-kernel") == ["/boot/vmlinuz"] and opt_values(a, "-append") == ["console=ttyS0"]
-    assert not any(x.startswith("if=none,id=disk0") for x in a)
+    assert "-blockdev" not in a
+
+
+def test_sandboxed_always():
+    a = argv(MachineProfile("w"))
+    assert opt_values(a, "-sandbox") == ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    assert confine.SANDBOX == opt_values(a, "-sandbox")[0]
+
+
+def test_the_disk_chain_is_pinned_layer_by_layer():
+    # overlay (h2k's, writable) -> fixed qcow2 -> a raw base: every format given, nothing left to QEMU.
+    chain = DiskImage("/w/o.qcow2", (layer("/w/o.qcow2", "qcow2", "/i/f.qcow2"), layer("/i/f.qcow2", "qcow2", "/i/b.raw"),
+                                     layer("/i/b.raw", "raw")))
+    a = argv(MachineProfile("w"), disk=chain)
+    tree = json.loads(opt_values(a, "-blockdev")[0])
+    assert tree["node-name"] == "disk0" and tree["driver"] == "qcow2" and tree["read-only"] is False
+    assert tree["file"] == {"driver": "file", "filename": "/w/o.qcow2", "read-only": False, "cache": {"no-flush": True},
+                            "discard": "unmap"}
+    mid = tree["backing"]
+    assert mid["driver"] == "qcow2" and mid["read-only"] is True and mid["file"]["filename"] == "/i/f.qcow2"
+    base = mid["backing"]
+    assert base["driver"] == "raw" and base["read-only"] is True and "backing" not in base
+    qcow_base = DiskImage("/b.qcow2", (layer("/b.qcow2", "qcow2"),))
+    assert json.loads(opt_values(argv(MachineProfile("w"), disk=qcow_base), "-blockdev")[0])["backing"] is None
+
+
+def test_paths_with_commas_cannot_add_options():
+    evil = "/isos/virtio,media=disk,file.locking=off.iso"
+    p = MachineProfile("w", machine_type="pc", disk_bus="sata", cdroms=[evil])
+    a = argv(p, disk=DiskImage("/d,x.qcow2", (layer("/d,x.qcow2", "qcow2"),)))
+    disk, cd = (json.loads(b) for b in opt_values(a, "-blockdev"))
+    assert disk["file"]["filename"] == "/d,x.qcow2" and cd["file"]["filename"] == evil and cd["read-only"] is True
+    logs = qemu_cmd.build(MachineProfile("w"), accel=TCG, name="n", fds=FDS, serial_log=Path("/o,a/serial.log"),
+                          firmware_log=Path("/o,a/fw.log,x=y"), disk=None).argv
+    assert any("logfile=/o,,a/serial.log,logappend=on" in x for x in logs)
+    assert any("logfile=/o,,a/fw.log,,x=y,logappend=on" in x for x in logs)
+    fw = firmware.find("uefi")
+    pf = firmware.qemu_args(fw, Path("/v,readonly=on/VARS.fd"))
+    assert json.loads(pf[3])["file"]["filename"] == "/v,readonly=on/VARS.fd"
+
+
+def test_files_decide_what_qemu_opens():
+    seen = []
+
+    def files(path, mode):
+        seen.append((path, mode))
+        return f"/dev/fdset/{len(seen)}"
+
+    chain = DiskImage("/w/o.qcow2", (layer("/w/o.qcow2", "qcow2", "/i/b.vmdk"),
+                                     layer("/i/b.vmdk", "vmdk", files=["/i/b.vmdk", "/i/b-s001.vmdk"])))
+    a = qemu_cmd.build(MachineProfile("w", cdroms=["/c.iso"]), accel=TCG, name="n", fds=FDS,
+                       serial_log=Path("/o/s.log"), firmware_log=Path("/o/f.log"), disk=chain, files=files).argv
+    tree = json.loads(opt_values(a, "-blockdev")[0])
+    assert tree["file"]["filename"] == "/dev/fdset/3"
+    # a multi-file VMDK finds its extents next to its descriptor: passed by path
+    assert tree["backing"]["file"]["filename"] == "/i/b.vmdk"
+    assert ("/w/o.qcow2", "rw") in seen and ("/c.iso", "r") in seen and ("/o/s.log", "a") in seen
+    assert ("/i/b.vmdk", "r") not in seen
