@@ -116,7 +116,7 @@ def test_two_phase_interrupted_between_phases_leaves_no_phase_overlay(tmp_path, 
         info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", str(phase_disk.path)],
                                          capture_output=True, text=True, check=True).stdout)
         assert info["format"] == "qcow2" and Path(info["backing-filename"]) == image.resolve()
-        disks.append(phase_disk.path)
+        disks.append(Path(phase_disk.path))
         if profile.stage == "bootstrap":
             return BootResult("passed", "stand-in bootstrap phase", profile=profile.to_dict())
         raise KeyboardInterrupt  # Ctrl-C (or SIGTERM, through interrupt_guard) in the final phase
