@@ -156,7 +156,8 @@ def _two_phases(phase: Callable[[str, MachineProfile, Expect | None, bool], Boot
     phases.append({"phase": "final", **second.to_dict()})
     result = replace(second, reason=f"final phase: {second.reason}", phases=phases,
                      seconds=round(time.monotonic() - t0, 3),
-                     known_issues=first.known_issues + second.known_issues)
+                     known_issues=first.known_issues + second.known_issues,
+                     reboots=first.reboots + second.reboots)
     if result.verdict == "passed" and first.verdict == "softfailed":
         result.verdict = "softfailed"
     result.artifacts = {**{f"final/{k}": v for k, v in second.artifacts.items()},

@@ -384,3 +384,15 @@ def test_resets_the_host_made_itself_are_counted_once_per_reboot():
     assert all(s.handle(sig) is None for sig in sigs[:-1])  # the last is the lab's destroy
     assert (len(s.reboots), s.firmware_resets, s.boot) == (1, 6, 1)
     assert s.handle(reset(10.0, "host-qmp-system-reset", "RESET")) is None  # not the guest's
+
+
+def test_a_two_phase_result_counts_the_reboots_of_both_phases(tmp_path):
+    from lab.boot import _two_phases
+
+    def phase(name, profile, expect, shutdown):
+        reboots = {"bootstrap": 2, "final": 1}[name]
+        return BootResult("passed", f"after {reboots} guest reboots: agent up", reboots=reboots)
+
+    r = _two_phases(phase, None, None, outdir=tmp_path, expect=None, final_expect=None, vars_file=None,
+                    t0=time.monotonic())
+    assert r.reboots == 3 and [p["reboots"] for p in r.phases] == [2, 1]
