@@ -119,19 +119,20 @@ DEFAULT_SUCCESS: dict[str, tuple[tuple[str, ...], ...]] = {
 # has run; the agent answers only after the installer has put it there.
 WINDOWS_FIRST_BOOT_SUCCESS: tuple[tuple[str, ...], ...] = (("agent",),)
 
-# Guest-initiated resets allowed before success, per OS family (docs/lab.md "Reboots"): one more is
-# a reboot loop. A stock Linux guest that resets before its login prompt is broken. A generalized
-# (sysprepped) Windows restarts once between its specialize pass and OOBE, once more when a driver
-# installation asks for it (pnputil's 3010, or PnP swapping in the boot disk's driver), and once
-# more when a guest-agent installer restarts the machine (virt-v2v runs qemu-ga's MSI with
-# /forcerestart). The lab's and the test bed's guests never reset on their own.
+# Guest-initiated resets allowed before success, per OS family (docs/lab.md, "Guest reboots
+# before success"); one more is a reboot loop. A stock Linux guest that resets before its login
+# prompt is broken. A generalized (sysprepped) Windows restarts once between its specialize pass
+# and OOBE, once more when a driver installation asks for it (pnputil's 3010, or PnP swapping in
+# the boot disk's driver), and once more when a guest-agent installer restarts the machine
+# (virt-v2v runs qemu-ga's MSI with /forcerestart). The lab's and the test bed's guests never
+# reset on their own.
 DEFAULT_MAX_REBOOTS: dict[str, int] = {"linux": 0, "windows": 3, "testbed": 0}
 MAX_REBOOTS_LIMIT = 100  # a sanity bound on what a user may allow, not a default
 
 
 def check_max_reboots(value: Any, what: str = "max-reboots") -> int:
     """A count of allowed guest reboots (an int, or its decimal text); InputError names the problem."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,4}", value.strip()):
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REBOOTS_LIMIT:
         raise InputError(f"{what}: {value!r} is not a whole number from 0 to {MAX_REBOOTS_LIMIT}")

@@ -291,7 +291,7 @@ def test_reboot_allowance_per_os_family_and_bad_values():
     assert Expect.for_os("linux", max_reboots=2).max_reboots == 2
     assert Expect.from_dict(Expect.for_os("windows").to_dict()).max_reboots == 3
     assert check_max_reboots("4") == 4
-    for bad in (-1, 101, 1.5, True, "two", "", None):
+    for bad in (-1, 101, 1.5, True, "two", "", "\u00b2", "99999999999", None):
         with pytest.raises(InputError, match="not a whole number from 0 to 100"):
             Expect(max_reboots=bad)
 
