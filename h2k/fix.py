@@ -13,8 +13,11 @@
    :mod:`h2k.registry` (each hive backed up inside the guest before its first
    change, uploaded, and checked by SHA-256 after upload), then the BCD (check,
    repair only what is clearly broken, EMS on request);
-5. writes the journal into the guest (``/hyper2kvm/journal/<run>.json``) and
-   next to the output.
+5. journals all of it in the guest (``/hyper2kvm/journal/<run>.json``) as it
+   goes: the journal is written and synced before the first change, each step is
+   recorded before it is made (:mod:`h2k.journal`), so ``h2k rollback`` can undo
+   a run killed at any point; in place, the journal is mirrored next to the
+   image while the run goes on, otherwise it is written next to the result.
 
 A run that finds everything already in place changes nothing and says so.
 """
@@ -25,6 +28,7 @@ import hashlib
 import io
 import logging
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -38,7 +42,10 @@ from h2k.changes import REG_DWORD, FileCopy, FileWrite, Plan, RegDeleteKey, RegV
 from h2k.errors import H2KError, InputError
 from h2k.facts import WindowsFacts
 from h2k.inspect import Inspection, blocker_error, guest_path, inspect_handle, open_guest
-from h2k.journal import GUEST_JOURNAL_DIR, FileRecord, HiveRecord, Journal, host_journal_path
+from h2k.journal import (
+    COMPLETE, DONE, GUEST_JOURNAL_DIR, INTENT, RUNNING, FileRecord, GuestJournal, HiveRecord, Journal, RegChange,
+    host_journal_path,
+)
 from h2k.progress import Progress
 
 log = logging.getLogger("h2k.fix")
@@ -101,45 +108,81 @@ def _sha(data: bytes) -> str:
 
 
 class _Session:
-    """The state of one fix inside the launched appliance (volumes mounted side by side)."""
+    """The state of one fix inside the launched appliance (volumes mounted side by side).
 
-    def __init__(self, g, insp: Inspection, journal: Journal, tmp: Path) -> None:
+    Every change goes through this class, journalled before it is made (see
+    :mod:`h2k.journal`): the journal is started (written and synced in the guest)
+    before the first change, each record is saved in state ``intent`` before its
+    change, and backups are synced before the file they keep is overwritten.
+    """
+
+    def __init__(self, g, insp: Inspection, journal: Journal, tmp: Path, host_journal: Path | None = None) -> None:
         self.g = g
         self.insp = insp
         self.facts = insp.facts
         self.mounts = insp.mounts
         self.journal = journal
         self.tmp = tmp
+        self.host_journal = host_journal  # in place: the mirror next to the image, updated with the guest's
+        self.log: GuestJournal | None = None  # started before the first change
         self.dirs: dict[tuple[str, str], str] = {}  # (device, lower-case path) -> real path
         self.made: set[str] = set()  # real paths of the directories this run created (known empty)
 
+    # ---------------------------------------------------------- the journal
+
+    @property
+    def started(self) -> bool:
+        return self.log is not None
+
+    def persist(self) -> None:
+        """Make the journal as it is now durable in the guest (starting it before the first change)."""
+        if self.log is None:
+            self.journal.state = RUNNING
+            jdir = self._mkdirs(self.facts.root, GUEST_JOURNAL_DIR, journalled=False)
+            self.log = GuestJournal(self.g, self.journal, f"{jdir}/{self.journal.run_id}.json", self.host_journal)
+        self.log.save()
+
     def mkdirs(self, device: str, path: str) -> str:
-        """mkdir -p (case-insensitive, cached) recording the directories it creates; returns the real path."""
-        key = (device, path.lower().rstrip("/") or "/")
-        if key in self.dirs:
-            return self.dirs[key]
+        """mkdir -p (case-insensitive, cached) journalling the directories before it creates them; the real path."""
+        return self._mkdirs(device, path, journalled=True)
+
+    def _mkdirs(self, device: str, path: str, *, journalled: bool) -> str:
         g, m = self.g, self.mounts
-        stripped = path.rstrip("/")
-        if not stripped:
-            real = m.p(device, "/").rstrip("/")
-        else:
-            parent, name = stripped.rsplit("/", 1)
-            rparent = self.mkdirs(device, parent or "/")
-            real = guest_path(g, f"{rparent}/{name}")
-            if real is None:
-                real = f"{rparent}/{name}"
-                g.mkdir(real)
-                self.made.add(real)
-                self.journal.created_dirs.append([device, m.rel(device, real)])
-        self.dirs[key] = real
+        parts = [p for p in path.split("/") if p]
+        real = m.p(device, "/").rstrip("/")
+        new: list[tuple[tuple[str, str], str]] = []
+        for i, part in enumerate(parts):
+            key = (device, "/" + "/".join(parts[: i + 1]).lower())
+            if not new and key in self.dirs:
+                real = self.dirs[key]
+                continue
+            found = None if new else guest_path(g, f"{real}/{part}")
+            real = found or f"{real}/{part}"
+            if found:
+                self.dirs[key] = real
+            else:
+                new.append((key, real))
+        if new:
+            self.journal.created_dirs += [[device, m.rel(device, r)] for _, r in new]
+            if journalled:
+                self.persist()  # recorded before they exist: rollback removes them if they are empty
+            for key, r in new:
+                g.mkdir(r)
+                self.made.add(r)
+                self.dirs[key] = r
         return real
+
+    def backup_path(self, rel: str) -> str:
+        """Where a file about to be replaced is kept (relative to its volume)."""
+        return f"{GUEST_BACKUP_DIR}/{self.journal.run_id}{rel}"
 
     def backup_file(self, device: str, rel: str) -> str:
         """Keep a copy of a file about to be replaced (download + upload: no helper process)."""
-        dest_dir = self.mkdirs(device, f"{GUEST_BACKUP_DIR}/{self.journal.run_id}{rel.rsplit('/', 1)[0]}")
+        dest_rel = self.backup_path(rel)
+        dest_dir = self.mkdirs(device, dest_rel.rsplit("/", 1)[0])
         local = self.tmp / "backup.bin"
         self.g.download(self.mounts.p(device, rel), str(local))
-        dest = f"{dest_dir}/{rel.rsplit('/', 1)[1]}"
+        dest = f"{dest_dir}/{dest_rel.rsplit('/', 1)[1]}"
         self.g.upload(str(local), dest)
         return self.mounts.rel(device, dest)
 
@@ -151,56 +194,63 @@ class _Session:
         Per folder: the (cached) mkdir -p, one ``ls`` to find existing names
         (case-insensitively, as NTFS), one ``tar_in``. Per file: a read of an
         existing file to compare (identical: skipped, for idempotence; different:
-        backed up first) and one read-back after the write. Every written file
-        is journalled with its hashes, as before.
+        backed up first) and one read-back after the write. The folder's files are
+        journalled (state intent, with their hashes) before any of them is written.
         """
         g, root, m = self.g, self.facts.root, self.mounts
         rparent = self.mkdirs(root, parent or "/")
         existing = {} if rparent in self.made else {n.lower(): n for n in g.ls(rparent)}
-        todo: dict[str, tuple[str, bytes, str | None, str | None]] = {}  # lower name -> (name, data, before, backup)
+        todo: dict[str, tuple[str, bytes, str | None]] = {}  # lower name -> (name, data, sha before)
         for change in changes:
             content = _content(change)
             name = change.dest.rstrip("/").rsplit("/", 1)[1]
             real_name = existing.get(name.lower(), name)
             real = f"{rparent}/{real_name}"
-            before = backup = None
+            before = None
             if name.lower() in existing and g.is_file(real):
                 before = guest_sha256(g, real, self.tmp)
                 if before == _sha(content):
                     todo.pop(name.lower(), None)
                     continue  # already there: idempotence
-                backup = self.backup_file(root, m.rel(root, real))
-            todo[name.lower()] = (real_name, content, before, backup)
+            todo[name.lower()] = (real_name, content, before)
         if not todo:
             return []
+        records = []
+        for real_name, content, before in todo.values():
+            rel = m.rel(root, f"{rparent}/{real_name}")
+            records.append(FileRecord(device=root, path=rel, sha256_after=_sha(content), sha256_before=before,
+                                      backup_path=self.backup_path(rel) if before else None, state=INTENT))
+        self.journal.files += records
+        self.persist()
+        if any(rec.backup_path for rec in records):
+            for rec in records:
+                if rec.backup_path:
+                    self.backup_file(root, rec.path)
+            g.sync()  # the copies are on disk before the files they keep are overwritten
         tar_path = self.tmp / "folder.tar"
         now = int(time.time())
         with tarfile.open(tar_path, "w") as tar:
-            for real_name, content, _, _ in todo.values():
+            for real_name, content, _ in todo.values():
                 info = tarfile.TarInfo(real_name)
                 info.size, info.mode, info.mtime = len(content), 0o644, now
                 tar.addfile(info, io.BytesIO(content))
         g.tar_in(str(tar_path), rparent)
         tar_path.unlink()
-        written = []
-        for real_name, content, before, backup in todo.values():
-            real = f"{rparent}/{real_name}"
-            rel = m.rel(root, real)
-            want = _sha(content)
-            after = guest_sha256(g, real, self.tmp, size=len(content))
-            if after != want:
-                raise H2KError(f"read-back mismatch for {rel}: wrote {want[:12]}, read {after[:12]}")
-            self.journal.files.append(FileRecord(device=root, path=rel, sha256_after=after, sha256_before=before,
-                                                 backup_path=backup))
-            written.append(rel)
-        return written
+        for rec, (_, content, _) in zip(records, todo.values()):
+            after = guest_sha256(g, m.p(root, rec.path), self.tmp, size=len(content))
+            if after != rec.sha256_after:
+                raise H2KError(f"read-back mismatch for {rec.path}: wrote {rec.sha256_after[:12]}, read {after[:12]}")
+            rec.state = DONE  # saved with the next step (whose save syncs these writes first)
+        return [rec.path for rec in records]
 
     # ---------------------------------------------------------- hives
 
     def commit_hive(self, name: str, device: str, rel: str, local: Path, original: Path,
-                    replayed: list[str] | None = None) -> None:
+                    replayed: list[str] | None = None, changes: list[RegChange] | None = None) -> None:
         """Back up the guest's hive (the untouched download), upload the edit, check both by SHA-256.
 
+        The record (and ``changes``, the per-value records) is journalled before the
+        backup is made; the backup is synced before the hive is overwritten.
         ``replayed``: the hive was dirty and ``local`` has its transaction logs applied; the
         upload makes it clean (equal sequence numbers), so Windows ignores the old log entries.
         """
@@ -210,17 +260,20 @@ class _Session:
         if guest_sha256(g, real, self.tmp) != original_sha:
             raise H2KError(f"{name} hive changed in the guest while it was being edited: {rel}")
         backup = f"{rel}.h2k-backup-{self.journal.run_id}"
+        record = HiveRecord(name=name, device=device, path=rel, backup_path=backup, sha256_before=original_sha,
+                            sha256_after=overlay.sha256_file(local), replayed_logs=list(replayed or []),
+                            state=INTENT)
+        self.journal.hives.append(record)
+        self.journal.registry += changes or []
+        self.persist()
         g.upload(str(original), m.p(device, backup))
         if guest_sha256(g, m.p(device, backup), self.tmp) != original_sha:
             raise H2KError(f"backup of {rel} does not match the original")
+        g.sync()  # the backup is on disk before the hive is overwritten
         g.upload(str(local), real)
-        after = overlay.sha256_file(local)
-        if guest_sha256(g, real, self.tmp) != after:
+        if guest_sha256(g, real, self.tmp) != record.sha256_after:
             raise H2KError(f"read-back mismatch after uploading {rel}")
-        self.journal.hives.append(
-            HiveRecord(name=name, device=device, path=rel, backup_path=backup, sha256_before=original_sha, sha256_after=after,
-                       replayed_logs=list(replayed or []))
-        )
+        record.state = DONE
 
 
 def _content(change: FileCopy | FileWrite) -> bytes:
@@ -260,16 +313,21 @@ def fix_image(
     t0 = time.monotonic()
     image = Path(image)
     with overlay.fix_target(image, output, in_place) as target:
-        report = _fix_on(target.work, image, target.final, plan, ems=ems, metadata=metadata, in_place=in_place)
+        report, journal = _fix_on(target.work, image, target.final, plan, ems=ems, metadata=metadata,
+                                  in_place=in_place)
+    if journal is not None and not in_place:  # the result exists now: its journal goes beside it
+        report.journal = str(journal.save(host_journal_path(target.final, journal.run_id)))
     if report.journal is not None:
         Journal.from_json(Path(report.journal).read_text())  # it parses
     report.seconds = time.monotonic() - t0
     return report
 
 
-def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool, metadata, in_place: bool) -> FixReport:
+def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool, metadata,
+            in_place: bool) -> tuple[FixReport, Journal | None]:
     progress = Progress(f"fix {image.name}", 6)
     g = open_guest(work, readonly=False)
+    sess: _Session | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="h2k-fix-") as tmpdir:
             tmp = Path(tmpdir)
@@ -290,7 +348,9 @@ def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool
             the_plan = plan(facts) if callable(plan) else plan
             changes = list(the_plan.changes) + [c for c in ENGINE_CHANGES if not _planned(the_plan, c)]
             journal = Journal(run_id=Journal.new_run_id(), image=str(final), control_set=facts.current_control_set)
-            sess = _Session(g, insp, journal, tmp)
+            # In place, the journal is mirrored next to the image while the run goes on; otherwise the
+            # result does not exist yet and its host copy is written once it does.
+            sess = _Session(g, insp, journal, tmp, host_journal_path(final, journal.run_id) if in_place else None)
             report = FixReport(
                 image=str(image), output=str(final), in_place=in_place, run_id=journal.run_id,
                 facts=facts.to_dict(), nothing_to_do=False, ems=ems,
@@ -314,8 +374,8 @@ def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool
                 res = registry.apply_changes(local, name, [c for c in changes if isinstance(c, (RegValue, RegDeleteKey))])
                 if res.changed or replayed:
                     sess.commit_hive(name, facts.root, insp.hive_paths[name], local, original,
-                                     replayed=[r for r in facts.replayed_hives if r.startswith(name + ":")])
-                    journal.registry += res.changes
+                                     replayed=[r for r in facts.replayed_hives if r.startswith(name + ":")],
+                                     changes=res.changes)
                     report.hives_changed.append(name)
 
             progress.step("BCD")
@@ -323,20 +383,25 @@ def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool
 
             report.registry_changes = len(journal.registry)
             progress.step("journal")
-            if journal.empty:
+            if not sess.started:
                 report.nothing_to_do = True
             else:
-                jdir = sess.mkdirs(facts.root, GUEST_JOURNAL_DIR)
-                # the journal file itself is not a journalled change; rollback removes it
-                g.write(f"{jdir}/{journal.run_id}.json", journal.to_json().encode())
+                journal.state = COMPLETE
+                sess.persist()  # syncs the last step's writes before saying so
                 report.guest_journal = f"{GUEST_JOURNAL_DIR}/{journal.run_id}.json"
-                report.journal = str(journal.save(host_journal_path(final, journal.run_id)))
+                report.journal = str(sess.host_journal) if sess.host_journal else None
             insp.mounts.umount_all()  # ntfs-3g writes back on unmount
             g.shutdown()
             progress.step("done")
+    except BaseException as exc:
+        if in_place and sess is not None and sess.started and isinstance(exc, H2KError):
+            exc.args = (f"{exc}; {image} was partly changed: 'h2k rollback {image}' undoes it",)
+        elif in_place and sess is not None and sess.started:
+            print(f"h2k: {image} was partly changed: 'h2k rollback {image}' undoes it", file=sys.stderr)
+        raise
     finally:
-        g.close()
-    return report
+        g.close()  # after an interrupt too: unmounts and syncs before the appliance stops
+    return report, (journal if sess.started else None)
 
 
 def _planned(plan: Plan, change: RegValue) -> bool:
@@ -386,6 +451,5 @@ def _fix_bcd(sess: _Session, report: FixReport, planned: list[RegValue], ems: bo
         changes += bcdlib.ems_changes(store, obj.guid)
     res = registry.apply_changes(local, "BCD", changes)
     if res.changed:
-        sess.commit_hive("BCD", facts.bcd_device, facts.bcd_path, local, original)
-        sess.journal.registry += res.changes
+        sess.commit_hive("BCD", facts.bcd_device, facts.bcd_path, local, original, changes=res.changes)
         report.hives_changed.append("BCD")

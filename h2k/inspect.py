@@ -35,7 +35,7 @@ import hivex
 from h2k import accel
 from h2k import bcd as bcdlib
 from h2k import hivelog
-from h2k.errors import BlockerError, InputError
+from h2k.errors import BlockerError, H2KError, InputError
 from h2k.facts import Blocker, NicConfig, ServiceInfo, WindowsFacts
 from h2k.registry import current_control_set, decode, find_key, find_value
 
@@ -76,12 +76,29 @@ def open_guest(image: str | Path, *, readonly: bool, fmt: str | None = None):
 
     accel.apply_libguestfs_env()
     g = guestfs.GuestFS(python_return_dict=True)
+    # The appliance in its own process group: Ctrl-C at a terminal reaches h2k only, which then
+    # stops between two steps and closes the handle (unmount, sync) instead of the appliance
+    # dying in the middle of a write.
+    g.set_pgroup(True)
     opts: dict[str, Any] = {"readonly": 1 if readonly else 0}
     if fmt:
         opts["format"] = fmt
-    g.add_drive_opts(str(image), **opts)
-    g.launch()
+    try:
+        g.add_drive_opts(str(image), **opts)
+        g.launch()
+    except RuntimeError as exc:
+        g.close()
+        raise launch_error(image, exc) from None
+    except BaseException:
+        g.close()
+        raise
     return g
+
+
+def launch_error(image: str | Path, exc: RuntimeError) -> H2KError:
+    """A libguestfs launch failure as one line (its last meaningful line), an engine error."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return H2KError(f"{image}: libguestfs could not start its appliance on it: {lines[-1] if lines else 'failed'}")
 
 
 def guest_path(g, path: str) -> str | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from h2k import accel, overlay
 from h2k.errors import InputError
+from h2k.inspect import launch_error
 from h2k.linux import initrd as initrdlib
 from h2k.linux.facts import Kernel, LinuxFacts, MountEntry, PinnedMac
 
@@ -39,9 +40,13 @@ def open_linux(image: str | Path, *, readonly: bool):
     fmt = overlay.image_format(image)  # InputError for a missing/unreadable file
     accel.apply_libguestfs_env()
     g = guestfs.GuestFS(python_return_dict=True)
+    g.set_pgroup(True)  # as h2k.inspect.open_guest: Ctrl-C stops h2k between steps, not the appliance mid-write
     try:
         g.add_drive_opts(str(image), format=fmt, readonly=readonly)
-        g.launch()
+        try:
+            g.launch()
+        except RuntimeError as exc:
+            raise launch_error(image, exc) from None
         roots = g.inspect_os()
         linux = [r for r in roots if g.inspect_get_type(r) == "linux"]
         if not linux:
