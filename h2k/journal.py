@@ -11,9 +11,10 @@ point (h2k killed, the appliance killed with it) leaves enough to roll back:
   ``state="intent"`` *before* the change it describes (the backup path and the
   SHA-256 before are known then); the change's own data is synced before the
   record turns ``"done"``; ``Journal.state`` turns ``"complete"`` last;
-* each save goes to ``<run>.json.new``, is synced (``g.sync()``), then renamed
-  over ``<run>.json`` and synced again, so one of the two is always a whole,
-  parseable journal (:func:`read_guest_journal` prefers a parseable ``.new``);
+* each save goes to ``<run>.json.new``, is synced (``g.sync()``, which also
+  makes every earlier write durable), then renamed over ``<run>.json``, so one
+  of the two is always a whole, parseable journal (:func:`read_guest_journal`
+  prefers a parseable ``.new``);
 * rollback marks each record ``"undone"`` as it goes (``Journal.state =
   "rolling-back"``), so a rollback that was itself interrupted resumes.
 
@@ -169,13 +170,14 @@ def host_journals(output: str | Path) -> list[Path]:
 def save_guest_journal(g, path: str, text: str) -> None:
     """Make ``text`` the durable content of the guest file ``path`` (a real, mounted path).
 
-    ``path.new`` is written and synced, renamed over ``path`` and synced again:
-    at every moment one of the two names holds a whole journal.
+    ``path.new`` is written and synced (with every write made before it), then
+    renamed over ``path``: at every moment one of the two names holds a whole
+    journal. The rename reaches the disk with the next sync (the next save, or
+    the unmount); until then the synced ``.new`` is the one read.
     """
     g.write(path + NEW_SUFFIX, text.encode())
     g.sync()
     g.mv(path + NEW_SUFFIX, path)
-    g.sync()
 
 
 def read_guest_journal(g, path: str, parse: Callable[[bytes], Any] | None = None) -> tuple[Any, str]:

@@ -184,11 +184,14 @@ def _need_rw(mounts: Mounts, device: str) -> None:
 
 
 def _current_sha(g, mounts: Mounts, device: str, path: str, tmp: Path) -> str | None:
-    """SHA-256 of a guest file now, or None if it is not there (mounting its volume read-only if needed)."""
+    """SHA-256 of a guest file now, or None if it is not there (mounting its volume read-only if needed).
+
+    Journalled paths are spelled as they are on the volume (the fix recorded the real names).
+    """
     if not mounts.mounted(device) and not mounts.mount(device, rw=False):
         raise H2KError(f"cannot mount {device} to check {path}")
-    real = mounts.find(device, path)
-    return guest_sha256(g, real, tmp) if real and g.is_file(real) else None
+    real = mounts.p(device, path)
+    return guest_sha256(g, real, tmp) if g.is_file(real) else None
 
 
 def _changed_since_fix(g, mounts: Mounts, found: _Found, tmp: Path) -> list[str]:
@@ -213,11 +216,11 @@ def _changed_since_fix(g, mounts: Mounts, found: _Found, tmp: Path) -> list[str]
 
 
 def _hive_changes(g, mounts: Mounts, journal: Journal, rec: HiveRecord, tmp: Path) -> str:
-    backup = mounts.find(rec.device, rec.backup_path)
-    if backup is None:
+    backup = mounts.p(rec.device, rec.backup_path)
+    if not g.is_file(backup):
         return "changed since the fix (its backup is gone: cannot say which values)"
     g.download(backup, str(tmp / "drift-before"))
-    g.download(mounts.find(rec.device, rec.path), str(tmp / "drift-now"))
+    g.download(mounts.p(rec.device, rec.path), str(tmp / "drift-now"))
     try:
         diffs = hive_drift(tmp / "drift-before", tmp / "drift-now", [r for r in journal.registry if r.hive == rec.name])
     except Exception as exc:  # a hive hivex cannot read is a change too
@@ -258,12 +261,12 @@ def _undo_run(g, mounts: Mounts, found: _Found, name: str, journal: Journal, tmp
             log_.save()
     # Backups last (a record undone before an interruption may still have one), then the directories.
     for rec in journal.records():
-        real = mounts.find(rec.device, rec.backup_path) if rec.backup_path else None
+        real = mounts.p(rec.device, rec.backup_path) if rec.backup_path else None
         if real and g.is_file(real):
             g.rm(real)
     for device, path in reversed(journal.created_dirs):
-        real = mounts.find(device, path)
-        if real and not real.lower().startswith(found.jdir.lower()):
+        real = mounts.p(device, path)
+        if not real.lower().startswith(found.jdir.lower()):
             _remove_empty_tree(g, real)
     backup_dir = mounts.find(found.root, f"{GUEST_BACKUP_DIR}/{journal.run_id}")
     if backup_dir:
@@ -285,12 +288,12 @@ def _undo_file(g, mounts: Mounts, rec: FileRecord, tmp: Path, report: RollbackRe
     now = _current_sha(g, mounts, rec.device, rec.path, tmp)
     if rec.sha256_before is None:  # the fix created it
         if now is not None:
-            g.rm(mounts.find(rec.device, rec.path))
+            g.rm(mounts.p(rec.device, rec.path))
         report.files_removed.append(rec.path)
         return
     if now == rec.sha256_before:
         return  # the original is in place (the fix never replaced it, or a rollback already restored it)
-    if not rec.backup_path or not mounts.find(rec.device, rec.backup_path):
+    if not rec.backup_path or not g.is_file(mounts.p(rec.device, rec.backup_path)):
         raise H2KError(f"cannot restore {rec.path}: its backup {rec.backup_path} is gone")
     _restore(g, mounts, rec.device, rec.backup_path, rec.path, rec.sha256_before, tmp)
     report.files_restored.append(rec.path)
@@ -301,8 +304,8 @@ def _undo_hive(g, mounts: Mounts, journal: Journal, rec: HiveRecord, tmp: Path, 
     if now == rec.sha256_before:
         report.hives_untouched.append(rec.name)
         return
-    backup = mounts.find(rec.device, rec.backup_path) if rec.backup_path else None
-    if backup and guest_sha256(g, backup, tmp) == rec.sha256_before:
+    backup = mounts.p(rec.device, rec.backup_path) if rec.backup_path else None
+    if backup and g.is_file(backup) and guest_sha256(g, backup, tmp) == rec.sha256_before:
         _restore(g, mounts, rec.device, rec.backup_path, rec.path, rec.sha256_before, tmp)
         report.hives_restored.append(rec.name)
         return
@@ -311,9 +314,9 @@ def _undo_hive(g, mounts: Mounts, journal: Journal, rec: HiveRecord, tmp: Path, 
                        f"{rec.backup_path} is missing or incomplete")
     # No backup: undo value by value (semantically equal, not byte-identical).
     local = tmp / f"{journal.run_id}-{rec.name}"
-    g.download(mounts.find(rec.device, rec.path), str(local))
+    g.download(mounts.p(rec.device, rec.path), str(local))
     registry.undo_changes(local, [r for r in journal.registry if r.hive == rec.name])
-    g.upload(str(local), mounts.find(rec.device, rec.path))
+    g.upload(str(local), mounts.p(rec.device, rec.path))
     report.hives_undone.append(rec.name)
 
 
@@ -323,7 +326,7 @@ def _restore(g, mounts: Mounts, device: str, backup: str, path: str, want_sha: s
     g.download(mounts.p(device, backup), str(local))
     if overlay.sha256_file(local) != want_sha:
         raise H2KError(f"backup {backup} does not match the journal's checksum: not restored")
-    real = mounts.find(device, path) or mounts.p(device, path)
+    real = mounts.p(device, path)
     g.upload(str(local), real)
     if guest_sha256(g, real, tmp) != want_sha:
         raise H2KError(f"restored {path} is not byte-identical to the original")
