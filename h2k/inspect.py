@@ -74,6 +74,9 @@ def open_guest(image: str | Path, *, readonly: bool, fmt: str | None = None):
     """A launched libguestfs handle on ``image`` (the one launch of an operation)."""
     import guestfs
 
+    from h2k.overlay import image_format
+
+    fmt = fmt or image_format(image)  # empty, truncated, unreadable -> one line, before the launch; format pinned
     accel.apply_libguestfs_env()
     g = guestfs.GuestFS(python_return_dict=True)
     # The appliance in its own process group: Ctrl-C at a terminal reaches h2k only, which then

@@ -34,17 +34,36 @@ def sha256_file(path: str | Path, chunk: int = 4 << 20) -> str:
 
 
 def image_format(path: str | Path) -> str:
-    """The disk image format qemu-img sees (qcow2, raw, vmdk, vhdx ...). Unreadable -> InputError."""
+    """The disk image format qemu-img sees (qcow2, raw, vmdk, vhdx ...). Unusable -> InputError.
+
+    Also refused here, before any appliance or QEMU sees the file: an empty file, and a
+    qcow2 whose tables point past its end (a copy cut short reads as zeros otherwise).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such image file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file, not a disk image")
     proc = subprocess.run(
         ["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True
     )
     if proc.returncode != 0:
         reason = (proc.stderr.strip().splitlines() or ["unreadable"])[-1]
         raise InputError(f"{path}: not a disk image qemu-img can read ({reason})")
-    return json.loads(proc.stdout)["format"]
+    fmt = json.loads(proc.stdout)["format"]
+    if fmt == "qcow2":
+        check_intact(path, fmt)
+    return fmt
+
+
+def check_intact(path: Path, fmt: str) -> None:
+    """``qemu-img check``: corruption (exit 2) is bad input; leaked clusters (3, e.g. after a crash) are harmless."""
+    proc = subprocess.run(["qemu-img", "check", "-q", "-f", fmt, str(path)], capture_output=True, text=True)
+    if proc.returncode in (0, 3):
+        return
+    lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+    first = next((ln for ln in lines if ln.startswith("ERROR")), lines[0] if lines else f"exit {proc.returncode}")
+    raise InputError(f"{path}: corrupt or truncated {fmt} image (qemu-img check: {first})")
 
 
 def default_overlay(image: str | Path) -> Path:
@@ -62,11 +81,33 @@ def create_overlay(source: str | Path, overlay: str | Path) -> Path:
 
 
 def convert(source: str | Path, output: str | Path) -> Path:
-    """A standalone copy of ``source`` (which may be an overlay) at ``output``: raw for .raw/.img, else qcow2."""
+    """A standalone copy of ``source`` (which may be an overlay) at ``output``: raw for .raw/.img, else qcow2.
+
+    Written as a temporary file beside ``output`` (after checking the free space for
+    it), synced, then renamed: ``output`` is whole or absent, never a truncated file
+    that looks valid, whatever stops the copy (a full disk, Ctrl-C, SIGTERM).
+    """
+    from h2k.inputs.convert import check_space, sync_and_rename
+
     output = Path(output)
     out_fmt = "raw" if output.suffix.lower() in (".raw", ".img") else "qcow2"
-    _run(["qemu-img", "convert", "-q", "-O", out_fmt, str(source), str(output)])
+    check_space(output.parent, measure(source, out_fmt))
+    tmp = output.with_name(f".{output.name}.h2k-part-{os.getpid()}")
+    try:
+        _run(["qemu-img", "convert", "-q", "-O", out_fmt, str(source), str(tmp)])
+        sync_and_rename(tmp, output)
+    finally:
+        remove(tmp)
     return output
+
+
+def measure(source: str | Path, out_fmt: str) -> int:
+    """Bytes a standalone ``out_fmt`` copy of ``source`` needs at most (``qemu-img measure``)."""
+    proc = subprocess.run(["qemu-img", "measure", "--output=json", "-O", out_fmt, str(source)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise H2KError(f"qemu-img measure {source}: {proc.stderr.strip() or proc.returncode}")
+    return int(json.loads(proc.stdout)["required"])
 
 
 def _run(cmd: list[str]) -> None:
@@ -108,6 +149,13 @@ def fix_target(image: str | Path, output: str | Path | None, in_place: bool) -> 
     final = Path(output) if output is not None else default_overlay(image)
     if final.exists():  # the image itself included: -o never overwrites
         raise InputError(f"{final} already exists; remove it or choose another -o")
+    if not final.absolute().parent.is_dir():
+        raise InputError(f"{final}: no such folder {final.absolute().parent}")
+    if output is not None:  # the copy will need about the source's size: fail now, not after the fix
+        from h2k.inputs.convert import check_space
+
+        check_space(final.absolute().parent, measure(image, "raw" if final.suffix.lower() in (".raw", ".img")
+                                                     else "qcow2"))
     target = FixTarget(final, final.with_name(f".{final.name}.h2k-tmp-{os.getpid()}.qcow2"))
     create_overlay(image, target.work)
     try:

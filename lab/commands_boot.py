@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from h2k import domain
+from h2k.commands.argtypes import positive_int
 from h2k.errors import InputError
 from h2k.profile import DISK_BUSES, FIRMWARES, NIC_MODELS, MachineProfile
 from lab.boot import BACKENDS, boot, boot_two_phase
@@ -44,8 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--final-bus", choices=("virtio-blk", "virtio-scsi"), default="virtio-blk",
                    help="with --two-phase: the final phase's disk bus")
     p.add_argument("--cdrom", action="append", default=[], metavar="ISO", help="attach an ISO (repeatable)")
-    p.add_argument("--memory", type=int, metavar="MB", help="guest memory in MiB")
-    p.add_argument("--cpus", type=int, help="virtual CPUs")
+    p.add_argument("--memory", type=positive_int, metavar="MB", help="guest memory in MiB")
+    p.add_argument("--cpus", type=positive_int, help="virtual CPUs")
     p.add_argument("--tpm", action="store_true", help="attach a swtpm TPM 2.0")
     p.add_argument("--kernel", help="direct kernel boot (lab test guests)")
     p.add_argument("--initrd", help="initramfs for --kernel")
@@ -111,6 +112,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give a disk IMAGE or --kernel")
     if args.image and not Path(args.image).exists():
         raise InputError(f"{args.image}: no such disk image")
+    if args.image:
+        from h2k.overlay import image_format
+
+        image_format(args.image)  # empty, truncated, unreadable -> one line before QEMU starts
+    for iso in args.cdrom:
+        if not Path(iso).is_file():
+            raise InputError(f"--cdrom {iso}: no such file")
     if args.timeout <= 0:
         raise InputError("--timeout must be positive")
     if args.connect and args.backend != "libvirt":

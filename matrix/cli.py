@@ -12,6 +12,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from h2k.commands.argtypes import positive_int
 from h2k.errors import CheckFailed, InputError
 from matrix.expand import expand, select
 from matrix.load import load_matrix
@@ -108,7 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "1 otherwise, 130 when interrupted.")
     _common(rp)
     rp.add_argument("-o", "--out", metavar="DIR", help="output directory (default: matrix-results/<matrix name>)")
-    rp.add_argument("-j", "--jobs", type=int, metavar="N",
+    rp.add_argument("-j", "--jobs", type=positive_int, metavar="N",
                     help="cells at once (default: the core count; always capped by free memory)")
     rp.add_argument("--rerun-failed", metavar="RESULTS", help="run only the cells that did not pass in RESULTS "
                     "(a results.json) and merge the new verdicts into it")

@@ -7,8 +7,9 @@
 * ``qemu-img measure`` gives the bytes the output needs; the output's file
   system must have them free before anything is written.
 * Output goes to a hidden temporary file next to OUT and is renamed into
-  place only after qemu-img succeeded and the SHA-256 was taken; any failure
-  (full disk, killed, Ctrl-C) removes it.
+  place only after qemu-img succeeded, the SHA-256 was taken and the file was
+  fsynced; any failure (full disk, Ctrl-C, SIGTERM) removes it and stops
+  qemu-img.
 * Zeroes are not written (``-S 4k``, qemu-img's default made explicit), so
   raw output is sparse and qcow2 output only holds allocated clusters.
 """
@@ -26,7 +27,7 @@ from typing import Callable
 
 from h2k.errors import H2KError, InputError
 from h2k.inputs.chain import Chain, backing_chain
-from h2k.overlay import sha256_file
+from h2k.overlay import check_intact, sha256_file
 from h2k.progress import Progress
 
 OUT_FORMATS = {".qcow2": "qcow2", ".raw": "raw", ".img": "raw"}
@@ -102,6 +103,9 @@ def convert_disk(
     inputs = {os.path.realpath(f) for f in chain.files()}
     if os.path.realpath(output) in inputs:
         raise InputError(f"{output}: is part of the source; h2k never writes its input")
+    for layer in chain.layers:  # a qcow2 cut short would convert "successfully" into zeros
+        if layer.format == "qcow2":
+            check_intact(Path(layer.path), layer.format)
     check_space(output.parent, required_bytes(chain, fmt))
     tmp = output.with_name(f".{output.name}.h2k-part-{os.getpid()}")
     cmd = ["qemu-img", "convert", "-p", "-S", "4k", "-f", chain.top.format, "-O", fmt]
@@ -114,7 +118,7 @@ def convert_disk(
         t2 = time.monotonic()
         digest = sha256_file(tmp) if checksum else ""
         t3 = time.monotonic()
-        os.replace(tmp, output)
+        sync_and_rename(tmp, output)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -127,6 +131,21 @@ def convert_disk(
         bytes_on_disk=st.st_blocks * 512, sha256=digest, seconds=time.monotonic() - t0,
         chain=[layer.path for layer in chain.layers], qemu_seconds=t2 - t1, checksum_seconds=t3 - t2,
     )
+
+
+def sync_and_rename(tmp: Path, output: Path) -> None:
+    """fsync ``tmp`` (its data on disk before its name says it is complete), rename it to ``output``, fsync the folder."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, output)
+    dfd = os.open(output.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _run_with_progress(cmd: list[str], progress: Progress | None, on_percent: Callable[[float], None] | None) -> None:

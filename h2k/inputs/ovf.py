@@ -82,6 +82,16 @@ def _units_shift(units: str | None, default: int) -> int:
     raise InputError(f"OVF: unknown allocation units {units!r}")
 
 
+def _count(text: str | None, what: str, where: str) -> int:
+    """A whole number from the descriptor (0 when absent); anything else is bad input, not a crash."""
+    text = (text or "").strip()
+    if not text:
+        return 0
+    if not text.isdigit() or len(text) > 20:
+        raise InputError(f"{where}: {what} {text[:40]!r} is not a whole number")
+    return int(text)
+
+
 def safe_relative(name: str, where: str) -> str:
     """A package-relative file name, or InputError for absolute paths, URLs, '..' and backslashes."""
     if not name or "\x00" in name:
@@ -143,9 +153,9 @@ def parse(text: str, where: str = "ovf") -> OvfPackage:
         iid = _child_text(item, "InstanceID")
         rt_n = int(rt) if rt and rt.isdigit() else -1
         if rt_n == RT_CPU:
-            cpus = int(_child_text(item, "VirtualQuantity") or 0) or None
+            cpus = _count(_child_text(item, "VirtualQuantity"), "CPU count", where) or None
         elif rt_n == RT_MEMORY:
-            qty = int(_child_text(item, "VirtualQuantity") or 0)
+            qty = _count(_child_text(item, "VirtualQuantity"), "memory quantity", where)
             shift = _units_shift(_child_text(item, "AllocationUnits"), 20)
             mem = (qty << shift) >> 20 or None
         elif rt_n in (RT_IDE, RT_SCSI, RT_OTHER_STORAGE) and iid:
