@@ -181,6 +181,8 @@ def _run_with_progress(cmd: list[str], progress: Progress | None, on_percent: Ca
         if rc < 0:
             import signal
 
+            if -rc == signal.SIGINT:  # Ctrl-C reached qemu-img too (same process group): an interrupt, not a failure
+                raise KeyboardInterrupt
             last = last or f"killed by {signal.Signals(-rc).name}"
             if -rc == signal.SIGXFSZ:
                 last = "the output file hit the file size limit (SIGXFSZ)"
