@@ -99,9 +99,10 @@ def open_guest(image: str | Path, *, readonly: bool, fmt: str | None = None):
 
 
 def launch_error(image: str | Path, exc: RuntimeError) -> H2KError:
-    """A libguestfs launch failure as one line (its last meaningful line), an engine error."""
+    """A libguestfs launch failure as one line (its first line: the cause; the rest is debugging advice)."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return H2KError(f"{image}: libguestfs could not start its appliance on it: {lines[-1] if lines else 'failed'}")
+    return H2KError(f"{image}: libguestfs could not start its appliance on it: {lines[0] if lines else 'failed'} "
+                    "(LIBGUESTFS_DEBUG=1 shows why)")
 
 
 def guest_path(g, path: str) -> str | None:

@@ -163,7 +163,9 @@ def fix_target(image: str | Path, output: str | Path | None, in_place: bool) -> 
         if output is not None:
             convert(target.work, final)
         else:
-            os.replace(target.work, final)
+            from h2k.inputs.convert import sync_and_rename
+
+            sync_and_rename(target.work, final)  # on disk before it has its name
             target.work = final
     finally:
         if target.work != final:

@@ -192,7 +192,7 @@ def cases() -> list[Case]:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def trap(tmp_path_factory) -> Path:
     """A stand-in for QEMU and the libguestfs hypervisor: leaves a mark, then fails."""
     d = tmp_path_factory.mktemp("trap")
@@ -247,3 +247,17 @@ def test_every_bad_input_is_one_line_with_its_exit_code(tmp_path, trap) -> None:
     launched = trap / "launched"
     assert not problems, f"{len(problems)} of {len(todo)} cases:\n" + "\n".join(problems)
     assert not launched.exists(), f"a case launched QEMU or the appliance:\n{launched.read_text()}"
+
+
+def test_a_libguestfs_failure_is_one_line(tmp_path, trap) -> None:
+    """The appliance cannot start (its hypervisor fails at once): an engine error, one line, exit 2."""
+    disk = tmp_path / "blank.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    env = dict(os.environ, LIBGUESTFS_HV=str(trap / "qemu-system-x86_64"), H2K_ACCEL="tcg", PYTHONPATH=str(ROOT))
+    for argv in (["inspect", str(disk)], ["linux", "inspect", str(disk)]):
+        proc = subprocess.run([sys.executable, "-m", "h2k", *argv], capture_output=True, text=True, env=env,
+                              timeout=120)
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("h2k: error: ")]
+        assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "libguestfs could not start its appliance" in errors[0] and "exited with error status 1" in errors[0]
+    assert (trap / "launched").exists()  # it really was libguestfs starting its hypervisor that failed
