@@ -31,7 +31,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "matrix.cli": ("matrix",),
     "h2k.commands.domain_cmd": ("domain",),
     "h2k.commands.linux_cmd": ("linux",),
-    "h2k.demo": ("demo",),
+    "matrix.demo": ("demo",),
 }
 
 

@@ -69,6 +69,9 @@ class WindowsFacts:
     # Hives that were dirty (not cleanly flushed) and whose transaction logs were replayed
     # before reading; one line each: "SYSTEM: <state>; replayed SYSTEM.LOG1 entries 4..4".
     replayed_hives: list[str] = field(default_factory=list)
+    # Tcpip interfaces left out of ``nics`` because no present adapter is bound to them;
+    # one line each: "{guid} 10.20.30.40: <why>".
+    ghost_interfaces: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,8 +14,9 @@ What comes from where:
   hypervisors' services, static IPs in ``Tcpip\\Parameters\\Interfaces``;
 * the partition table: firmware (GPT + ESP -> uefi, MBR -> bios; metadata
   wins), where the BCD is, dynamic disks (MBR 0x42, LDM GPT types);
-* volume boot sectors: BitLocker (``-FVE-FS-``); ``hiberfil.sys``: hibernation
-  and Fast Startup.
+* volume boot sectors: BitLocker (``-FVE-FS-``); the ``hiberfil.sys`` header:
+  a resumable hibernation or Fast Startup image (:mod:`h2k.hibernation`);
+* Tcpip interfaces only where a present adapter is bound (:mod:`h2k.netbind`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import hivex
 
 from h2k import accel
 from h2k import bcd as bcdlib
-from h2k import hivelog
+from h2k import hibernation, hivelog, netbind
 from h2k.errors import BlockerError, H2KError, InputError
 from h2k.facts import Blocker, NicConfig, ServiceInfo, WindowsFacts
 from h2k.registry import current_control_set, decode, find_key, find_value
@@ -361,15 +362,22 @@ def read_service(h, ccs: int, name: str, file_exists, system_root: str) -> Servi
     return info
 
 
-def read_nics(h, ccs: int) -> list[NicConfig]:
+def read_nics(h, ccs: int, boot_services: list[str] | None = None) -> tuple[list[NicConfig], list[str]]:
+    """(interfaces bound to a present adapter, "{guid} addresses: why" for the ghosts) -- see :mod:`h2k.netbind`."""
     base = f"ControlSet{ccs:03d}\\Services\\Tcpip\\Parameters\\Interfaces"
     node = find_key(h, base)
-    nics = []
+    adapters = netbind.adapters_by_interface(h, ccs)
+    boot_arrival = netbind.boot_controller_arrival(h, ccs, boot_services or [])
+    nics, ghosts = [], []
     for child in h.node_children(node) if node is not None else []:
         key = f"{base}\\{h.node_name(child)}"
         addresses = [a for a in _multi(h, key, "IPAddress") if a and a != "0.0.0.0"]
         dhcp = _int(h, key, "EnableDHCP") == 1
         if not addresses and not dhcp:
+            continue
+        binding = netbind.bind_interface(h, ccs, h.node_name(child), adapters, boot_arrival)
+        if binding.ghost:
+            ghosts.append(f"{binding.guid} {' '.join(addresses) or 'dhcp'}: {binding.ghost}")
             continue
         nics.append(
             NicConfig(
@@ -381,7 +389,7 @@ def read_nics(h, ccs: int) -> list[NicConfig]:
                 dns=_multi(h, key, "NameServer"),
             )
         )
-    return nics
+    return nics, ghosts
 
 
 # ---------------------------------------------------------------- the inspection
@@ -616,7 +624,8 @@ def inspect_handle(
             for family, names in HYPERVISOR_SERVICES.items():
                 if any(find_key(sys_h, f"ControlSet{ccs:03d}\\Services\\{n}") is not None for n in names):
                     facts.hypervisor_tools.append(family)
-            facts.nics = read_nics(sys_h, ccs)
+            facts.nics, facts.ghost_interfaces = read_nics(
+                sys_h, ccs, [d.name for d in facts.storage_drivers if d.start == 0])
             blockers += _hibernation(g, mounts, root, sys_h, ccs)
     facts.arch = arch or "unknown"
     facts.bcd_device, facts.bcd_path = _locate_bcd(mounts, layout, disk, facts.firmware, root, writable)
@@ -652,7 +661,8 @@ def _recover_dirty(g, insp: Inspection, name: str, real: str, local: Path, workd
     local.write_bytes(rec.data)
     insp.hive_originals[name] = original
     insp.facts.replayed_hives.append(
-        f"{name}: {state}; replayed {', '.join(rec.logs_used)} entries {rec.applied[0]}..{rec.applied[-1]}")
+        f"{name}: {state}; replayed {', '.join(rec.logs_used)} entries {rec.applied[0]}..{rec.applied[-1]}"
+        + "".join(f"; not applied after them: {note}" for note in rec.notes))
     log.info("%s was dirty; replayed %s", name, insp.facts.replayed_hives[-1])
     return []
 
@@ -672,16 +682,8 @@ def _open_hive(insp: Inspection, name: str, blockers: list[Blocker]):
 
 def _hibernation(g, mounts: Mounts, root: str, sys_h, ccs: int) -> list[Blocker]:
     hiber = mounts.find(root, "/hiberfil.sys")
-    if hiber is None:
-        return []
-    sig = read_head(g, hiber, 4).lower()
     hiberboot = _int(sys_h, f"ControlSet{ccs:03d}\\Control\\Session Manager\\Power", "HiberbootEnabled") == 1
-    if sig == b"hibr" and not hiberboot:
-        return [Blocker("hibernated", "Windows is hibernated (hiberfil.sys has a HIBR signature); boot it and shut down fully first")]
-    if hiberboot:
-        return [Blocker("fast-startup", "Fast Startup is on (HiberbootEnabled=1, hiberfil.sys present): the volume may hold a "
-                        "hibernated kernel session; boot Windows and run 'shutdown /s /f /t 0' or disable Fast Startup")]
-    return []
+    return hibernation.blockers(None if hiber is None else read_head(g, hiber, 4), hiberboot)
 
 
 def _locate_bcd(mounts: Mounts, layout: Layout, disk: str, firmware: str, root: str, writable: bool) -> tuple[str | None, str | None]:
@@ -743,6 +745,8 @@ def summary(facts: WindowsFacts) -> str:
     lines.append(f"other tools    {', '.join(facts.hypervisor_tools) or '-'}")
     for nic in facts.nics:
         lines.append(f"nic            {nic.interface_guid} {'dhcp' if nic.dhcp else 'static'} {' '.join(nic.addresses)}")
+    for ghost in facts.ghost_interfaces:
+        lines.append(f"ghost nic      {ghost} (its settings are not carried over)")
     for r in facts.replayed_hives:
         lines.append(f"hive log       {r}")
     for b in facts.blockers:

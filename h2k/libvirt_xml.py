@@ -18,6 +18,13 @@ backend honours it:
 
 No QMP socket can be declared in domain XML: the libvirt backend gets the same
 QMP events through libvirt-qemu's monitor-event API (see ``lab.backend_libvirt``).
+
+For a host that shares no files with the caller (the lab's libvirt backend), the disk
+can be a storage-pool volume (``DomainFiles.disk_pool``), the console a pty (no socket
+path), and the firmware left to the host (``XmlOptions.firmware_autoselect``:
+``<os firmware='efi'>`` with the Secure Boot feature wanted, so the daemon picks its own
+OVMF build and VARS template from its firmware descriptors). Nothing forces QEMU to run
+as root: the host's own QEMU user runs it.
 """
 
 from __future__ import annotations
@@ -85,8 +92,9 @@ class DomainFiles:
     it does not exist yet, and keeps it when it does (bootstrap -> final).
     """
 
-    disk: str | None  # None: no disk (a direct-kernel-boot test guest)
+    disk: str | None  # None: no disk (a direct-kernel-boot test guest); a volume name with disk_pool
     disk_format: str = "qcow2"
+    disk_pool: str | None = None  # the disk is volume ``disk`` of this storage pool
     serial_socket: str | None = None
     serial_log: str | None = None
     agent_socket: str | None = None
@@ -98,10 +106,8 @@ class XmlOptions:
     domain_type: str | None = None  # kvm | qemu; None: ask h2k.accel
     lab: bool = False  # lab boots: reboot/crash stop the VM for evidence instead of restarting
     disable_netboot: bool = True  # no PXE/HTTP boot fall-back (OVMF spends minutes on it)
-    # The lab's libvirt backend runs QEMU as root, like its direct backend, so QEMU can
-    # reach the lab's private (0700) per-boot directory and the build cache; libvirt then
-    # leaves file ownership alone (relabel='no').
-    qemu_as_root: bool = False
+    # UEFI: let the host pick its OVMF code and VARS template (it may keep them elsewhere).
+    firmware_autoselect: bool = False
 
 
 def disk_format_of(path: str) -> str:
@@ -138,7 +144,7 @@ def domain_element(profile: MachineProfile, files: DomainFiles, opts: XmlOptions
         sysinfo = ET.SubElement(dom, "sysinfo", type="fwcfg")
         for key in ("IPv4PXESupport", "IPv6PXESupport"):
             _text(sysinfo, "entry", "n", name=f"opt/org.tianocore/{key}")
-    _os(dom, profile, files)
+    _os(dom, profile, files, opts.firmware_autoselect)
     _features(dom, profile, dtype)
     if dtype == "kvm":
         ET.SubElement(dom, "cpu", mode="host-passthrough", check="none", migratable="on")
@@ -153,9 +159,6 @@ def domain_element(profile: MachineProfile, files: DomainFiles, opts: XmlOptions
     ET.SubElement(pm, "suspend-to-mem", enabled="no")
     ET.SubElement(pm, "suspend-to-disk", enabled="no")
     _devices(dom, profile, files, opts)
-    if opts.qemu_as_root:
-        sec = ET.SubElement(dom, "seclabel", type="static", model="dac", relabel="no")
-        _text(sec, "label", "+0:+0")
     return dom
 
 
@@ -171,10 +174,19 @@ def _text(parent: ET.Element, tag: str, text: str, **attrs: str) -> ET.Element:
     return el
 
 
-def _os(dom: ET.Element, p: MachineProfile, files: DomainFiles) -> None:
+def _os(dom: ET.Element, p: MachineProfile, files: DomainFiles, autoselect: bool) -> None:
     os_el = ET.SubElement(dom, "os")
     _text(os_el, "type", "hvm", arch="x86_64", machine=p.machine_type)
-    if p.uefi:
+    if p.uefi and autoselect:
+        os_el.set("firmware", "efi")
+        fw = ET.SubElement(os_el, "firmware")
+        secure = "yes" if p.firmware == "uefi-secureboot" else "no"
+        ET.SubElement(fw, "feature", enabled=secure, name="secure-boot")
+        if secure == "yes":  # Windows' boot loader is signed with the Microsoft keys
+            ET.SubElement(fw, "feature", enabled="yes", name="enrolled-keys")
+        if files.nvram:  # made by the host from its template when missing
+            _text(os_el, "nvram", files.nvram)
+    elif p.uefi:
         ovmf = find_ovmf(secure=p.firmware == "uefi-secureboot")
         attrs = {"readonly": "yes", "type": "pflash"}
         if p.firmware == "uefi-secureboot":
@@ -230,9 +242,12 @@ def _devices(dom: ET.Element, p: MachineProfile, files: DomainFiles, opts: XmlOp
         ET.SubElement(dev, "controller", type="scsi", index="0", model=controller)
 
     if files.disk:
-        disk = ET.SubElement(dev, "disk", type="file", device="disk")
+        disk = ET.SubElement(dev, "disk", type="volume" if files.disk_pool else "file", device="disk")
         ET.SubElement(disk, "driver", name="qemu", type=files.disk_format, discard="unmap")
-        ET.SubElement(disk, "source", file=files.disk)
+        if files.disk_pool:
+            ET.SubElement(disk, "source", pool=files.disk_pool, volume=files.disk)
+        else:
+            ET.SubElement(disk, "source", file=files.disk)
         ET.SubElement(disk, "target", dev=f"{prefix}a", bus=tbus)
         if not p.kernel:
             ET.SubElement(disk, "boot", order="1")

@@ -1,42 +1,53 @@
-"""The libvirt backend: boot a profile as a transient libvirt domain, same signals, same verdicts.
+"""The libvirt backend: boot a profile as a transient domain on a libvirt host, same signals, same verdicts.
 
-How each signal of the direct backend is obtained here:
+The host is treated as remote whatever the URI (``qemu:///system``,
+``qemu+ssh://host/system``, ``qemu+tcp://...``): the lab and the daemon share no
+file and no socket, everything goes through libvirt's API.
 
-- QMP events: libvirt owns QEMU's monitor, so no QMP socket is ours. libvirt-qemu's
-  monitor-event API (``virConnectDomainQemuMonitorEventRegister``) hands us every raw
-  QMP event (``GUEST_PANICKED`` with its hyper-v ``info``, ``SHUTDOWN`` with reason
+- Files: the disk (flattened to one qcow2 if it has a backing chain), CD-ROMs, a
+  direct-boot kernel/initramfs and a kept UEFI NVRAM are uploaded into volumes of the
+  host's ``h2k`` storage pool (``lab.libvirt_storage``); the domain XML names only
+  those volumes and the host's own files (its OVMF, picked by libvirt's firmware
+  autoselection). The NVRAM is downloaded back after the boot; every volume is deleted.
+- QMP events: libvirt owns QEMU's monitor. libvirt-qemu's monitor-event API
+  (``virConnectDomainQemuMonitorEventRegister``) hands us every raw QMP event
+  (``GUEST_PANICKED`` with its hyper-v ``info``, ``SHUTDOWN`` with reason
   ``guest-reset``, ``VSERPORT_CHANGE``...). They are written to ``qmp.jsonl`` in the
   direct backend's shape and fed to the same ``SignalBus``/``Scorer``.
-- Console: COM1 is a UNIX socket (``<serial type='unix'>``) read by the same
-  ``SocketWatcher``; ``serial.log`` is written by virtlogd (``<log file>``).
-  libvirt has no debug-port device, so SeaBIOS messages come over COM1
-  (``<bios useserial='yes'/>``) and match the same "any" firmware patterns.
-- Guest agent: libvirt itself connects to the ``org.qemu.guest_agent.0`` channel,
-  so nobody else can. A small local bridge socket turns the JSON-line protocol the
-  lab's ``AgentChecker`` speaks into ``virDomainQemuAgentCommand`` calls, so the
-  very same checker runs unchanged.
-- The domain is created paused (watchers attach first) with
-  ``VIR_DOMAIN_START_AUTODESTROY``: if the lab dies without cleaning up, libvirt
-  destroys the domain when our connection goes away. On every exit path
-  (verdict, timeout, exception, SIGINT/SIGTERM) the domain is destroyed and the
-  per-boot directory (overlay, sockets, NVRAM copy) removed.
+- Console: COM1 is a pty on the host, read through ``virDomainOpenConsole`` on a
+  libvirt stream (``lab.libvirt_streams.ConsoleStream``), teed to the local
+  ``serial.log`` and scanned by the same ``ConsoleScanner``. libvirt has no
+  debug-port device, so SeaBIOS messages come over COM1 (``<bios useserial='yes'/>``).
+- Guest agent: libvirt itself holds the ``org.qemu.guest_agent.0`` channel. A small
+  bridge socket in the lab's own temp dir turns the JSON-line protocol the lab's
+  ``AgentChecker`` speaks into ``virDomainQemuAgentCommand`` calls, so the very same
+  checker runs unchanged.
+- Screen: ``virDomainScreenshot`` over a stream (``screen.png``).
+- QEMU runs as the host's QEMU user (no ``<seclabel>`` asks for root); libvirt's DAC
+  driver gives it the volumes for the boot's duration.
+
+The domain is created paused (console and events attach first) with
+``VIR_DOMAIN_START_AUTODESTROY``: if the lab dies without cleaning up, libvirt
+destroys the domain when our connection goes away. On every exit path (verdict,
+timeout, exception, SIGINT/SIGTERM) the domain is destroyed and its volumes and the
+local temp dir removed (a SIGKILLed lab leaves its volumes in the pool).
 
 Differences from the direct backend: a reboot with ``on_reboot=destroy`` ends the
 domain at once, so there is no screendump for a reboot loop; there is no
-``firmware.log`` (no isa-debugcon).
+``firmware.log`` (no isa-debugcon); QEMU's own log stays on the host
+(``/var/log/libvirt/qemu/<domain>.log``): the local ``qemu.log`` records what libvirt
+reported about the QEMU process (lifecycle events, errors).
 """
 
 from __future__ import annotations
 
 import atexit
 import json
-import os
-import shutil
 import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,7 +56,7 @@ from h2k import libvirt_xml
 from h2k.errors import H2KError, InputError
 from h2k.profile import MachineProfile
 from lab import backend_qemu
-from lab.console import ConsoleScanner, SocketWatcher
+from lab.console import ConsoleScanner
 from lab.scoring import AgentChecker, Decision, Scorer, Signal, SignalBus, finish_evidence, score
 from lab.verdict import BootResult, Expect
 
@@ -55,9 +66,12 @@ try:  # python3-libvirt from Debian (the venv has --system-site-packages)
 except ImportError as _exc:  # pragma: no cover - reported by lab.boot as "backend not available"
     raise ImportError(f"python3-libvirt is not installed ({_exc})") from _exc
 
+from lab import libvirt_storage  # noqa: E402  (needs libvirt)
+from lab.libvirt_streams import SCREEN_NAMES, ConsoleStream, screenshot  # noqa: E402
+
 DEFAULT_URI = "qemu:///system"
-LIBVIRT_QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
-ARTIFACTS = ("serial.log", "qmp.jsonl", "qemu.log", "screen.png", "agent.jsonl", "verdict.json", "domain.xml")
+ARTIFACTS = ("serial.log", "qmp.jsonl", "qemu.log", "screen.png", "screen.ppm", "agent.jsonl", "verdict.json",
+             "domain.xml", "domain.live.xml")
 
 # --------------------------------------------------------------------------------------
 # One event loop per process (libvirt delivers events only to connections opened after it).
@@ -81,28 +95,47 @@ def ensure_event_loop() -> None:
         _loop_started = True
 
 
-# Domains this process created and has not destroyed yet: destroyed at exit.
-_live: dict[str, "libvirt.virDomain"] = {}
+# Boots of this process not torn down yet: their domains and volumes go at exit.
+_live: dict[str, "LibvirtBoot"] = {}
 _live_lock = threading.Lock()
 
 
-def _destroy_all() -> None:
+def _cleanup_all() -> None:
     with _live_lock:
-        doms = list(_live.items())
+        boots = list(_live.values())
         _live.clear()
-    for _, dom in doms:
-        try:
-            dom.destroy()
-        except libvirt.libvirtError:
-            pass
+    for b in boots:
+        b.release_host_side()
 
 
-atexit.register(_destroy_all)
+atexit.register(_cleanup_all)
 
 
 def _quiet_libvirt_errors() -> None:
     # libvirt prints every error to stderr by default; we report them ourselves.
     libvirt.registerErrorHandler(lambda ctx, err: None, None)
+
+
+def _constant_names(prefix: str, one_word: bool = False) -> dict[int, str]:
+    names = {n[len(prefix):]: getattr(libvirt, n) for n in dir(libvirt) if n.startswith(prefix)}
+    return {v: k.lower() for k, v in names.items() if isinstance(v, int) and not (one_word and "_" in k)}
+
+
+_EVENTS = _constant_names("VIR_DOMAIN_EVENT_", one_word=True)
+_DETAILS = {
+    libvirt.VIR_DOMAIN_EVENT_STARTED: _constant_names("VIR_DOMAIN_EVENT_STARTED_"),
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: _constant_names("VIR_DOMAIN_EVENT_SUSPENDED_"),
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: _constant_names("VIR_DOMAIN_EVENT_RESUMED_"),
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: _constant_names("VIR_DOMAIN_EVENT_STOPPED_"),
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: _constant_names("VIR_DOMAIN_EVENT_SHUTDOWN_"),
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: _constant_names("VIR_DOMAIN_EVENT_CRASHED_"),
+}
+
+
+def lifecycle_text(event: int, detail: int) -> str:
+    """``stopped (destroyed)`` for libvirt's lifecycle event numbers."""
+    name = _EVENTS.get(event, f"event {event}")
+    return f"{name} ({_DETAILS.get(event, {}).get(detail, f'detail {detail}')})"
 
 
 # --------------------------------------------------------------------------------------
@@ -221,10 +254,19 @@ class LibvirtBootOptions:
     outdir: Path
     expect: Expect = field(default_factory=Expect)
     connect: str | None = None
-    vars_file: Path | None = None  # UEFI NVRAM to use (made from the template if missing) and keep
+    vars_file: Path | None = None  # UEFI NVRAM to use (made from the host's template if missing) and keep
     shutdown_on_pass: bool = False
     shutdown_timeout: float = 90.0
     screendump: bool = True
+
+
+@dataclass(frozen=True)
+class HostSide:
+    """Where the boot's files are on the libvirt host, as the domain XML names them."""
+
+    profile: MachineProfile  # kernel, initrd and CD-ROMs as host paths
+    files: libvirt_xml.DomainFiles
+    nvram_volume: str | None
 
 
 class LibvirtBoot:
@@ -239,13 +281,17 @@ class LibvirtBoot:
         self.bus = SignalBus()
         self.conn: "libvirt.virConnect | None" = None
         self.dom: "libvirt.virDomain | None" = None
+        self.volumes: libvirt_storage.BootVolumes | None = None
+        self.host: HostSide | None = None
         self.workdir: Path | None = None
-        self.watchers: list[SocketWatcher] = []
+        self.console: ConsoleStream | None = None
         self.bridge: AgentBridge | None = None
         self.agent_checker: AgentChecker | None = None
+        self.lab_notes: list[str] = []  # teardown problems, appended to the reason
         self._callbacks: list[tuple[str, int]] = []
         self._qmp_log = None
         self._qmp_lock = threading.Lock()
+        self._events: list[str] = []  # libvirt's account of the QEMU process -> qemu.log
         self._tearing_down = threading.Event()
         self._shutdowns: list[dict[str, Any]] = []
         self._shutdown_seen = threading.Condition()
@@ -272,6 +318,7 @@ class LibvirtBoot:
             except (libvirt.libvirtError, OSError, H2KError) as exc:
                 if isinstance(exc, InputError):
                     raise
+                self._note_event(f"lab error: {_one_line(exc)}")
                 decision = Decision("incomplete", f"lab error (libvirt): {_one_line(exc)}", "lab")
             t_decided = time.monotonic()
             if decision.signal_t is not None:
@@ -280,20 +327,22 @@ class LibvirtBoot:
             extra = self._evidence(decision)
         finally:
             t0 = time.monotonic()
-            self._teardown()
+            self.teardown()
             self.timings["teardown"] = round(time.monotonic() - t0, 4)
         agent_data = dict(self.agent_checker.result) if self.agent_checker else {}
         if decision.data.get("machine_info"):
             agent_data.setdefault("machine_info", decision.data["machine_info"])
+        notes = "".join(f"; lab: {n}" for n in self.lab_notes)
         result = BootResult(
             verdict=extra.get("verdict") or decision.verdict,
-            reason=decision.reason + extra.get("reason_suffix", ""),
+            reason=decision.reason + extra.get("reason_suffix", "") + notes,
             stop_code=decision.stop_code,
             stop_name=decision.stop_name,
             seconds=round(time.monotonic() - t_start, 3),
             artifacts=self.artifacts(),
             agent=agent_data,
             signal=decision.signal,
+            evidence=list(decision.evidence),
             known_issues=decision.known_issues,
             profile=self.profile.to_dict(),
             backend="libvirt",
@@ -307,65 +356,101 @@ class LibvirtBoot:
     # -- start ---------------------------------------------------------------
     def _start(self, accel: accelmod.AccelDecision) -> None:
         t0 = time.monotonic()
-        ensure_event_loop()
-        _quiet_libvirt_errors()
-        self.workdir = backend_qemu.make_workdir()
-        wd = self.workdir
-        disk = None
-        if self.image is not None:
-            disk = backend_qemu.create_overlay(Path(self.image), wd / "overlay.qcow2")
-        self.timings["overlay"] = round(time.monotonic() - t0, 4)
-        nvram = None
-        if self.profile.uefi:
-            # libvirt copies the VARS template to this path when it does not exist yet.
-            nvram = Path(self.opts.vars_file).resolve() if self.opts.vars_file else wd / "OVMF_VARS.fd"
-            nvram.parent.mkdir(parents=True, exist_ok=True)
-        files = libvirt_xml.DomainFiles(
-            disk=str(disk) if disk else None,
-            disk_format="qcow2",
-            serial_socket=str(wd / "console.sock") if self.profile.serial_console else None,
-            serial_log=str(self.outdir / "serial.log") if self.profile.serial_console else None,
-            agent_socket=str(wd / "qga.sock") if self.profile.guest_agent else None,
-            nvram=str(nvram) if nvram else None,
-        )
-        profile = _named(self.profile, self.tag)
-        xml = libvirt_xml.domain_xml(profile, files, libvirt_xml.XmlOptions(
-            domain_type=accel.libvirt_domain_type(), lab=True, qemu_as_root=True))
-        (self.outdir / "domain.xml").write_text(xml)
-
-        try:
-            self.conn = libvirt.open(self.uri)
-        except libvirt.libvirtError as exc:
-            raise H2KError(f"cannot connect to libvirt at {self.uri}: {_one_line(exc)}") from None
-        self._qmp_log = open(self.outdir / "qmp.jsonl", "a", buffering=1)
-        # Register before the domain exists so no event is missed; filter by name.
-        cid = libvirt_qemu.qemuMonitorEventRegister(self.conn, None, None, self._on_qmp_event, None, 0)
+        dom = self.create_paused(accel)
+        # Paused: nothing has run yet, so registering now misses no event or console byte.
+        cid = libvirt_qemu.qemuMonitorEventRegister(self.conn, dom, None, self._on_qmp_event, None, 0)
         self._callbacks.append(("qemu", cid))
-        cid = self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+        cid = self.conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
         self._callbacks.append(("lifecycle", cid))
-
-        flags = libvirt.VIR_DOMAIN_START_PAUSED | libvirt.VIR_DOMAIN_START_AUTODESTROY
-        dom = self.conn.createXML(xml, flags)
-        with _live_lock:
-            _live[self.tag] = dom
-        self.dom = dom
         self.timings["start_to_qmp"] = round(time.monotonic() - t0, 4)
         if self.profile.serial_console:
-            w = SocketWatcher(wd / "console.sock", ConsoleScanner(self.opts.expect, "console"),
-                              self.bus.console_listener("console"), name="console")
-            w.start()
-            self.watchers.append(w)
+            self.console = ConsoleStream(self.conn, dom, ConsoleScanner(self.opts.expect, "console"),
+                                         self.bus.console_listener("console"), self.outdir / "serial.log")
+            self.console.start()
         if self.profile.guest_agent:
-            self.bridge = AgentBridge(wd / "agent.sock", dom)
+            assert self.workdir is not None
+            self.bridge = AgentBridge(self.workdir / "agent.sock", dom)
             self.bridge.start()
         dom.resume()
         self.timings["_t_cont"] = time.monotonic()
         self.timings["lab_start"] = round(time.monotonic() - t0, 4)
 
+    def create_paused(self, accel: accelmod.AccelDecision) -> "libvirt.virDomain":
+        """Connect, upload the boot's files and create the domain paused (no guest code has run)."""
+        t0 = time.monotonic()
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        ensure_event_loop()
+        _quiet_libvirt_errors()
+        self.workdir = backend_qemu.make_workdir()  # the lab's side: agent bridge socket, a flattened disk
+        with _live_lock:
+            _live[self.tag] = self
+        try:
+            self.conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            raise H2KError(f"cannot connect to libvirt at {self.uri}: {_one_line(exc)}") from None
+        self.volumes = libvirt_storage.BootVolumes(self.conn, self.tag)
+        self.host = self._upload(self.volumes)
+        for local, name, size in self.volumes.uploads:
+            self._note_event(f"uploaded {local} ({size} bytes) as volume {name}")
+        self.timings["upload"] = round(time.monotonic() - t0, 4)
+        self.timings["upload_mb"] = round(self.volumes.bytes_sent / 2**20, 1)
+
+        xml = libvirt_xml.domain_xml(self.host.profile, self.host.files, libvirt_xml.XmlOptions(
+            domain_type=self._domain_type(accel), lab=True, firmware_autoselect=True))
+        (self.outdir / "domain.xml").write_text(xml)
+        self._qmp_log = open(self.outdir / "qmp.jsonl", "a", buffering=1)
+        flags = libvirt.VIR_DOMAIN_START_PAUSED | libvirt.VIR_DOMAIN_START_AUTODESTROY
+        dom = self.conn.createXML(xml, flags)
+        self.dom = dom
+        self._note_event("created paused")
+        # What the host runs, with the paths and QEMU user it chose.
+        (self.outdir / "domain.live.xml").write_text(dom.XMLDesc(0))
+        return dom
+
+    def _domain_type(self, accel: accelmod.AccelDecision) -> str:
+        """KVM only when this machine's accel decision says so and the host offers it too."""
+        assert self.conn is not None
+        wanted = accel.libvirt_domain_type()
+        if wanted != "kvm":
+            return wanted
+        try:
+            self.conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
+        except libvirt.libvirtError as exc:
+            self._note_event(f"the host offers no KVM ({_one_line(exc)}): domain type qemu (TCG)")
+            return "qemu"
+        return "kvm"
+
+    def _upload(self, vols: libvirt_storage.BootVolumes) -> HostSide:
+        """Every file the domain reads, into the host's pool; the XML then names only host paths."""
+        assert self.workdir is not None
+        p = self.profile
+        disk, fmt = None, "qcow2"
+        if self.image is not None:
+            src = Path(self.image)
+            shape = libvirt_storage.image_shape(src)
+            if libvirt_storage.needs_flattening(shape):
+                src = libvirt_storage.flatten(src, self.workdir / "disk.qcow2")
+                self._note_event(f"flattened {self.image} ({shape.format}, {shape.chain} image(s) in its chain) "
+                                 "to one qcow2 for the upload")
+            else:
+                fmt = shape.format
+            disk = vols.upload(src, f"disk.{fmt}")
+            if src.parent == self.workdir:
+                src.unlink()  # uploaded: the local copy is not needed any more
+        kernel = vols.path(vols.upload(Path(p.kernel), "kernel")) if p.kernel else None
+        initrd = vols.path(vols.upload(Path(p.initrd), "initrd")) if p.initrd else None
+        cdroms = [vols.path(vols.upload(Path(iso), f"cd{i}.iso")) for i, iso in enumerate(p.cdroms)]
+        nvram = None
+        if p.uefi:
+            keep = self.opts.vars_file
+            nvram = vols.upload(Path(keep), "VARS.fd") if keep and Path(keep).exists() else vols.expect("VARS.fd")
+        profile = replace(p, name=self.tag, kernel=kernel, initrd=initrd, cdroms=cdroms)
+        files = libvirt_xml.DomainFiles(disk=disk, disk_format=fmt, disk_pool=vols.pool.name() if disk else None,
+                                        nvram=vols.path(nvram) if nvram else None)
+        return HostSide(profile, files, nvram)
+
     # -- events (called on the libvirt event-loop thread) ---------------------
     def _on_qmp_event(self, conn: Any, dom: Any, event: str, seconds: int, micros: int, details: str | None, opaque: Any) -> None:
-        if dom is None or dom.name() != self.tag:
-            return
         ev: dict[str, Any] = {"event": event}
         if details:
             try:
@@ -381,70 +466,57 @@ class LibvirtBoot:
         self.bus.qmp_listener(ev)
 
     def _on_lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
-        if dom is None or dom.name() != self.tag:
-            return
+        text = lifecycle_text(event, detail)
+        self._note_event(text)
         if event == libvirt.VIR_DOMAIN_EVENT_STOPPED and not self._tearing_down.is_set():
             # Same signal as the direct backend's "QEMU exited"; a reboot or panic has
             # already been scored from its QMP event, which libvirt delivers first.
-            self.bus.put(Signal("process", "exited", {"returncode": f"libvirt stopped, detail {detail}",
-                                                      "log_tail": self._qemu_log_tail()}))
+            self.bus.put(Signal("process", "exited", {"returncode": f"libvirt: {text}",
+                                                      "log_tail": "\n".join(self._events[-3:])}))
         with self._shutdown_seen:
             self._shutdown_seen.notify_all()
+
+    def _note_event(self, text: str) -> None:
+        self._events.append(f"{time.strftime('%H:%M:%S')} {self.tag}: {text}")
 
     def _log_qmp(self, direction: str, msg: dict[str, Any]) -> None:
         with self._qmp_lock:
             if self._qmp_log is not None:
                 self._qmp_log.write(json.dumps({"t": round(time.time(), 6), "dir": direction, "msg": msg}) + "\n")
 
-    def _qemu_log_tail(self, n: int = 2000) -> str:
-        try:
-            with open(LIBVIRT_QEMU_LOG_DIR / f"{self.tag}.log", "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - n))
-                return fh.read().decode(errors="replace")
-        except OSError:
-            return ""
-
     # -- watch ---------------------------------------------------------------
     def _watch(self, deadline: float) -> Decision:
         expect = self.opts.expect
-        scorer = Scorer(expect, console_expected=self.profile.serial_console)
+        scorer = Scorer(expect, console_expected=self.profile.serial_console,
+                        agent_expected=None if self.profile.guest_agent else False)
+        if scorer.impossible:
+            return Decision("incomplete", scorer.impossible, "lab")
         if scorer.agent_expected:
-            if not self.profile.guest_agent:
-                return Decision("incomplete", "the expectation needs the guest agent but the profile has no agent channel", "lab")
             assert self.workdir is not None
             self.agent_checker = AgentChecker(str(self.workdir / "agent.sock"), expect, self.bus, deadline,
-                                              port_open=scorer.agent_port_open, log_path=self.outdir / "agent.jsonl")
+                                              port_open=scorer.agent_port_open, log_path=self.outdir / "agent.jsonl",
+                                              network=scorer.want_network)
             self.agent_checker.start()
         return score(self.bus, scorer, deadline)
 
     # -- evidence and shutdown -----------------------------------------------
-    def _qmp_command(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """A QMP command through libvirt-qemu (logged like the direct backend's)."""
-        assert self.dom is not None
-        msg: dict[str, Any] = {"execute": command}
-        if arguments:
-            msg["arguments"] = arguments
-        self._log_qmp("out", msg)
-        reply = json.loads(libvirt_qemu.qemuMonitorCommand(self.dom, json.dumps(msg), 0))
-        self._log_qmp("in", reply)
-        return reply
-
     def _active(self) -> bool:
         try:
             return self.dom is not None and bool(self.dom.isActive())
         except libvirt.libvirtError:
             return False
 
-    def _evidence(self, decision: Decision) -> dict[str, Any]:
-        def screendump() -> None:
-            try:
-                self._qmp_command("screendump", {"filename": str(self.outdir / "screen.png"), "format": "png"})
-            except (libvirt.libvirtError, ValueError):
-                pass
+    def _screendump(self) -> None:
+        assert self.conn is not None and self.dom is not None
+        try:
+            data, mime = screenshot(self.conn, self.dom)
+        except libvirt.libvirtError:
+            return  # evidence, not a signal
+        (self.outdir / SCREEN_NAMES.get(mime, "screen.png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "screen.ppm")).write_bytes(data)
 
+    def _evidence(self, decision: Decision) -> dict[str, Any]:
         return finish_evidence(decision, self.timings,
-                               screendump=screendump if self.opts.screendump and self._active() else None,
+                               screendump=self._screendump if self.opts.screendump and self._active() else None,
                                clean_shutdown=self._clean_shutdown if self.opts.shutdown_on_pass else None)
 
     def _clean_shutdown(self) -> tuple[bool, str]:
@@ -471,7 +543,9 @@ class LibvirtBoot:
             reason = (self._shutdowns[seen].get("data") or {}).get("reason")
         return reason == "guest-shutdown", f"{how}, SHUTDOWN reason {reason}"
 
-    def _teardown(self) -> None:
+    # -- teardown ------------------------------------------------------------
+    def teardown(self) -> None:
+        """Destroy the domain, fetch the NVRAM, delete the volumes and the local temp dir."""
         self._tearing_down.set()
         if self.agent_checker is not None:
             self.agent_checker.stop()
@@ -479,15 +553,48 @@ class LibvirtBoot:
                 self.agent_checker.client.close()
         if self.bridge is not None:
             self.bridge.stop()
+        if self.console is not None:
+            # Before the destroy: closing a console while the host tears its domain down can hang.
+            self.console.close(domain_running=self._active())
         if self.dom is not None:
             try:
                 self.dom.destroy()
             except libvirt.libvirtError:
                 pass  # already gone (reboot, poweroff)
-            with _live_lock:
-                _live.pop(self.tag, None)
-        for w in self.watchers:
-            w.stop()
+        self._fetch_nvram()
+        self.release_host_side()
+        with self._qmp_lock:
+            if self._qmp_log is not None:
+                self._qmp_log.close()
+                self._qmp_log = None
+        self._write_qemu_log()
+        if self.workdir is not None:
+            backend_qemu.remove_workdir(self.workdir)
+
+    def _fetch_nvram(self) -> None:
+        """The NVRAM the guest wrote comes back to ``vars_file`` for the next phase."""
+        if (self.dom is None or self.host is None or self.host.nvram_volume is None or self.opts.vars_file is None
+                or self.volumes is None):
+            return  # no UEFI, nothing to keep, or the domain never ran
+        try:
+            self.volumes.download(self.host.nvram_volume, Path(self.opts.vars_file))
+        except (libvirt.libvirtError, OSError) as exc:
+            self.lab_notes.append(f"NVRAM not fetched back from the host: {_one_line(exc)}")
+
+    def release_host_side(self) -> None:
+        """Destroy the domain, delete the volumes, close the connection (idempotent; also at exit)."""
+        with _live_lock:
+            _live.pop(self.tag, None)
+        if self.dom is not None:
+            try:
+                self.dom.destroy()
+            except libvirt.libvirtError:
+                pass
+        if self.volumes is not None:
+            left = self.volumes.delete_all()
+            if left:
+                self.lab_notes.append(f"volumes left in the host's pool: {', '.join(left)}")
+            self.volumes = None
         if self.conn is not None:
             for kind, cid in self._callbacks:
                 try:
@@ -497,30 +604,17 @@ class LibvirtBoot:
                         self.conn.domainEventDeregisterAny(cid)
                 except libvirt.libvirtError:
                     pass
+            self._callbacks = []
             try:
                 self.conn.close()
             except libvirt.libvirtError:
                 pass
-        with self._qmp_lock:
-            if self._qmp_log is not None:
-                self._qmp_log.close()
-                self._qmp_log = None
-        # libvirt's per-domain QEMU log becomes the boot's qemu.log.
-        src = LIBVIRT_QEMU_LOG_DIR / f"{self.tag}.log"
-        if src.exists():
-            try:
-                shutil.copyfile(src, self.outdir / "qemu.log")
-                src.unlink()
-            except OSError:
-                pass
-        if self.workdir is not None:
-            backend_qemu.remove_workdir(self.workdir)
+            self.conn = None
 
-
-def _named(profile: MachineProfile, name: str) -> MachineProfile:
-    from dataclasses import replace
-
-    return replace(profile, name=name)
+    def _write_qemu_log(self) -> None:
+        head = (f"# libvirt backend, {self.uri}: QEMU's own log is on that host "
+                f"(/var/log/libvirt/qemu/{self.tag}.log); what libvirt reported about the QEMU process:\n")
+        (self.outdir / "qemu.log").write_text(head + "".join(line + "\n" for line in self._events))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -539,7 +633,7 @@ def boot(
     vars_file: Path | None = None,
     shutdown_on_pass: bool = False,
 ) -> BootResult:
-    """Boot ``image`` (None: direct kernel boot) as a transient libvirt domain and score it."""
+    """Boot ``image`` (None: direct kernel boot) as a transient domain on the libvirt host and score it."""
     opts = LibvirtBootOptions(timeout=timeout, outdir=Path(outdir), expect=expect or Expect(), connect=connect,
                               vars_file=vars_file, shutdown_on_pass=shutdown_on_pass)
     with backend_qemu.interrupt_guard():

@@ -300,6 +300,7 @@ class QemuBoot:
             artifacts=self.artifacts(),
             agent=agent_data,
             signal=decision.signal,
+            evidence=list(decision.evidence),
             known_issues=decision.known_issues,
             profile=self.profile.to_dict(),
             backend="qemu",
@@ -384,13 +385,15 @@ class QemuBoot:
     # -- watch ---------------------------------------------------------------
     def _watch(self, deadline: float) -> Decision:
         expect = self.opts.expect
-        scorer = Scorer(expect, console_expected=self.profile.serial_console)
+        scorer = Scorer(expect, console_expected=self.profile.serial_console,
+                        agent_expected=None if self.profile.guest_agent else False)
+        if scorer.impossible:
+            return Decision("incomplete", scorer.impossible, "lab")
         if scorer.agent_expected:
-            if not self.profile.guest_agent:
-                return Decision("incomplete", "the expectation needs the guest agent but the profile has no agent channel", "lab")
             assert self.workdir is not None
             self.agent_checker = AgentChecker(str(self.sockdir.path("agent.sock")), expect, self.bus, deadline,
-                                              port_open=scorer.agent_port_open, log_path=self.outdir / "agent.jsonl")
+                                              port_open=scorer.agent_port_open, log_path=self.outdir / "agent.jsonl",
+                                              network=scorer.want_network)
             self.agent_checker.start()
         return score(self.bus, scorer, deadline)
 

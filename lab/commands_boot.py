@@ -17,7 +17,8 @@ from h2k.commands.argtypes import positive_int
 from h2k.errors import InputError
 from h2k.profile import DISK_BUSES, FIRMWARES, NIC_MODELS, MachineProfile
 from lab.boot import BACKENDS, boot, boot_two_phase
-from lab.verdict import BUILTIN_FAILURES, Expect, Pattern
+from lab.guestos import os_family_of
+from lab.verdict import BUILTIN_FAILURES, EVIDENCE, Expect, Pattern, parse_success
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,8 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bootstrap: SATA (IDE with --bus ide) + e1000e + driver ISO; final: VirtIO (default)")
     p.add_argument("--profile-json", type=Path, metavar="FILE",
                    help="a MachineProfile as JSON (e.g. written by the engine); overrides --profile and friends")
-    p.add_argument("--os", choices=("windows", "linux"), default="windows",
-                   help="guest OS family: Windows gets Hyper-V enlightenments incl. hv-crash (default: windows)")
+    p.add_argument("--os", choices=("auto", "windows", "linux"), default="auto",
+                   help="guest OS family: Windows gets Hyper-V enlightenments incl. hv-crash; it also chooses "
+                        "what counts as success (see --success). auto (default): linux for --kernel, else "
+                        "libguestfs inspection of IMAGE (one read-only appliance launch)")
     p.add_argument("--firmware", choices=FIRMWARES, default="bios", help="never changed by a migration (default: bios)")
     p.add_argument("--bus", choices=DISK_BUSES, help="disk bus (default: sata for bootstrap, virtio-blk for final)")
     p.add_argument("--nic", choices=NIC_MODELS, help="NIC model (default: e1000e for bootstrap, virtio-net for final)")
@@ -57,16 +60,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="qemu", help="direct QEMU (default) or libvirt")
     p.add_argument("--connect", metavar="URI", help="libvirt URI (with --backend libvirt)")
     p.add_argument("--outdir", type=Path, help="where the evidence goes (default: a new dir under /tmp)")
+    p.add_argument("--success", action="append", default=[], metavar="EVIDENCE[+EVIDENCE...]",
+                   help="what passes the boot: evidence names joined by '+' must all be seen; repeat the option "
+                        "for alternatives (the first complete one passes). Evidence: " + ", ".join(EVIDENCE)
+                        + ". Default per OS: linux login | systemd-target | agent; windows ems | agent "
+                        "(two-phase: agent)")
     p.add_argument("--expect-pattern", action="append", default=[], metavar="REGEX",
-                   help="console regex meaning success (repeatable; replaces the default H2K-BOOT-OK marker; "
-                        "EMS <machine-info> always counts)")
+                   help="console regex for the 'pattern' evidence (repeatable, any one matches); without "
+                        "--success it alone decides success")
     p.add_argument("--fail-pattern", action="append", default=[], metavar="NAME=REGEX",
                    help="extra console regex meaning failure (repeatable)")
     p.add_argument("--known-issue", action="append", default=[], metavar="NAME=REGEX",
                    help="console regex for a known, non-fatal problem: a pass becomes softfailed (repeatable)")
-    p.add_argument("--require-agent", action="store_true", help="the guest agent must answer")
+    p.add_argument("--require-agent", action="store_true",
+                   help="the guest agent must answer (adds 'agent' to every success alternative)")
     p.add_argument("--require-network", action="store_true",
-                   help="an IPv4 address on a NIC and a ping of the gateway from inside the guest (implies the agent)")
+                   help="an IPv4 address on a NIC and a ping of the gateway from inside the guest "
+                        "(adds 'network', which implies the agent, to every success alternative)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON instead of one line")
     p.set_defaults(func=run)
 
@@ -107,6 +117,15 @@ def _profile(args: argparse.Namespace, stage: str, bus: str | None, nic: str | N
     return prof
 
 
+def _auto_os(args: argparse.Namespace) -> str:
+    """--os auto: a kernel boot is Linux; a disk is whatever libguestfs inspection finds on it."""
+    if args.image and not args.kernel:
+        family, found = os_family_of(Path(args.image))
+        print(f"h2k boot: --os {family} (libguestfs inspection found {found})", file=sys.stderr)
+        return family
+    return "linux"
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.image and not args.kernel and not args.profile_json:
         raise InputError("give a disk IMAGE or --kernel")
@@ -123,13 +142,20 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--timeout must be positive")
     if args.connect and args.backend != "libvirt":
         raise InputError("--connect needs --backend libvirt")
-    expect = Expect()
-    if args.expect_pattern:
-        expect.success_patterns = list(args.expect_pattern)
-    expect.failure_patterns = list(BUILTIN_FAILURES) + _named(args.fail_pattern, "failed")
-    expect.known_issues = _named(args.known_issue, "softfailed")
-    expect.require_network = args.require_network
-    expect.require_agent = args.require_agent or args.require_network
+    success = parse_success(args.success) if args.success else None
+    failures = list(BUILTIN_FAILURES) + _named(args.fail_pattern, "failed")
+    known = _named(args.known_issue, "softfailed")
+
+    def expect_for(family: str, first_boot: bool = False) -> Expect:
+        return Expect.for_os(family, first_boot=first_boot, success=success,
+                             success_patterns=list(args.expect_pattern), failure_patterns=failures,
+                             known_issues=known, require_agent=args.require_agent or args.require_network,
+                             require_network=args.require_network)
+
+    expect_for("linux" if args.os == "auto" else args.os)  # bad input ends here, before any inspection or boot
+    if args.os == "auto":
+        args.os = _auto_os(args)
+    expect = expect_for(args.os)
     outdir = args.outdir or Path(tempfile.mkdtemp(prefix="h2k-boot-out-"))
     image = Path(args.image) if args.image else None
     if args.profile_json:
@@ -144,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--two-phase needs a disk IMAGE")
         first = _profile(args, "bootstrap", args.bus if args.bus in ("sata", "ide") else None, None)
         final = _profile(args, "final", args.final_bus, None)
-        result = boot_two_phase(image, first, final, timeout=args.timeout, outdir=outdir, expect=expect,
+        # A Windows two-phase boot runs h2k's first-boot installer: only the agent shows it has run.
+        phase_expect = expect_for(args.os, first_boot=True)
+        result = boot_two_phase(image, first, final, timeout=args.timeout, outdir=outdir, expect=phase_expect,
                                 backend=args.backend, connect=args.connect)
     else:
         result = boot(image, profile, timeout=args.timeout, outdir=outdir, expect=expect,

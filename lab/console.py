@@ -1,5 +1,5 @@
 """Watch a serial console (or the firmware debug port): strip noise, match patterns
-incrementally, parse Windows EMS/SAC XML.
+incrementally, parse Windows EMS/SAC XML, and report evidence of success.
 
 ``ConsoleScanner`` is pure logic: feed it bytes as they arrive, it returns the
 events found so far. Matches work across reads (an EMS block split over many
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lab import stopcodes
-from lab.verdict import Expect, Pattern
 from lab.unixsock import connect_unix
+from lab.verdict import BOOT_OK_MARKER, Expect, Pattern
 
 # CSI (ESC [ ... final), OSC (ESC ] ... BEL/ST), two-byte ESC sequences, and charset selects.
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Za-z]|\x1b[@-Z\\-_=>]")
@@ -36,6 +36,21 @@ _BP_INSTANCE = re.compile(r'<INSTANCE CLASSNAME="BLUESCREEN">(?P<body>.*?)</INST
 _PROPERTY = re.compile(r'<PROPERTY NAME="(?P<name>[^"]+)"[^>]*>\s*<VALUE>(?P<value>.*?)</VALUE>', re.S)
 _TAG = re.compile(r"<(?P<tag>[a-z-]+)>(?P<value>[^<]*)</(?P=tag)>")
 
+# Console evidence of success (lab.verdict.EVIDENCE), scanned on every console whatever the
+# expectation, so a verdict (or a timeout's reason) can say what the guest did show.
+# A pattern with a ``detail`` group waits for the end of its line.
+CONSOLE_EVIDENCE_PATTERNS: dict[str, list[str]] = {
+    "marker": [re.escape(BOOT_OK_MARKER)],
+    # agetty's prompt: "<host> login: " at the start of a line, never followed by a newline; a kernel
+    # message may land right after it on the same line.
+    "login": [r"^(?!Last login)(?P<host>[A-Za-z0-9][A-Za-z0-9._-]{0,62}) login: *(?=$|\[ *\d+\.\d+\])"],
+    # systemd's status line for its default target; systemd 249+ names the unit first and cuts a
+    # long name to the column ("multi-user.…get - Multi-User System."), so the description counts.
+    "systemd-target": [r"Reached target (?P<detail>[^\n]*?(?:Multi-User System|Graphical Interface"
+                       r"|multi-user\.target|graphical\.target)[^\n]*)"],
+    "ems": [r"^SAC>"],  # the SAC prompt; <machine-info> is parsed apart (never inside a <BP>)
+}
+
 WINDOW = 16384  # the longest stretch a pattern may span (an EMS block is < 2 KiB)
 KEEP = 65536  # text kept for matching
 
@@ -49,13 +64,14 @@ def clean(text: str) -> str:
 
 @dataclass
 class ConsoleEvent:
-    kind: str  # "success" | "failure" | "ems-machine-info" | "ems-bluescreen"
+    kind: str  # "evidence" (name: an evidence name) | "failure" | "ems-bluescreen"
     name: str
     text: str
     verdict: str | None = None  # for failures: "failed" | "softfailed"
     source: str = "console"
     data: dict[str, Any] = field(default_factory=dict)
     t: float = field(default_factory=time.monotonic)
+    pos: int = 0  # where in the stream it starts (events of one read are reported in stream order)
 
 
 def parse_machine_info(body: str) -> dict[str, str]:
@@ -93,8 +109,12 @@ class ConsoleScanner:
         self._pending = ""  # raw text held back (a possibly incomplete escape)
         self.text = ""  # cleaned text, the last KEEP characters
         self._base = 0  # absolute offset of self.text[0]
-        self._success = [re.compile(p, re.M) for p in expect.success_patterns] if source == "console" else []
-        self._ems = expect.ems_machine_info_is_success and source == "console"
+        # (evidence name, compiled regex): only the console carries evidence of success.
+        self._evidence: list[tuple[str, re.Pattern[str]]] = []
+        if source == "console":
+            for name, regexes in CONSOLE_EVIDENCE_PATTERNS.items():
+                self._evidence += [(name, re.compile(r, re.M)) for r in regexes]
+            self._evidence += [("pattern", re.compile(r, re.M)) for r in expect.success_patterns]
         self._failures = [(p, p.compiled()) for p in expect.all_failure_patterns() if p.applies_to(source)]
         # Per pattern: the absolute offset from which to search next.
         self._pos: dict[int, int] = {}
@@ -123,7 +143,10 @@ class ConsoleScanner:
         return found
 
     # -- matching ------------------------------------------------------------
-    def _search(self, key: int, rx: re.Pattern[str]) -> list[re.Match[str]]:
+    def _search(self, key: int, rx: re.Pattern[str], one_line: bool = False) -> list[re.Match[str]]:
+        """Matches of ``rx`` in the text not searched yet. ``one_line``: the pattern never spans a
+        newline, so a miss resumes at the start of the last line, not a WINDOW back (a guest under
+        TCG often writes a byte per read: re-searching 16 KiB per pattern per byte costs seconds)."""
         end = self._base + len(self.text)
         start = max(self._pos.get(key, 0), self._base, end - len(self.text))
         matches = []
@@ -142,7 +165,8 @@ class ConsoleScanner:
             self._pos[key] = self._base + matches[-1].end()
         else:
             # Keep a window so a match still in the making is found later.
-            self._pos[key] = max(start, end - WINDOW)
+            resume = self._base + self.text.rfind("\n") + 1 if one_line else end - WINDOW
+            self._pos[key] = max(start, resume)
         return matches
 
     def _line_unfinished(self, rx: re.Pattern[str], m: re.Match[str]) -> bool:
@@ -162,13 +186,23 @@ class ConsoleScanner:
         if self.source == "console":
             out += self._scan_ems()
         for i, (pat, rx) in enumerate(self._failures):
-            for m in self._search(1000 + i, rx):
+            for m in self._search(1000 + i, rx, pat.one_line):
                 detail = m.groupdict().get("detail")
                 out.append(ConsoleEvent("failure", pat.name, _line(m.group(0)), pat.verdict, self.source,
-                                        {"detail": detail.strip()} if detail else {}))
-        for i, rx in enumerate(self._success):
-            for m in self._search(i, rx):
-                out.append(ConsoleEvent("success", rx.pattern, _line(m.group(0)), source=self.source))
+                                        {"detail": detail.strip()} if detail else {}, pos=self._base + m.start()))
+        for i, (name, rx) in enumerate(self._evidence):
+            for m in self._search(i, rx, name != "pattern"):
+                data = {k: v.strip() for k, v in m.groupdict().items() if v}
+                if name == "pattern":
+                    data["regex"] = rx.pattern
+                out.append(ConsoleEvent("evidence", name, _line(m.group(0)), source=self.source, data=data,
+                                        pos=self._base + m.start()))
+        if any(ev.name == "ems" and "machine_info" in ev.data for ev in out):
+            # The same evidence twice in one read: keep the <machine-info>, which names the OS.
+            out = [ev for ev in out if not (ev.name == "ems" and "machine_info" not in ev.data)]
+        # Stream order, except that a failure shown in the same read as a success comes first:
+        # when the lab looks, the guest has already failed.
+        out.sort(key=lambda ev: (ev.kind == "evidence", ev.pos))
         return out
 
     def _scan_ems(self) -> list[ConsoleEvent]:
@@ -182,22 +216,22 @@ class ConsoleScanner:
             info = parse_bluescreen(m.group("body"))
             code = info.get("stop_code")
             text = stopcodes.describe(code) if code is not None else "unknown stop code"
-            out.append(ConsoleEvent("ems-bluescreen", "bluescreen", text, "failed", self.source, info))
+            out.append(ConsoleEvent("ems-bluescreen", "bluescreen", text, "failed", self.source, info,
+                                    pos=self._base + m.start()))
             rel = m.end()
-        self._bp_pos = self._base + rel
-        if self._ems:
-            rel = max(0, self._ems_pos - self._base)
-            while True:
-                m = _MACHINE_INFO.search(self.text, rel)
-                if not m:
-                    break
-                rel = m.end()
-                if self._inside_bp(m.start()):
-                    continue
-                info = parse_machine_info(m.group("body"))
-                out.append(ConsoleEvent("ems-machine-info", "machine-info", info.get("os-product", "machine-info"),
-                                        source=self.source, data=info))
-            self._ems_pos = self._base + rel
+        self._bp_pos = self._base + _resume(self.text, rel, '<INSTANCE CLASSNAME="BLUESCREEN">')
+        rel = max(0, self._ems_pos - self._base)
+        while True:
+            m = _MACHINE_INFO.search(self.text, rel)
+            if not m:
+                break
+            rel = m.end()
+            if self._inside_bp(m.start()):
+                continue
+            info = parse_machine_info(m.group("body"))
+            out.append(ConsoleEvent("evidence", "ems", info.get("os-product", "machine-info"),
+                                    source=self.source, data={"machine_info": info}, pos=self._base + m.start()))
+        self._ems_pos = self._base + _resume(self.text, rel, "<machine-info>")
         return out
 
     def _inside_bp(self, rel: int) -> bool:
@@ -205,6 +239,13 @@ class ConsoleScanner:
         if opened < 0:
             return False
         return self.text.rfind("</BP>", opened, rel) < 0
+
+
+def _resume(text: str, rel: int, opening: str) -> int:
+    """Where the next search for a block starting with ``opening`` begins: its unfinished opening
+    if one is there, else just before the end (a new opening may still be arriving)."""
+    opened = text.find(opening, rel)
+    return opened if opened >= 0 else max(rel, len(text) - len(opening))
 
 
 def _line(s: str) -> str:

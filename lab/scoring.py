@@ -7,9 +7,10 @@ port, the guest agent, the QEMU process) put ``Signal``s on one ``SignalBus``;
 
 Order of strength (DESIGN.md "Scoring a boot"): GUEST_PANICKED with hyper-v
 info (stop code) > pvpanic GUEST_PANICKED > EMS BLUESCREEN > console failure
-patterns > SHUTDOWN(guest-reset) before success = reboot loop > success on the
-console (+ agent and network checks when required). Known issues turn a pass
-into softfailed. QEMU dying on its own = incomplete; the deadline = timeout.
+patterns > SHUTDOWN(guest-reset) before success = reboot loop > success: the
+first complete alternative of evidence (console: login prompt, systemd target,
+EMS, marker, user patterns; agent; network). Known issues turn a pass into
+softfailed. QEMU dying on its own = incomplete; the deadline = timeout.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Callable
 from lab import agent as agentmod
 from lab import stopcodes
 from lab.console import ConsoleEvent
-from lab.verdict import Expect
+from lab.verdict import AGENT_EVIDENCE, CONSOLE_EVIDENCE, Expect
 
 
 @dataclass
@@ -74,24 +75,67 @@ class Decision:
     data: dict[str, Any] = field(default_factory=dict)
     signal_t: float | None = None  # when the deciding signal was observed (monotonic)
     decided_t: float = field(default_factory=time.monotonic)
+    evidence: list[str] = field(default_factory=list)  # a pass: the alternative that decided it
+
+
+@dataclass
+class Seen:
+    """One piece of evidence of success, as first seen."""
+
+    name: str
+    words: str  # for the reason line, e.g. "login prompt 'vmw-deb12 login:'"
+    t: float
+
+
+def _words(ev: ConsoleEvent) -> str:
+    if ev.name == "ems":
+        info = ev.data.get("machine_info")
+        return f"Windows kernel up (EMS machine-info: {ev.text})" if info is not None else "SAC prompt on EMS"
+    if ev.name == "login":
+        return f"login prompt {ev.text!r}"
+    if ev.name == "systemd-target":
+        return f"systemd reached {ev.data.get('detail', ev.text)!r}"
+    if ev.name == "marker":
+        return f"console marker {ev.text!r}"
+    return f"console pattern {ev.data.get('regex', '?')!r} matched {ev.text!r}"
 
 
 class Scorer:
+    """Turns signals into a decision. Success: the first complete alternative of
+    ``expect.alternatives()``; evidence the machine cannot show (no serial console, no agent
+    channel) drops the alternatives that need it."""
+
     def __init__(self, expect: Expect, *, console_expected: bool = True, agent_expected: bool | None = None) -> None:
         self.expect = expect
-        # With no console (or no success pattern), the agent alone can pass a boot.
-        self.console_expected = console_expected and bool(expect.success_patterns or expect.ems_machine_info_is_success)
-        self.agent_expected = expect.require_agent or expect.require_network if agent_expected is None else agent_expected
-        self.console_ok: Signal | None = None
-        self.agent_ok: Signal | None = None
+        unavailable = set()
+        if not console_expected:
+            unavailable |= CONSOLE_EVIDENCE
+        if agent_expected is False:
+            unavailable |= AGENT_EVIDENCE
+        self.alternatives = [alt for alt in expect.alternatives() if not unavailable & set(alt)]
+        # Start the agent checks only when some alternative needs them (or devices are collected).
+        self.agent_expected = any(AGENT_EVIDENCE & set(alt) for alt in self.alternatives) or (
+            expect.collect_devices and agent_expected is not False)
+        self.want_network = any("network" in alt for alt in self.alternatives)
+        self.seen: dict[str, Seen] = {}
+        self.dead: dict[str, str] = {}  # evidence that can no longer come -> why (an agent check failed)
         self.known: list[str] = []
         self.machine_info: dict[str, Any] | None = None
         self.agent_port_open = threading.Event()
         self.decision: Decision | None = None
 
     @property
+    def impossible(self) -> str | None:
+        """Why no alternative can pass on this machine (checked before the boot), or None."""
+        if self.alternatives:
+            return None
+        return ("no success alternative can be shown on this machine "
+                f"({' | '.join('+'.join(a) for a in self.expect.alternatives())} need a serial console "
+                "or an agent channel the profile lacks)")
+
+    @property
     def booted(self) -> bool:
-        return self.console_ok is not None or self.agent_ok is not None
+        return bool(self.seen)
 
     def handle(self, sig: Signal) -> Decision | None:
         if self.decision is not None:
@@ -111,16 +155,31 @@ class Scorer:
         if sig.source in ("console", "firmware"):
             return self._console(sig)
         if sig.source == "agent":
-            if sig.name == "ok":
-                self.agent_ok = sig
-                return self._maybe_pass()
-            return self._fail(sig.data.get("reason", "guest agent check failed"), "agent", data=sig.data)
+            return self._agent(sig)
         if sig.source == "process" and sig.name == "exited":
             return Decision("incomplete", f"QEMU exited unexpectedly (status {sig.data.get('returncode')})"
                             + _tail(sig.data.get("log_tail")), "process", known_issues=list(self.known))
         if sig.source == "lab" and sig.name == "error":
             return Decision("incomplete", sig.data.get("reason", "lab error"), "lab", known_issues=list(self.known))
         return None
+
+    def _agent(self, sig: Signal) -> Decision | None:
+        if sig.name in ("ok", "network-ok"):
+            name = "agent" if sig.name == "ok" else "network"
+            self._saw(name, sig.data.get("summary", "guest agent answered"), sig.t)
+            return self._maybe_pass()
+        # A failed check: the evidence it was to give (and what needs it) can no longer come.
+        failed = sig.data.get("evidence", "agent")
+        reason = sig.data.get("reason", "guest agent check failed")
+        for name in ("agent", "network") if failed == "agent" else (failed,):
+            self.dead.setdefault(name, reason)
+        if any(not self.dead.keys() & set(alt) for alt in self.alternatives):
+            return None  # another alternative may still pass (e.g. the login prompt)
+        return self._fail(reason, "agent", data=sig.data)
+
+    def _saw(self, name: str, words: str, t: float) -> None:
+        if name not in self.seen:
+            self.seen[name] = Seen(name, words, t)
 
     def _qmp(self, sig: Signal) -> Decision | None:
         data = sig.data
@@ -140,7 +199,8 @@ class Scorer:
         if sig.name == "SHUTDOWN":
             reason = data.get("reason", "")
             if reason == "guest-reset":
-                when = "after reaching success, during agent checks" if self.booted else "before reaching success"
+                when = (f"after showing {'+'.join(self.seen)}, before success was complete" if self.booted
+                        else "before reaching success")
                 return self._fail(f"reboot loop: the guest reset {when}", "qmp-reset")
             if reason == "guest-panic":
                 return self._fail("guest panicked (SHUTDOWN reason guest-panic)", "qmp-panic")
@@ -176,35 +236,37 @@ class Scorer:
             detail = ev.data.get("detail")
             return self._fail(f"{ev.name}: {detail or ev.text}", f"{where}-failure",
                               data={"line": ev.text, "crash": ev.name in CRASH_PATTERNS})
-        if ev.kind == "ems-machine-info":
-            self.machine_info = ev.data
-            if self.console_ok is None:
-                self.console_ok = sig
-            return self._maybe_pass()
-        if ev.kind == "success":
-            if self.console_ok is None:
-                self.console_ok = sig
+        if ev.kind == "evidence":
+            if ev.name == "ems" and "machine_info" in ev.data:
+                self.machine_info = ev.data["machine_info"]
+            self._saw(ev.name, _words(ev), sig.t)
             return self._maybe_pass()
         return None
 
     def _maybe_pass(self) -> Decision | None:
-        if self.console_expected and self.console_ok is None:
+        done = next((alt for alt in self.alternatives if all(n in self.seen for n in alt)), None)
+        if done is None:
             return None
-        if self.agent_expected and self.agent_ok is None:
-            return None
-        what = []
-        if self.console_ok is not None:
-            ev = self.console_ok.data["event"]
-            what.append("Windows kernel up (EMS machine-info)" if ev.kind == "ems-machine-info" else f"console marker {ev.text!r}")
-        if self.agent_ok is not None:
-            what.append(self.agent_ok.data.get("summary", "guest agent answered"))
         data: dict[str, Any] = {}
         if self.machine_info:
             data["machine_info"] = self.machine_info
+        words = " + ".join(self.seen[n].words for n in done)
         if self.known:
-            return Decision("softfailed", "booted with known issues: " + "; ".join(self.known), "success",
-                            known_issues=list(self.known), data=data)
-        return Decision("passed", "; ".join(what) or "booted", "success", data=data)
+            return Decision("softfailed", f"booted ({words}) with known issues: " + "; ".join(self.known), "success",
+                            known_issues=list(self.known), data=data, evidence=list(done))
+        return Decision("passed", words, "success", data=data, evidence=list(done))
+
+    def progress(self) -> str:
+        """What was seen and what is still missing, for a timeout's reason."""
+        parts = []
+        if self.seen:
+            parts.append("seen: " + ", ".join(self.seen))
+        missing = [" + ".join(n for n in alt if n not in self.seen) for alt in self.alternatives]
+        if missing:
+            parts.append("missing: " + " | ".join(missing))
+        if self.dead:
+            parts.append("; ".join(dict.fromkeys(self.dead.values())))  # one agent failure kills agent and network
+        return "; ".join(parts)
 
 
 # Console failures that announce a crash QMP may still report with more detail.
@@ -260,10 +322,8 @@ def score(bus: SignalBus, scorer: Scorer, deadline: float,
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            got = []
-            if scorer.console_ok is not None:
-                got.append("console success seen, agent checks unfinished")
-            d = Decision("timeout", "no conclusive signal before the deadline" + (f" ({got[0]})" if got else ""),
+            got = scorer.progress()
+            d = Decision("timeout", "no conclusive signal before the deadline" + (f" ({got})" if got else ""),
                          "deadline", known_issues=list(scorer.known))
             scorer.decision = d
             return d
@@ -315,17 +375,22 @@ def _corroborate(bus: SignalBus, scorer: Scorer, first: Decision, until: float,
 
 
 class AgentChecker:
-    """Runs the guest-agent checks in a thread and reports one Signal("agent", ok|failed).
+    """Runs the guest-agent checks in a thread and reports them as Signals on the bus:
+    ("agent", "ok") once ping and OS info answered (the "agent" evidence; devices first when
+    collected), then, when ``network`` (default: some alternative of ``expect`` needs it),
+    ("agent", "network-ok") once a NIC has an IPv4 address and the guest pinged the gateway.
+    A failed check is ("agent", "failed") with the evidence it was to give.
 
     Waits for the agent's virtio-serial port to open (QMP VSERPORT_CHANGE) when
-    told by ``port_open``; then sync, ping, OS info, and, when required, an IPv4
-    address on a NIC and a ping of the gateway run by the agent inside the guest.
+    told by ``port_open``.
     """
 
     def __init__(self, path: str, expect: Expect, bus: SignalBus, deadline: float,
-                 port_open: threading.Event | None = None, log_path: Any = None) -> None:
+                 port_open: threading.Event | None = None, log_path: Any = None,
+                 network: bool | None = None) -> None:
         self.path = path
         self.expect = expect
+        self.network = expect.needs("network") if network is None else network
         self.bus = bus
         self.deadline = deadline
         self.port_open = port_open
@@ -334,6 +399,7 @@ class AgentChecker:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="agent-checker", daemon=True)
         self.client: agentmod.AgentClient | None = None
+        self._checking = "agent"  # the evidence the check under way is to give
 
     def start(self) -> None:
         self._thread.start()
@@ -345,15 +411,18 @@ class AgentChecker:
     def _left(self) -> float:
         return self.deadline - time.monotonic()
 
+    def _failed(self, reason: str) -> None:
+        self.bus.put(Signal("agent", "failed", {"reason": reason, "evidence": self._checking, **self.result}))
+
     def _run(self) -> None:
         try:
             self._check()
         except agentmod.AgentError as exc:
             if not self._stop.is_set() and self._left() > 0:
-                self.bus.put(Signal("agent", "failed", {"reason": f"guest agent: {exc}", **self.result}))
+                self._failed(f"guest agent: {exc}")
         except OSError as exc:
             if not self._stop.is_set():
-                self.bus.put(Signal("agent", "failed", {"reason": f"guest agent channel error: {exc}"}))
+                self._failed(f"guest agent channel error: {exc}")
 
     def _check(self) -> None:
         if self.port_open is not None:
@@ -375,34 +444,42 @@ class AgentChecker:
                     return
         client.ping()
         self.result["osinfo"] = client.osinfo()
-        summary = [f"agent up ({self.result['osinfo'].get('pretty-name') or self.result['osinfo'].get('name', '?')})"]
-        if self.expect.require_network:
-            addrs: dict[str, list[str]] = {}
-            delay = 0.25
-            while not addrs:
-                self.result["interfaces"] = client.interfaces()
-                addrs = agentmod.ipv4_addresses(self.result["interfaces"])
-                if addrs or self._stop.is_set():
-                    break
-                if self._left() <= delay + 1:
-                    self.bus.put(Signal("agent", "failed", {"reason": "no IPv4 address on any NIC (guest-network-get-interfaces)", **self.result}))
-                    return
-                # DHCP has no event we can see from outside: poll with back-off.
-                self._stop.wait(delay)
-                delay = min(delay * 2, 2.0)
-            self.result["ipv4"] = addrs
-            path, args = agentmod.ping_command(self.result["osinfo"], self.expect.gateway)
-            res = client.exec(path, args, timeout=min(20.0, max(1.0, self._left())))
-            self.result["gateway_ping"] = res
-            if res.get("exitcode") != 0:
-                self.bus.put(Signal("agent", "failed", {"reason": f"ping of the gateway {self.expect.gateway} failed "
-                                                       f"(exit {res.get('exitcode')}): {res.get('out', '').strip()[-200:]}", **self.result}))
-                return
-            nic = ", ".join(f"{k}={'/'.join(v)}" for k, v in addrs.items())
-            summary.append(f"IPv4 {nic}, gateway {self.expect.gateway} answers ping")
+        osinfo = self.result["osinfo"]
         if self.expect.collect_devices:
             try:
                 self.result["devices"] = client.devices()
             except agentmod.AgentError as exc:
                 self.result["devices_error"] = str(exc)
-        self.bus.put(Signal("agent", "ok", {"summary": "; ".join(summary), **self.result}))
+        summary = f"agent up ({osinfo.get('pretty-name') or osinfo.get('name', '?')})"
+        self.bus.put(Signal("agent", "ok", {"summary": summary, **self.result}))
+        if self.network:
+            self._checking = "network"
+            self._check_network(client)
+
+    def _check_network(self, client: agentmod.AgentClient) -> None:
+        addrs: dict[str, list[str]] = {}
+        delay = 0.25
+        while not addrs:
+            self.result["interfaces"] = client.interfaces()
+            addrs = agentmod.ipv4_addresses(self.result["interfaces"])
+            if addrs or self._stop.is_set():
+                break
+            if self._left() <= delay + 1:
+                self._failed("no IPv4 address on any NIC (guest-network-get-interfaces)")
+                return
+            # DHCP has no event we can see from outside: poll with back-off.
+            self._stop.wait(delay)
+            delay = min(delay * 2, 2.0)
+        if self._stop.is_set():
+            return
+        self.result["ipv4"] = addrs
+        path, args = agentmod.ping_command(self.result["osinfo"], self.expect.gateway)
+        res = client.exec(path, args, timeout=min(20.0, max(1.0, self._left())))
+        self.result["gateway_ping"] = res
+        if res.get("exitcode") != 0:
+            self._failed(f"ping of the gateway {self.expect.gateway} failed "
+                         f"(exit {res.get('exitcode')}): {res.get('out', '').strip()[-200:]}")
+            return
+        nic = ", ".join(f"{k}={'/'.join(v)}" for k, v in addrs.items())
+        self.bus.put(Signal("agent", "network-ok", {"summary": f"IPv4 {nic}, gateway {self.expect.gateway} answers ping",
+                                                    **self.result}))

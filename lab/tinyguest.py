@@ -11,6 +11,7 @@ busybox initramfs that behaves as the kernel command line says.
 - ``poweroff``  ``poweroff -f`` before success
 - ``hang``      print a line, then sleep forever (a timeout)
 - ``silent``    use without ``console=ttyS0``: nothing ever reaches the serial port
+- ``quiet``     ``pass`` (DHCP, agent) with nothing on any console: only the agent shows it is up
 
 Boot it directly (``kernel_profile``: -kernel/-initrd/-append, which OVMF also
 supports through fw_cfg) or from a disk (``disk_image``): an MBR disk with one
@@ -37,7 +38,7 @@ from h2k.profile import MachineProfile
 from lab.testbed.cache import cached_build
 from lab.verdict import BOOT_OK_MARKER
 
-MODES = ("pass", "panic", "reboot", "poweroff", "hang", "silent")
+MODES = ("pass", "panic", "reboot", "poweroff", "hang", "silent", "quiet")
 
 # Loaded in this order (dependencies first are resolved from modules.dep).
 MODULES = ["virtio_pci", "virtio_console", "virtio_net", "e1000e", "e1000", "8139cp", "8139too", "vmxnet3",
@@ -57,6 +58,8 @@ for arg in $(cat /proc/cmdline); do
   case "$arg" in h2k.mode=*) mode="${arg#h2k.mode=}";; esac
 done
 say() { echo "$@" > /dev/ttyS0 2>/dev/null; echo "$@" > /dev/console 2>/dev/null; }
+# quiet: pass with nothing on any console (a guest only its agent can vouch for).
+[ "$mode" = quiet ] && { say() { :; }; mode=pass; }
 # Load modules in dependency order; missing hardware just means an unused module.
 for m in $(cat /etc/modules.order); do insmod "/lib/modules/$m" 2>/dev/null; done
 case "$mode" in
@@ -228,7 +231,7 @@ def initramfs(with_agent: bool = True) -> Path:
 def append_for(mode: str, serial: bool | None = None) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    serial = (mode != "silent") if serial is None else serial
+    serial = (mode not in ("silent", "quiet")) if serial is None else serial
     console = "console=ttyS0,115200" if serial else "console=tty0 quiet loglevel=0"
     # no_timer_check: on a starved host a TCG vCPU can miss the kernel's IO-APIC timer check,
     # which then panics ("IO-APIC + timer doesn't work!"); the check proves nothing here.

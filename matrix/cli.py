@@ -103,7 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     msub = p.add_subparsers(dest="matrix_command", metavar="ACTION")
     msub.required = True
 
-    rp = msub.add_parser("run", help="run the cells and write results.json, junit.xml and summary.md",
+    rp = msub.add_parser("run", help="run the cells and write results.json, junit.xml, summary.md and report.html",
                          description="Run the matrix. Ctrl-C or SIGTERM stops every running cell and still "
                                      "writes a valid partial report. Exit 0 when every cell passed or softfailed, "
                                      "1 otherwise, 130 when interrupted.")
@@ -134,9 +134,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--json", action="store_true", help="print the cells as JSON")
     lp.set_defaults(func=run_list)
 
-    pp = msub.add_parser("report", help="rebuild junit.xml, summary.md (and a merged results.json) from results",
+    pp = msub.add_parser("report", help="rebuild junit.xml, summary.md, report.html (and a merged results.json) "
+                                        "from results",
                          description="Rebuild every report from results.json files alone; several files "
-                                     "(e.g. one per shard) are merged, later files winning for the same cell.")
+                                     "(e.g. one per shard) are merged, later files winning for the same cell. "
+                                     "report.html links each cell's files where its results.json's folder has them.")
     pp.add_argument("results", nargs="+", help="results.json file(s)")
     pp.add_argument("-o", "--out", metavar="DIR", default=".", help="where to write the reports (default: .)")
     pp.add_argument("--summary", metavar="FILE", help="also append the markdown summary to FILE")
@@ -153,6 +155,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "to run this driver version (from the guest agent's guest-get-devices)")
     gp.add_argument("--all", action="store_true", help="list unchanged cells too")
     gp.add_argument("--summary", metavar="FILE", help="also append the table to FILE (markdown code block)")
+    gp.add_argument("--html", metavar="FILE",
+                    help="write the HTML gate report here (default: gate.html beside the candidate's results.json)")
     gp.set_defaults(func=run_gate)
 
 
@@ -236,7 +240,7 @@ def _run_locked(args: argparse.Namespace, spec, cells, runner, out: Path) -> int
     _append(args.summary, markdown(results))
     c = results.counts()
     print(f"h2k: matrix {spec.name}: " + ", ".join(f"{n} {v}" for v, n in c.items() if n)
-          + f"; reports in {out}", file=sys.stderr)
+          + f"; reports in {out} (open {out / 'report.html'})", file=sys.stderr)
     if runner.stopping:
         return 130
     return 0 if results.ok else 1
@@ -245,7 +249,9 @@ def _run_locked(args: argparse.Namespace, spec, cells, runner, out: Path) -> int
 def run_report(args: argparse.Namespace) -> int:
     parts = [load_results(p) for p in args.results]
     results = parts[0] if len(parts) == 1 else merge_results(parts)
-    paths = write_all(results, args.out)
+    # Each cell's files are beside the results.json it came from (later files win, as in the merge).
+    roots = {r.id: Path(path).resolve().parent for path, part in zip(args.results, parts) for r in part.cells}
+    paths = write_all(results, args.out, roots)
     for kind, path in paths.items():
         print(f"{kind}\t{path}")
     _append(args.summary, markdown(results))
@@ -256,6 +262,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_gate(args: argparse.Namespace) -> int:
     from matrix import gate
+    from matrix.html_report import GATE_REPORT_NAME, write_gate_html
 
     baseline = load_results(args.baseline)
     candidate = load_results(args.candidate)
@@ -265,14 +272,21 @@ def run_gate(args: argparse.Namespace) -> int:
     print(f"candidate: {args.candidate}: {gate.describe(candidate)}")
     print(text)
     regs = gate.regressions(changes)
+    mixed = gate.incomparable(changes)
     problems = gate.check_driver_versions(candidate, args.require_driver_version) if args.require_driver_version else []
     for p in problems:
         print(f"driver version: {p}")
-    verdict = "FAIL" if regs or problems else "PASS"
-    print(f"gate: {verdict}: {len(regs)} regression(s)" + (f", {len(problems)} driver-version problem(s)"
-                                                          if args.require_driver_version else ""))
+    verdict = "FAIL" if regs or mixed or problems else "PASS"
+    print(f"gate: {verdict}: {len(regs)} regression(s)"
+          + (f", {len(mixed)} cell(s) not comparable (proof mode differs)" if mixed else "")
+          + (f", {len(problems)} driver-version problem(s)" if args.require_driver_version else ""))
+    html = Path(args.html) if args.html else Path(args.candidate).parent / GATE_REPORT_NAME
+    write_gate_html(html, changes, baseline, candidate, args.baseline, args.candidate, verdict=verdict,
+                    problems=problems)
+    print(f"html report: {html}")
     _append(args.summary, f"## Driver-pack gate: {verdict}\n\n```\n{text}\n```\n"
             + "".join(f"- driver version: {p}\n" for p in problems))
-    if regs or problems:
-        raise CheckFailed(f"gate failed: {len(regs)} regression(s), {len(problems)} driver-version problem(s)")
+    if regs or mixed or problems:
+        raise CheckFailed(f"gate failed: {len(regs)} regression(s), {len(mixed)} not comparable, "
+                          f"{len(problems)} driver-version problem(s)")
     return 0

@@ -179,7 +179,9 @@ class LabExecutor:
             return Prepared(image, pack, src, image_format(src), info=info)
         # Resolving may build a test-bed artefact: that happens in the child too, so it can be stopped.
         out = run_child("prepare", {
-            "image_spec": vars(image), "pack_spec": vars(pack) if pack else None,
+            # What passes a boot travels with each cell, not with the fix.
+            "image_spec": {k: v for k, v in vars(image).items() if k != "expect"},
+            "pack_spec": vars(pack) if pack else None,
             "output": str(workdir / "fixed.qcow2"),
         }, workdir, stop)
         return Prepared(image, pack, Path(out["base"]), "qcow2", info=out.get("info", {}))
@@ -195,7 +197,7 @@ class LabExecutor:
             "pack": ctx.prepared.info.get("pack_iso"), "memory_mb": ctx.memory_mb,
             "outdir": str(ctx.outdir / "boot"), "backend": self.backend, "connect": ctx.connect,
         }, ctx.outdir, ctx.stop)
-        return CellOutcome(**out["outcome"])
+        return CellOutcome(**out["outcome"], proof="real boot")
 
 
     def _verify_cell(self, ctx: CellContext) -> CellOutcome:
@@ -203,7 +205,7 @@ class LabExecutor:
         if cell.bus not in VERIFY_BUSES:  # nothing to share: verify this cell alone (and report why not)
             out = run_child("verify", {"image": str(ctx.overlay), "bus": cell.bus}, ctx.outdir, ctx.stop,
                             deadline=time.monotonic() + cell.timeout)
-            return CellOutcome(**out["outcome"])
+            return CellOutcome(**out["outcome"], lab_setup=dict(ctx.prepared.info.get("lab_setup") or {}))
         base = str(ctx.prepared.base)
         with self._lock:
             lock = self._verify_locks.setdefault(base, threading.Lock())
@@ -218,7 +220,9 @@ class LabExecutor:
                 self._verified[base] = got
         if isinstance(got, BaseException):
             raise got
-        return outcome_for_bus(got["rules"], cell.bus, shared_with=base)
+        out = outcome_for_bus(got["rules"], cell.bus, shared_with=base)
+        out.lab_setup = dict(ctx.prepared.info.get("lab_setup") or {})
+        return out
 
 
 # Buses h2k.verify has rules for (the VirtIO storage drivers).
@@ -236,7 +240,7 @@ def outcome_for_bus(rules: list[dict[str, Any]], bus: str, shared_with: str | No
     phase: dict[str, Any] = {"phase": "verify", "bus": bus, "rules": mine}
     if shared_with:
         phase["verified"] = f"{shared_with} (read-only, once for both VirtIO buses)"
-    return CellOutcome("passed" if not failed else "failed", reason, phases=[phase])
+    return CellOutcome("passed" if not failed else "failed", reason, phases=[phase], proof="static verify")
 
 
 # --- child side ---------------------------------------------------------------------
@@ -307,13 +311,17 @@ def child_prepare(req: dict[str, Any]) -> dict[str, Any]:
             raise InputError(msg)
         return build_plan(facts, pack, "both")
 
-    report = fix_image(out, planner, in_place=True)
+    # EMS on COM1 in the BCD of the lab's copy (never the user's output): under TCG a bugcheck
+    # reaches the lab only through EMS (no hv-crash), and <machine-info> shows the kernel came up.
+    report = fix_image(out, planner, in_place=True, ems=True)
     facts = report.facts
     info = {
         "kind": "windows",
         "facts": {k: facts.get(k) for k in ("product_name", "build", "major", "minor", "is_server", "firmware", "arch")},
         "fix": report.summary(),
         "journal": report.journal,
+        "lab_setup": {"ems": "EMS on COM1 (115200) enabled in the BCD of the lab's fixed copy "
+                             f"{out.name}; the source image is untouched"},
         # Only boot cells attach the pack (bootstrap phase); fix+verify cells need no ISO.
         "pack_iso": _pack_iso(Path(req["pack"]), out.parent) if req["mode"] == "boot" else None,
     }
@@ -353,13 +361,25 @@ def profiles_for(cell: Cell, info: dict[str, Any], pack_iso: str | None, memory_
     return bootstrap, final
 
 
+def cell_expect(cell: Cell):
+    """What passes a cell's boots: the matrix's expect:, else the kind's default.
+
+    A Windows cell boots a fresh fix, so h2k's first-boot installer runs in it: the agent it
+    installs is the evidence (``Expect.for_os(..., first_boot=True)``), in both phases.
+    """
+    from lab.verdict import Expect
+
+    windows = cell.kind == "windows"
+    return Expect.for_os(cell.kind, first_boot=windows, collect_devices=windows,
+                         success=[list(a) for a in cell.success] or None, success_patterns=list(cell.patterns))
+
+
 def child_boot(req: dict[str, Any]) -> dict[str, Any]:
     from lab import boot as lab_boot
 
     cell = Cell.from_dict(req["cell"])
     bootstrap, final = profiles_for(cell, req.get("info") or {}, req.get("pack"), req["memory_mb"])
-    windows = cell.kind == "windows"
-    expect = lab_boot.Expect(require_agent=windows, collect_devices=windows)
+    expect = cell_expect(cell)
     outdir = Path(req["outdir"])
     kw = dict(timeout=cell.timeout, outdir=outdir, expect=expect, backend=req["backend"], connect=req.get("connect"))
     if bootstrap is None:
@@ -369,8 +389,12 @@ def child_boot(req: dict[str, Any]) -> dict[str, Any]:
     outcome = {
         "verdict": result.verdict, "reason": result.reason, "stop_code": result.stop_code,
         "stop_name": result.stop_name, "artifacts": dict(result.artifacts), "agent": _plain(result.agent),
-        "phases": [{k: ph.get(k) for k in ("phase", "verdict", "reason", "seconds", "stop_code", "stop_name")}
+        "phases": [{k: ph.get(k) for k in ("phase", "verdict", "reason", "seconds", "stop_code", "stop_name",
+                                           "evidence")}
                    for ph in result.phases],
+        "evidence": list(result.evidence),
+        "lab_setup": {**(req.get("info") or {}).get("lab_setup", {}), "success": expect.alternatives(),
+                      "patterns": list(expect.success_patterns)},
     }
     return {"outcome": outcome}
 

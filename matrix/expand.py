@@ -23,6 +23,7 @@ import fnmatch
 import itertools
 from dataclasses import dataclass, replace
 
+from h2k.errors import InputError
 from matrix.model import BOOT_MODES, BUSES, FIRMWARES, NICS, Cell, MatrixSpec, Rule
 
 
@@ -134,8 +135,32 @@ def expand(spec: MatrixSpec) -> list[Cell]:
             if t.rule.matches(cell):
                 timeout = t.seconds
         issue = next((k.reason for k in spec.known_issues if k.rule.matches(cell)), None)
-        cells.append(replace(cell, timeout=timeout, known_issue=issue))
+        success, patterns = _expect_of(spec, cell)
+        cells.append(replace(cell, timeout=timeout, known_issue=issue, success=success, patterns=patterns))
     return cells
+
+
+def _expect_of(spec: MatrixSpec, cell: Cell) -> tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]:
+    """The cell's success alternatives and patterns: the image's expect:, then matching rules in file order."""
+    from matrix.executors import cell_expect
+    from matrix.load import MatrixError
+
+    layers = [spec.image(cell.image).expect] + [e.expect for e in spec.expect if e.rule.matches(cell)]
+    success: tuple[tuple[str, ...], ...] = ()
+    patterns: tuple[str, ...] = ()
+    for layer in layers:
+        if layer is None:
+            continue
+        if layer.success is not None:
+            success = layer.success
+        if layer.patterns is not None:
+            patterns = layer.patterns
+    got = replace(cell, success=success, patterns=patterns)
+    try:
+        cell_expect(got)  # the combination must make sense (e.g. patterns that no alternative uses)
+    except InputError as exc:
+        raise MatrixError(f"{spec.source}: cell {cell.id}: {exc}") from None
+    return success, patterns
 
 
 def select(cells: list[Cell], patterns: list[str]) -> list[Cell]:

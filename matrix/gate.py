@@ -2,7 +2,9 @@
 
 A regression is a cell that was good in the baseline (passed or softfailed) and
 is bad in the candidate (failed, timeout, incomplete, skipped) or missing from
-it. Anything else is reported but does not fail the gate.
+it. A cell whose proof mode differs between the runs (a static verify against a
+real boot) is ``incomparable``: its verdicts say different things, so it fails the
+gate apart from the regressions. Anything else is reported but does not fail the gate.
 
 ``check_driver_versions`` proves that the candidate pack is the one running:
 the lab records the guest agent's ``guest-get-devices`` answer, which names the
@@ -25,12 +27,16 @@ class Change:
     id: str
     baseline: str | None  # verdict, None = not in the baseline
     candidate: str | None  # verdict, None = missing from the candidate
-    kind: str  # regression | fixed | new | dropped | changed | same
+    kind: str  # regression | incomparable | fixed | new | dropped | changed | same
     detail: str = ""
 
     @property
     def regression(self) -> bool:
         return self.kind == "regression"
+
+
+# The order a reader needs: what fails the gate first, then what changed for the better, ...
+KIND_ORDER = ("regression", "incomparable", "fixed", "new", "dropped", "changed", "same")
 
 
 def _kind(base: str | None, cand: str | None) -> str:
@@ -60,19 +66,27 @@ def compare(baseline: RunResults, candidate: RunResults) -> list[Change]:
             detail = "missing from the candidate"
         elif c.verdict not in GOOD_VERDICTS:
             detail = (f"0x{c.stop_code:X} {c.stop_name or ''} ".lstrip() if c.stop_code is not None else "") + c.reason
+        if b is not None and c is not None and b.proof != c.proof:
+            kind = "incomparable"  # never weigh a static verify against a real boot
+            detail = f"proof mode differs: baseline {b.proof}, candidate {c.proof}"
         out.append(Change(cid, b.verdict if b else None, c.verdict if c else None, kind, detail.strip()))
     return out
 
 
+def ordered(changes: list[Change]) -> list[Change]:
+    """Regressions first, then incomparable cells, fixed, new, dropped, changed, same (stable within a kind)."""
+    return sorted(changes, key=lambda ch: KIND_ORDER.index(ch.kind))
+
+
 def table(changes: list[Change], *, all_cells: bool = False) -> str:
-    rows = [ch for ch in changes if all_cells or ch.kind != "same"]
+    rows = [ch for ch in ordered(changes) if all_cells or ch.kind != "same"]
     if not rows:
         return "no changes"
     w = max(len("cell"), *(len(ch.id) for ch in rows))
-    lines = [f"{'cell':<{w}}  {'baseline':<10}  {'candidate':<10}  {'change':<10}  detail"]
+    lines = [f"{'cell':<{w}}  {'baseline':<10}  {'candidate':<10}  {'change':<12}  detail"]
     for ch in rows:
         lines.append(
-            f"{ch.id:<{w}}  {ch.baseline or '-':<10}  {ch.candidate or '-':<10}  {ch.kind:<10}  {ch.detail}".rstrip()
+            f"{ch.id:<{w}}  {ch.baseline or '-':<10}  {ch.candidate or '-':<10}  {ch.kind:<12}  {ch.detail}".rstrip()
         )
     return "\n".join(lines)
 
@@ -128,6 +142,10 @@ def check_driver_versions(candidate: RunResults, version: str) -> list[str]:
 
 def regressions(changes: list[Change]) -> list[Change]:
     return [ch for ch in changes if ch.regression]
+
+
+def incomparable(changes: list[Change]) -> list[Change]:
+    return [ch for ch in changes if ch.kind == "incomparable"]
 
 
 def describe(results: RunResults) -> str:

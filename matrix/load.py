@@ -25,6 +25,8 @@ from matrix.model import (
     BOOT_MODES,
     BUSES,
     FIRMWARES,
+    ExpectRule,
+    ExpectSpec,
     NICS,
     ImageSpec,
     KnownIssue,
@@ -86,6 +88,29 @@ def parse_stop_code(value: Any, source: str, where: str) -> int | None:
         raise MatrixError(f"{source}: {where}: stop code {value!r} is not a number (use 0x7B)") from None
 
 
+def parse_expect(raw: dict[str, Any] | None, source: str, where: str) -> ExpectSpec | None:
+    """An ``expect:`` mapping -> ExpectSpec; an unknown evidence name or a broken regex is one line."""
+    from lab.verdict import check_success, parse_success
+
+    if raw is None:
+        return None
+    success = patterns = None
+    try:
+        if "success" in raw:
+            alts = [parse_success(a)[0] if isinstance(a, str) else check_success([a])[0] for a in raw["success"]]
+            success = tuple(tuple(a) for a in alts)
+    except InputError as exc:
+        raise MatrixError(f"{source}: {where}.{exc}") from None
+    for j, regex in enumerate(raw.get("patterns") or []):
+        try:
+            re.compile(regex, re.M)
+        except re.error as exc:
+            raise MatrixError(f"{source}: {where}.patterns[{j}]: {regex!r} is not a valid regex: {exc}") from None
+    if "patterns" in raw:
+        patterns = tuple(raw["patterns"])
+    return ExpectSpec(success, patterns)
+
+
 def load_matrix(
     path: str | Path,
     *,
@@ -144,6 +169,7 @@ def build_spec(
                 firmware=raw.get("firmware"),
                 bus=raw.get("bus"),
                 nic=raw.get("nic"),
+                expect=parse_expect(raw.get("expect"), source, f"images[{i}].expect"),
             )
         )
     packs: list[PackSpec] = []
@@ -187,6 +213,10 @@ def build_spec(
             )
             for i, k in enumerate(data.get("known_issues") or [])
         ],
+        expect=[
+            ExpectRule(Rule(e["match"]), parse_expect(e, source, f"expect[{i}]"))
+            for i, e in enumerate(data.get("expect") or [])
+        ],
     )
     _check_rule_names(spec)
     return spec
@@ -209,6 +239,7 @@ def _check_rule_names(spec: MatrixSpec) -> None:
         ("exclude", [r for r in spec.exclude]),
         ("timeouts.rules", [t.rule for t in spec.timeouts]),
         ("known_issues", [k.rule for k in spec.known_issues]),
+        ("expect", [e.rule for e in spec.expect]),
     ]
     for group, rules in groups:
         for i, rule in enumerate(rules):
@@ -219,7 +250,7 @@ def _check_rule_names(spec: MatrixSpec) -> None:
                     if isinstance(value, str) and any(ch in value for ch in "*?["):
                         continue  # a glob
                     if value not in known[key]:
-                        where = f"{group}[{i}]" + (".match" if group in ("timeouts.rules", "known_issues") else "")
+                        where = f"{group}[{i}]" + (".match" if group in ("timeouts.rules", "known_issues", "expect") else "")
                         raise MatrixError(
                             f"{spec.source}: {where}.{key}: {value!r} is not one of {sorted(known[key])}"
                         )

@@ -26,6 +26,17 @@ BAD_VERDICTS = ("failed", "timeout", "incomplete", "skipped")
 # The keys a match rule (include/exclude/timeouts/known issues) may name.
 RULE_KEYS = ("image", "pack", "firmware", "bus", "nic", "boot_mode", "kind", "mode", "id")
 
+# How a cell's verdict is reached, the README's words: a guest really booted under QEMU, static
+# boot-readiness rules read on a disk that cannot boot (fix+verify), or a shape replayed from a
+# recording (an executor that runs no guest). A gate never compares two different modes.
+PROOF_MODES = ("real boot", "static verify", "recorded shape")
+
+
+def proof_of(mode: str) -> str:
+    """The proof mode of a cell by what it does: ``fix+verify`` cells verify, the others boot."""
+    return "static verify" if mode == "fix+verify" else "real boot"
+
+
 RESULTS_FORMAT = "hyper2kvm-matrix-results"
 RESULTS_VERSION = 1
 
@@ -42,6 +53,7 @@ class ImageSpec:
     firmware: list[str] | None = None  # restricts the matrix's firmware list for this image
     bus: list[str] | None = None
     nic: list[str] | None = None
+    expect: "ExpectSpec | None" = None  # what passes its boots (None: the kind's default)
 
 
 @dataclass
@@ -90,6 +102,24 @@ class KnownIssue:
     reason_contains: str | None = None  # only a failure whose reason contains this text
 
 
+@dataclass(frozen=True)
+class ExpectSpec:
+    """A matrix file's ``expect:``: success alternatives (evidence names) and/or console regexes.
+
+    Unset keys (None) keep what comes before: the image kind's default, then the image's
+    ``expect:``, then each matching rule in file order.
+    """
+
+    success: tuple[tuple[str, ...], ...] | None = None
+    patterns: tuple[str, ...] | None = None
+
+
+@dataclass
+class ExpectRule:
+    rule: Rule
+    expect: ExpectSpec
+
+
 @dataclass
 class MatrixSpec:
     name: str
@@ -105,6 +135,7 @@ class MatrixSpec:
     default_timeout: int = 900
     timeouts: list[TimeoutRule] = field(default_factory=list)
     known_issues: list[KnownIssue] = field(default_factory=list)
+    expect: list[ExpectRule] = field(default_factory=list)
 
     def image(self, name: str) -> ImageSpec:
         return next(i for i in self.images if i.name == name)
@@ -130,6 +161,9 @@ class Cell:
     boot_mode: str
     timeout: int
     known_issue: str | None = None  # reason text of the first matching known issue
+    # What passes this cell's boots (the matrix's expect:); empty: the kind's default.
+    success: tuple[tuple[str, ...], ...] = ()
+    patterns: tuple[str, ...] = ()
 
     def field(self, key: str) -> Any:
         return getattr(self, key)
@@ -144,7 +178,10 @@ class Cell:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Cell":
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+        d = {k: data.get(k) for k in cls.__dataclass_fields__ if k not in ("success", "patterns")}
+        d["success"] = tuple(tuple(alt) for alt in data.get("success") or ())
+        d["patterns"] = tuple(data.get("patterns") or ())
+        return cls(**d)
 
 
 @dataclass
@@ -162,10 +199,17 @@ class CellResult:
     host: str | None = None  # libvirt URI the cell ran on, None for local QEMU
     phases: list[dict[str, Any]] = field(default_factory=list)  # per boot phase: bootstrap, final
     note: str = ""  # e.g. the known issue that turned a failure into softfailed
+    evidence: list[str] = field(default_factory=list)  # a pass: the evidence names that decided it
+    # What the lab changed on its own copy of the image to observe the boot (e.g. EMS for Windows).
+    lab_setup: dict[str, Any] = field(default_factory=dict)
+    proof: str = ""  # one of PROOF_MODES; empty = from the cell's mode (older results files too)
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise ValueError(f"unknown verdict {self.verdict!r}")
+        self.proof = self.proof or proof_of(self.cell.mode)
+        if self.proof not in PROOF_MODES:
+            raise ValueError(f"unknown proof mode {self.proof!r}")
 
     @property
     def id(self) -> str:
@@ -210,6 +254,12 @@ class RunResults:
             out[r.verdict] += 1
         return out
 
+    def proof_counts(self) -> dict[str, int]:
+        out = {m: 0 for m in PROOF_MODES}
+        for r in self.cells:
+            out[r.proof] += 1
+        return out
+
     @property
     def ok(self) -> bool:
         return not self.interrupted and all(r.good for r in self.cells)
@@ -225,6 +275,7 @@ class RunResults:
             "finished": self.finished,
             "interrupted": self.interrupted,
             "counts": self.counts(),
+            "proof_counts": self.proof_counts(),
             "extra": self.extra,
             "cells": [r.to_dict() for r in self.cells],
         }

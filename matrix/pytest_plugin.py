@@ -11,8 +11,8 @@ deselected):
   lock, keyed by the image's path, size and mtime and the pack;
 * each test boots its cell on its own qcow2 overlay with the lab and fails with
   the lab's verdict and reason (bugcheck code and name included);
-* properties (verdict, seconds, artifacts) go to ``--junitxml`` via
-  ``user_properties``.
+* properties (verdict, the evidence that passed it, EMS on the lab's copy of a Windows image,
+  artifacts) go to ``--junitxml`` via ``user_properties``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="how the lab starts guests (default qemu)")
     g.addoption("--no-fix", action="store_true", default=False, dest="h2k_no_fix",
                 help="boot the image as it is, without h2k's fix (the 'before' picture)")
+    g.addoption("--success", action="append", default=[], dest="h2k_success", metavar="EVIDENCE[+EVIDENCE...]",
+                help="what passes a boot: evidence names joined by '+' (agent, network, login, systemd-target, "
+                     "ems, marker, pattern); repeat for alternatives (default: linux login | systemd-target | "
+                     "agent; windows agent, after h2k's first-boot installer)")
+    g.addoption("--expect-pattern", action="append", default=[], dest="h2k_expect_pattern", metavar="REGEX",
+                help="console regex for the 'pattern' evidence (repeatable); without --success it alone decides")
     g.addoption("--matrix-out", metavar="DIR", default=None,
                 help="where fixed images and boot artifacts go (default: under pytest's temp dir)")
 
@@ -100,7 +106,12 @@ def build_cells(config: pytest.Config):
         firmware = [f for f in config.getoption("firmware") if f != "auto"]
         if not firmware:
             firmware = [disk_firmware(path)]
-        images.append({"name": name, "kind": kind, "path": str(path), "firmware": firmware})
+        image: dict[str, Any] = {"name": name, "kind": kind, "path": str(path), "firmware": firmware}
+        expect = {k: v for k, v in (("success", config.getoption("h2k_success")),
+                                    ("patterns", config.getoption("h2k_expect_pattern"))) if v}
+        if expect:
+            image["expect"] = expect
+        images.append(image)
     data: dict[str, Any] = {
         "name": "pytest",
         "images": images,
@@ -115,9 +126,9 @@ def build_cells(config: pytest.Config):
         data["packs"] = [{"name": "drivers", "path": str(Path(drivers).expanduser().resolve())}]
     try:
         spec = build_spec(data, "pytest options")
+        return spec, expand(spec)  # expand checks each cell's success (e.g. a pattern no alternative uses)
     except Exception as exc:
         raise pytest.UsageError(str(exc)) from None
-    return spec, expand(spec)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -166,8 +177,14 @@ class CellItem(pytest.Item):
         from matrix.model import CellResult
 
         result = CellResult(self.cell, out.verdict, out.reason, out.stop_code, out.stop_name,
-                            artifacts=out.artifacts, agent=out.agent, phases=out.phases)
+                            artifacts=out.artifacts, agent=out.agent, phases=out.phases, evidence=out.evidence,
+                            lab_setup=out.lab_setup, proof=out.proof)
         self.user_properties.append(("verdict", out.verdict))
+        self.user_properties.append(("proof", result.proof))
+        if out.evidence:
+            self.user_properties.append(("evidence", "+".join(out.evidence)))
+        if out.lab_setup.get("ems"):
+            self.user_properties.append(("lab_setup:ems", out.lab_setup["ems"]))
         if out.stop_code is not None:
             self.user_properties.append(("stop_code", f"0x{out.stop_code:X}"))
         for k, v in sorted(out.artifacts.items()):

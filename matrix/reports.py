@@ -14,17 +14,23 @@ JUnit mapping (Jenkins/Ant format; see docs/matrix.md):
 * softfailed -> a passing testcase: the guest booted, with a known problem.
   JUnit has no such state, and ``<skipped>`` would tell CI it never ran. The
   ``verdict`` property says ``softfailed`` and system-out carries the reason.
-* every testcase has properties ``verdict``, ``seconds``, ``artifact:<name>``.
+* every testcase has properties ``verdict``, ``proof`` (real boot, static verify or
+  recorded shape), ``seconds``, ``artifact:<name>``.
+
+``report.html`` (``matrix.html_report``) is written beside the others by ``write_all``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from pathlib import Path
+from typing import Mapping
+
 from h2k.errors import InputError
 from matrix.model import RESULTS_FORMAT, RESULTS_VERSION, CellResult, RunResults
 
@@ -42,7 +48,7 @@ STATUS_WORDS = {
 # --- results.json ---------------------------------------------------------------
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
@@ -51,7 +57,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def write_results(results: RunResults, path: str | Path) -> Path:
     path = Path(path)
-    _atomic_write(path, json.dumps(results.to_dict(), indent=2, sort_keys=False) + "\n")
+    atomic_write(path, json.dumps(results.to_dict(), indent=2, sort_keys=False) + "\n")
     return path
 
 
@@ -157,7 +163,7 @@ def junit_tree(results: RunResults) -> ET.ElementTree:
             case = ET.SubElement(
                 suite, "testcase", name=r.id, classname=f"{results.matrix}.{image}", time=f"{r.seconds:.3f}"
             )
-            props = [("verdict", r.verdict), ("seconds", f"{r.seconds:.3f}")]
+            props = [("verdict", r.verdict), ("proof", r.proof), ("seconds", f"{r.seconds:.3f}")]
             if r.stop_code is not None:
                 props.append(("stop_code", f"0x{r.stop_code:X}"))
             if r.stop_name:
@@ -182,7 +188,7 @@ def junit_tree(results: RunResults) -> ET.ElementTree:
             if r.reason and r.verdict == "passed":
                 out.append(r.reason)
             for k, v in sorted(r.artifacts.items()):
-                out.append(f"[[ATTACHMENT|{v}]]" if k == "screendump" else f"{k}: {v}")
+                out.append(f"[[ATTACHMENT|{v}]]" if k.endswith("screen.png") else f"{k}: {v}")
             if out:
                 ET.SubElement(case, "system-out").text = "\n".join(out)
     for k in ("tests", "failures", "errors", "skipped"):
@@ -201,11 +207,20 @@ def _detail(r: CellResult) -> str:
     return "\n".join(lines)
 
 
+# Characters XML 1.0 cannot carry (a guest's console text may hold any of them), and lone
+# surrogates (undecodable bytes kept by errors="surrogateescape"), which UTF-8 cannot encode.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_safe(text: str) -> str:
+    return _NOT_XML.sub("\ufffd", text)
+
+
 def write_junit(results: RunResults, path: str | Path) -> Path:
     path = Path(path)
     tree = junit_tree(results)
     text = ET.tostring(tree.getroot(), encoding="unicode", xml_declaration=False)
-    _atomic_write(path, '<?xml version="1.0" encoding="UTF-8"?>\n' + text + "\n")
+    atomic_write(path, '<?xml version="1.0" encoding="UTF-8"?>\n' + xml_safe(text) + "\n")
     return path
 
 
@@ -219,7 +234,9 @@ def markdown(results: RunResults) -> str:
     head = f"## Matrix `{results.matrix}`" + (f" (shard {results.shard})" if results.shard else "")
     lines = [head, ""]
     summary = ", ".join(f"{n} {v}" for v, n in c.items() if n)
-    lines.append(f"{total} cells: {summary or 'none'}." + (" **Run interrupted: partial results.**" if results.interrupted else ""))
+    proofs = ", ".join(f"{n} {m}" for m, n in results.proof_counts().items() if n)
+    lines.append(f"{total} cells: {summary or 'none'}." + (f" Proof: {proofs}." if proofs else "")
+                 + (" **Run interrupted: partial results.**" if results.interrupted else ""))
     lines.append("")
     rows: "OrderedDict[str, dict[str, CellResult]]" = OrderedDict()
     configs: list[str] = []
@@ -230,25 +247,26 @@ def markdown(results: RunResults) -> str:
         if col not in configs:
             configs.append(col)
     if rows:
-        lines.append("| image | " + " | ".join(f"`{col}`" for col in configs) + " |")
-        lines.append("|---|" + "---|" * len(configs))
+        lines.append("| image | proof | " + " | ".join(f"`{col}`" for col in configs) + " |")
+        lines.append("|---|---|" + "---|" * len(configs))
         for row, by_col in rows.items():
             cells = [STATUS_WORDS[by_col[col].verdict] if col in by_col else "-" for col in configs]
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+            proof = ", ".join(dict.fromkeys(r.proof for r in by_col.values()))
+            lines.append(f"| {row} | {proof} | " + " | ".join(cells) + " |")
         lines.append("")
     bad = [r for r in results.cells if r.verdict not in ("passed",)]
     if bad:
         lines.append("### Not passed")
         lines.append("")
-        lines.append("| cell | verdict | reason | seconds |")
-        lines.append("|---|---|---|---|")
+        lines.append("| cell | verdict | proof | reason | seconds |")
+        lines.append("|---|---|---|---|---|")
         for r in bad:
             if r.verdict == "softfailed":
                 why = r.note or r.reason
             else:
                 msg = failure_message(r)
                 why = msg.split(": ", 1)[1] if ": " in msg else ""
-            lines.append(f"| `{r.id}` | {STATUS_WORDS[r.verdict]} | {_md(why)} | {r.seconds:.1f} |")
+            lines.append(f"| `{r.id}` | {STATUS_WORDS[r.verdict]} | {r.proof} | {_md(why)} | {r.seconds:.1f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -265,21 +283,35 @@ def _config(r: CellResult) -> str:
     return ".".join(parts)
 
 
+# Guest-controlled text (reasons quote the console) must not become markup, links or images in
+# $GITHUB_STEP_SUMMARY: HTML tags become entities, link brackets and code ticks are escaped.
+_MD_ESCAPES = {"|": "\\|", "[": "\\[", "]": "\\]", "`": "\\`", "<": "&lt;", ">": "&gt;", "\n": " ", "\r": " "}
+
+
 def _md(text: str) -> str:
-    return (text or "").replace("|", "\\|").replace("\n", " ")[:300]
+    text = "".join(_MD_ESCAPES.get(ch, ch) for ch in (text or "")[:300])
+    return _NOT_XML.sub("\ufffd", text)
 
 
 def write_markdown(results: RunResults, path: str | Path) -> Path:
     path = Path(path)
-    _atomic_write(path, markdown(results) + "\n")
+    atomic_write(path, markdown(results) + "\n")
     return path
 
 
-def write_all(results: RunResults, outdir: str | Path) -> dict[str, Path]:
-    """results.json, junit.xml and summary.md in ``outdir``."""
+def write_all(results: RunResults, outdir: str | Path,
+              roots: Mapping[str, Path] | None = None) -> dict[str, Path]:
+    """results.json, junit.xml, summary.md and report.html in ``outdir``.
+
+    ``roots`` maps a cell ID to the folder its run wrote (a merged report's cells come from
+    several); report.html looks for moved artifact files there. Default: ``outdir``.
+    """
+    from matrix.html_report import write_run_html  # it imports this module
+
     outdir = Path(outdir)
     return {
         "results": write_results(results, outdir / "results.json"),
         "junit": write_junit(results, outdir / "junit.xml"),
         "markdown": write_markdown(results, outdir / "summary.md"),
+        "html": write_run_html(results, outdir, roots),
     }

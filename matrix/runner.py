@@ -100,6 +100,9 @@ class CellOutcome:
     artifacts: dict[str, str] = field(default_factory=dict)
     agent: dict[str, Any] = field(default_factory=dict)
     phases: list[dict[str, Any]] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)  # a pass: the evidence names that decided it
+    lab_setup: dict[str, Any] = field(default_factory=dict)  # what the lab set up to observe it (EMS, success)
+    proof: str = ""  # how the verdict was reached (model.PROOF_MODES); empty = from the cell's mode
 
 
 class CellExecutor(Protocol):
@@ -385,6 +388,9 @@ class Runner:
                 agent=dict(out.agent),
                 phases=list(out.phases),
                 host=host,
+                evidence=list(out.evidence),
+                lab_setup=dict(out.lab_setup),
+                proof=out.proof,
             )
         except FixTimeout as exc:
             result = CellResult(cell, "timeout", reason=str(exc), host=host)

@@ -1,10 +1,12 @@
-"""Shared test set-up: one accelerator decision, libguestfs environment, markers."""
+"""Shared test set-up: one accelerator decision, libguestfs environment, markers, no silent skips in CI."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+
+from skip_policy import SkipPolicy, enforced
 
 from h2k import accel
 
@@ -13,6 +15,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # Decide KVM/TCG once (cached per host) and point libguestfs at it before any test launches.
     os.environ.setdefault("H2K_QUIET", "0")
     accel.apply_libguestfs_env()
+    # Under CI=true a skip fails the run (tests/skip_policy.py: the why, and the short allow-list).
+    config.pluginmanager.register(SkipPolicy(enforced()), "h2k-skip-policy")
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +44,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return LONG_GROUPS.index(group) if group in LONG_GROUPS else len(LONG_GROUPS)
 
     items.sort(key=rank)  # stable: the order within and outside the groups is kept
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's headless Chromium (tests/browser.py); missing, it fails the test: it is in apt-packages.txt."""
+    from browser import Chromium, find_chromium
+
+    exe = find_chromium()
+    if exe is None:
+        pytest.fail("chromium is not installed: packaging/apt-packages.txt lists it and `make test` installs it")
+    return Chromium(exe)

@@ -33,6 +33,7 @@ from h2k import hivelog
 from h2k.progress import Progress
 from lab.testbed import bcd as bcd_mod
 from lab.testbed import hive as hive_mod
+from lab.testbed import hivelog_writer
 from lab.testbed import pe as pe_mod
 from lab.testbed import regtext
 from lab.testbed.cache import cached_build
@@ -101,6 +102,8 @@ class WindowsRecipe:
     disk_gib: int = 1
     # None, "hibernated", "truncated-hive", "bitlocker", "dynamic", "faststartup" or "dirty-hive"
     defect: str | None = None
+    ghost_nics: bool = False  # adapters that are gone, their interfaces still holding static IPs
+    cleared_hiberfil: bool = False  # hiberfil.sys as a full shutdown leaves it (header zeroed, not resumable)
     kind: str = "windows"
 
     @property
@@ -192,6 +195,8 @@ VARIANTS: dict[str, Recipe] = {
             firmware="uefi",
             build_lab="amd64fre.ni_release.220506-1250",
             hiberboot=1,
+            # Fast Startup on, but shut down fully: hiberfil.sys holds no resumable image.
+            cleared_hiberfil=True,
             hostname="DESKTOP-H2K11",
             ip_address="192.168.122.61",
             nic_guid="{e7f8a9b0-3333-4c5d-8e9f-a0b1c2d3e4f5}",
@@ -230,9 +235,11 @@ VARIANTS: dict[str, Recipe] = {
         # Fast Startup: HiberbootEnabled=1 and a hiberfil.sys with the HIBR header a hybrid shutdown leaves.
         dataclasses.replace(WIN2019, name="bad-faststartup", defect="faststartup", hiberboot=1,
                             disk_signature=0x5A3C9E16),
-        # SYSTEM not cleanly flushed: the primary file is stale (pvscsi Start=3, sequence numbers differ)
-        # and SYSTEM.LOG1 holds the newest pages (pvscsi Start=0, as the recipe says). Valid once replayed.
-        dataclasses.replace(WIN2019, name="dirty-hive", defect="dirty-hive", disk_signature=0x5A3C9E17),
+        # SYSTEM not cleanly flushed: the primary file is stale (pvscsi Start=3, sequence numbers differ),
+        # SYSTEM.LOG1 and (after a log switch) SYSTEM.LOG2 hold the newest pages (pvscsi Start=0, as the
+        # recipe says). Valid once replayed. It also carries ghost NICs (independent of the logs).
+        dataclasses.replace(WIN2019, name="dirty-hive", defect="dirty-hive", ghost_nics=True,
+                            disk_signature=0x5A3C9E17),
         LinuxRecipe(name="bad-linux"),
         EmptyRecipe(name="bad-empty"),
     ]
@@ -421,6 +428,8 @@ def system_reg_text(r: WindowsRecipe) -> str:
             chunks.append(regtext.expand_template(_template("system-controlset-win8.reg"), v))
         if r.critical_device_database:
             chunks.append(regtext.expand_template(_template("system-controlset-win7.reg"), v))
+        if r.ghost_nics and n == r.current_control_set:
+            chunks.append(regtext.expand_template(_template("system-controlset-ghostnic.reg"), v))
     if r.driver_database:
         chunks.append(regtext.expand_template(_template("system-driverdatabase.reg"), {
             "dd_arch": "00000009" if r.arch == "x86_64" else "00000000",
@@ -558,23 +567,41 @@ BITLOCKER_OEM_ID = b"-FVE-FS-"  # the OEM id at byte 3 of a BitLocker volume's b
 LDM_MBR_TYPE = 0x42  # MBR partition type of a dynamic (LDM) disk
 
 
-def dirty_system(r: WindowsRecipe, system: Path, tmp: Path) -> dict[str, bytes]:
-    """Make ``system`` a dirty primary whose newest data (the recipe's) is only in SYSTEM.LOG1.
+DIRTY_SEQ = 2107  # the sequence number of the dirty SYSTEM's last reconcile (any; a real one is in the thousands)
 
-    The stale primary is the recipe's hive with pvscsi demand-start (Start=3);
-    the log entry (written by :func:`h2k.hivelog.dirty_pair`) carries the pages
-    that make it the recipe's hive again (Start=0). SYSTEM.LOG2 is empty, as
-    after a log switch.
-    """
-    new = system.read_bytes()
-    stale = tmp / "SYSTEM.stale"
-    stale.write_bytes(new)
-    regtext.apply_reg(stale, "Windows Registry Editor Version 5.00\r\n\r\n"
+
+def _with_start(r: WindowsRecipe, hive: bytes, start: int, tmp: Path, name: str) -> bytes:
+    """``hive`` with the storage driver's Start changed (hivex), as bytes."""
+    path = tmp / name
+    path.write_bytes(hive)
+    regtext.apply_reg(path, "Windows Registry Editor Version 5.00\r\n\r\n"
                       f"[HKEY_LOCAL_MACHINE\\SYSTEM\\{r.control_set}\\Services\\{r.storage_service}]\r\n"
-                      '"Start"=dword:00000003\r\n', "HKEY_LOCAL_MACHINE\\SYSTEM")
-    primary, log1 = hivelog.dirty_pair(stale.read_bytes(), new)
+                      f'"Start"=dword:{start:08x}\r\n', "HKEY_LOCAL_MACHINE\\SYSTEM")
+    return path.read_bytes()
+
+
+def dirty_system(r: WindowsRecipe, system: Path, tmp: Path) -> dict[str, bytes]:
+    """Make ``system`` a dirty primary whose newest data (the recipe's) is only in SYSTEM.LOG1 and .LOG2.
+
+    As Windows leaves a hive it logged and never reconciled
+    (:mod:`lab.testbed.hivelog_writer`): the primary was reconciled with
+    pvscsi demand-start (Start=3, sequence number :data:`DIRTY_SEQ`); a flush
+    to SYSTEM.LOG1 made it Start=1, then the writer switched logs and a flush
+    to SYSTEM.LOG2 made it the recipe's hive (Start=0). SYSTEM.LOG1 still holds
+    an entry of an older round after its current one (Start=4, numbered below
+    the primary's), which must not be applied.
+    """
+    recipe = system.read_bytes()
+    stale = _with_start(r, recipe, 3, tmp, "reconciled")
+    reconciled = bytes(hivelog.with_base_fields(stale[:hivelog.BASE_BLOCK], seq1=DIRTY_SEQ, seq2=DIRTY_SEQ)) + stale[
+        hivelog.BASE_BLOCK:]
+    mid = _with_start(r, recipe, 1, tmp, "mid")
+    old_round = hivelog_writer.log_entry(DIRTY_SEQ - 40, hivelog.read_base_block(reconciled).hbins_size,
+                                         hivelog_writer.changed_pages(reconciled, _with_start(r, recipe, 4, tmp, "old")))
+    primary, logs = hivelog_writer.dirty_hive(
+        reconciled, [hivelog_writer.Flush(mid, "LOG1"), hivelog_writer.Flush(recipe, "LOG2")], {"LOG1": old_round})
     system.write_bytes(primary)
-    return {"SYSTEM.LOG1": log1, "SYSTEM.LOG2": b""}
+    return {"SYSTEM.LOG1": logs["LOG1"], "SYSTEM.LOG2": logs["LOG2"]}
 
 
 def hiberfil(size: int = 64 * 1024) -> bytes:
@@ -675,6 +702,8 @@ def _build_windows(r: WindowsRecipe, out: Path) -> None:
                 files[f"{cfg}/{log_name}"] = log_data
             if r.defect in ("hibernated", "faststartup"):
                 files["/hiberfil.sys"] = hiberfil()
+            elif r.cleared_hiberfil:
+                files["/hiberfil.sys"] = bytes(len(hiberfil()))
             for d in ("/Users/Public", "/ProgramData", "/Windows/Temp", "/Program Files (x86)"):
                 files[d + "/"] = b""
             _write_tree(g, files, tmp)
@@ -758,8 +787,8 @@ def _recipe_data(r: Recipe) -> dict:
 
 
 # Only the log writer's code goes into the cache key (h2k.hivelog's reader may change freely).
-HIVELOG_WRITER = [hivelog.marvin32, hivelog._rotl, hivelog.checksum, hivelog._with_base, hivelog.log_entry,
-                  hivelog.dirty_pair, hivelog.read_base_block]
+HIVELOG_WRITER = [hivelog_writer, hivelog.marvin32, hivelog._rotl, hivelog.checksum, hivelog.with_base_fields,
+                  hivelog.read_base_block]
 
 
 def build(name: str) -> Path:

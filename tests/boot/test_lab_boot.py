@@ -1,8 +1,8 @@
 """Real boots of the lab's tiny guests under QEMU (direct backend), one per outcome,
 on SeaBIOS and OVMF: passed with network (agent + gateway ping), a panic caught
 through GUEST_PANICKED (pvpanic), a reboot loop (SHUTDOWN guest-reset), a timeout,
-a silent guest, no bootable device, Secure Boot refusing an unsigned loader, and a
-two-phase boot that keeps one NVRAM.
+a silent guest, no bootable device, Secure Boot refusing an unsigned loader, a
+two-phase boot that keeps one NVRAM, and a guest that prints nothing passed by its agent alone.
 
 The boots run five at a time in one module fixture, once per test run even under
 xdist (a file lock): on 2 shared cores that keeps the wall time near the CPU time the guests need (tiny guests reach their marker
@@ -55,6 +55,8 @@ CASES = {
     "secureboot-tpm-denied": ("uefi-secureboot", "pass", "disk", {"tpm": True}, Expect(), LONG),
     # No agent required: the clean shutdown after the pass goes through ACPI system_powerdown.
     "bios-acpi-shutdown": ("bios", "pass", "kernel", {}, Expect(), LONG),
+    # A guest that prints nothing anywhere, scored as any Linux: only its agent can pass it.
+    "bios-quiet-agent": ("bios", "quiet", "kernel", {}, Expect.for_os("linux"), LONG),
 }
 SHUTDOWN_ON_PASS = {"bios-acpi-shutdown"}
 
@@ -219,6 +221,14 @@ def test_clean_shutdown_through_acpi(results):
     assert r.verdict == "passed", r.reason
     assert "shut down cleanly (ACPI system_powerdown, SHUTDOWN reason guest-shutdown)" in r.reason
     assert any(e["event"] == "SHUTDOWN" and e["data"]["reason"] == "guest-shutdown" for e in _qmp_events(r))
+
+
+def test_the_agent_alone_passes_a_guest_that_prints_nothing(results):
+    r = results["bios-quiet-agent"]
+    assert r.verdict == "passed" and r.evidence == ["agent"], r.reason
+    assert r.reason == "agent up (h2k tiny guest (busybox))"
+    assert Path(r.artifacts["serial.log"]).read_bytes() == b""  # COM1 stayed silent
+    _evidence(r)
 
 
 def test_images_never_written(results):

@@ -25,3 +25,19 @@ def test_h2k_boot_one_line_and_json(tmp_path):
     data = json.loads(p.stdout)
     assert data["verdict"] == "failed" and data["profile"]["disk_bus"] == "virtio-blk"
     assert json.loads((tmp_path / "b" / "verdict.json").read_text())["reason"] == data["reason"]
+
+
+@pytest.mark.guestfs
+def test_h2k_boot_without_os_asks_libguestfs(tmp_path):
+    """--os auto (the default): a phony Windows disk is inspected as Windows, so the machine gets the
+    Windows profile (Hyper-V enlightenments) and the Windows success (ems | agent)."""
+    from lab.testbed import windisk
+
+    disk = windisk.build("win2019-bios")
+    p = subprocess.run([sys.executable, "-m", "h2k", "boot", str(disk), "--firmware", "bios", "--timeout", "3",
+                        "--json", "--outdir", str(tmp_path / "o")], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1, p.stderr
+    assert "h2k boot: --os windows (libguestfs inspection found windows windows 10)" in p.stderr
+    data = json.loads(p.stdout)
+    assert data["profile"]["hyperv"] is True
+    assert data["verdict"] == "timeout" and "missing: ems | agent" in data["reason"], data["reason"]

@@ -14,9 +14,8 @@ from __future__ import annotations
 import pytest
 
 from h2k.profile import MachineProfile
+from lab import boot as boot_mod
 from lab.testbed import linux_guest
-
-boot_mod = pytest.importorskip("lab.boot")
 
 pytestmark = [pytest.mark.boot, pytest.mark.guestfs, pytest.mark.slow, pytest.mark.linux]
 

@@ -66,8 +66,10 @@ def test_pytest_image_boots_each_cell(fixed_guest, tmp_path):
                              f"{guest.name.split('.')[0]}.bios.virtio-scsi.virtio-net"]
     for case in cases.values():
         pr = props(case)
-        assert pr["verdict"] == "passed"
+        assert pr["verdict"] == "passed" and pr["proof"] == "real boot"
         assert "H2K-BOOT-OK" in Path(pr["artifact:serial.log"]).read_text(errors="replace")
+        # No flags: a Linux image passes on what any Linux shows (here its agent), never on the marker.
+        assert pr["evidence"] in ("login", "systemd-target", "agent"), pr
     # prepared (fixed) once for both workers (a file-locked cache), and the fix found the guest ready
     prepared = list((tmp_path / "mo" / "prepared").glob("*/prepared.json"))
     assert len(prepared) == 1
@@ -83,5 +85,5 @@ def test_pytest_image_fails_with_the_verdict(panicking_guest, tmp_path):
     # the failure is the lab's verdict, one line, not a traceback
     assert "failed: guest panicked" in p.stdout and "Traceback" not in p.stdout
     [case] = ET.parse(junit).getroot().iter("testcase")
-    assert props(case)["verdict"] == "failed"
+    assert props(case)["verdict"] == "failed" and props(case)["proof"] == "real boot"
     assert "guest panicked" in case.find("failure").get("message", "") + (case.find("failure").text or "")

@@ -88,7 +88,7 @@ def _observe(group: str, workdir: Path) -> dict[str, Seen]:
     g = guestfs.GuestFS(python_return_dict=True)
     try:
         for n, d in zip(names, disks):
-            if VARIANTS[n].kind == "windows" and VARIANTS[n].defect == "hibernated":
+            if VARIANTS[n].kind == "windows" and (VARIANTS[n].defect == "hibernated" or VARIANTS[n].cleared_hiberfil):
                 # Writable overlay: a read-write mount attempt must meet ntfs-3g's hibernation
                 # check, not a read-only device; the cached image stays untouched.
                 overlay = workdir / f"{n}.overlay.qcow2"
@@ -140,7 +140,7 @@ def _observe(group: str, workdir: Path) -> dict[str, Seen]:
             win_dev = f"{s.device}{2 if r.firmware == 'bios' else 3}"
             sys_dev = f"{s.device}1"
             g.umount_all()
-            if r.defect == "hibernated":
+            if r.defect == "hibernated" or r.cleared_hiberfil:
                 # ntfs-3g will not write to a hibernated volume: it refuses the mount, or (2017+)
                 # mounts it read-only anyway. Either way a write must fail; the engine must see this.
                 try:
@@ -383,6 +383,17 @@ def test_stale_control_set_differs_from_the_live_one(name, seen):
     stale = _values(seen.system, f"ControlSet001\\Services\\Tcpip\\Parameters\\Interfaces\\{r.nic_guid}")
     assert live["IPAddress"] == [r.ip_address] and stale["IPAddress"] != live["IPAddress"]
     assert _values(seen.system, "ControlSet001\\Services\\pvscsi")["Start"] != 0
+
+
+@pytest.mark.parametrize("name", variants(["win11-uefi"]))
+def test_fast_startup_on_but_fully_shut_down(name, seen):
+    """HiberbootEnabled=1 and a hiberfil.sys whose header a full shutdown left zeroed: ntfs-3g (an independent
+    reader of that header) mounts the volume read-write, as h2k's inspection must accept it."""
+    r = VARIANTS[name]
+    assert r.hiberboot == 1 and r.cleared_hiberfil
+    assert _values(seen.system, f"{r.control_set}\\Control\\Session Manager\\Power")["HiberbootEnabled"] == 1
+    assert seen.files["/hiberfil.sys"] == bytes(4096)
+    assert seen.rw_mount_error is None
 
 
 # --------------------------------------------------------------- bad variants

@@ -15,6 +15,13 @@ from h2k.cli import main
     (["boot", "--kernel", "/boot/vmlinuz", "--fail-pattern", "no-equals-sign"], "expected NAME=REGEX"),
     (["boot", "--kernel", "/boot/vmlinuz", "--known-issue", "x=("], "x=("),
     (["boot", "--kernel", "/boot/vmlinuz", "--two-phase"], "--two-phase needs a disk IMAGE"),
+    (["boot", "--kernel", "/boot/vmlinuz", "--success", "agent+logon"], "unknown evidence 'logon'"),
+    (["boot", "--kernel", "/boot/vmlinuz", "--success", "agent+"], "unknown evidence ''"),
+    (["boot", "--kernel", "/boot/vmlinuz", "--expect-pattern", "login:("], "'login:(': not a valid regex"),
+    (["boot", "--kernel", "/boot/vmlinuz", "--success", "pattern"], "'pattern' needs at least one"),
+    (["boot", "--kernel", "/boot/vmlinuz", "--success", "login", "--expect-pattern", "x"], "no success alternative"),
+    # Checked before the image is inspected: bad input never waits for an appliance.
+    (["boot", "/etc/hostname", "--success", "bogus"], "unknown evidence 'bogus'"),
 ])
 def test_bad_input_is_one_line_exit_3(argv, msg, capsys):
     assert main(argv) == 3
@@ -27,5 +34,6 @@ def test_help_explains(capsys):
         main(["boot", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for word in ("--two-phase", "--backend", "--require-network", "--expect-pattern", "Exits 0 only"):
+    for word in ("--two-phase", "--backend", "--require-network", "--expect-pattern", "Exits 0 only", "--success",
+                 "systemd-target", "login | systemd-target | agent"):
         assert word in out

@@ -53,9 +53,12 @@ def test_clean_strips_ansi_and_control():
 def test_ems_machine_info_split_across_reads(size):
     data = (REC / "ems_boot.txt").read_bytes()
     events = feed_in_pieces(ConsoleScanner(Expect()), data, size)
-    kinds = [e.kind for e in events]
-    assert kinds == ["ems-machine-info"]
-    info = events[0].data
+    ems = [e for e in events if e.kind == "evidence"]
+    assert {e.name for e in events} == {"ems"}
+    # The <machine-info> is reported once; a SAC> prompt read apart from it is the same evidence.
+    info = [e.data["machine_info"] for e in ems if "machine_info" in e.data]
+    assert len(info) == 1 and all(e.text == "SAC>" for e in ems if "machine_info" not in e.data)
+    info = info[0]
     assert info["os-product"] == "Windows Server 2019 Datacenter"
     assert info["os-build-number"] == "17763"
     assert info["processor-architecture"] == "AMD64"
@@ -67,8 +70,8 @@ def test_ems_bluescreen_split_and_not_success(size):
     data += b"\x1b[5;1H garbage \xff\xfe\x00 " + (REC / "ems_bluescreen.txt").read_bytes()
     events = feed_in_pieces(ConsoleScanner(Expect()), data, size)
     # The <machine-info> inside a <BP> is part of the crash report, not "kernel up".
-    assert [e.kind for e in events] == ["ems-bluescreen"]
-    ev = events[0]
+    assert not any("machine_info" in e.data for e in events if e.kind == "evidence")
+    [ev] = [e for e in events if e.kind == "ems-bluescreen"]
     assert ev.verdict == "failed"
     assert ev.data["stop_code"] == 0x7B
     assert ev.data["stop_name"] == "INACCESSIBLE_BOOT_DEVICE"
@@ -80,8 +83,8 @@ def test_machine_info_then_bluescreen_reports_both_once():
     data = (REC / "ems_boot.txt").read_bytes() + (REC / "ems_bluescreen.txt").read_bytes()
     sc = ConsoleScanner(Expect())
     events = feed_in_pieces(sc, data, 9)
-    assert [e.kind for e in events] == ["ems-machine-info", "ems-bluescreen"]
-    assert sc.feed(b"\r\nSAC>") == []  # nothing is reported twice
+    assert [e.kind for e in events if "machine_info" in e.data] == ["evidence", "ems-bluescreen"]
+    assert [(e.kind, e.text) for e in sc.feed(b"\r\nSAC>")] == [("evidence", "SAC>")]  # nothing else twice
 
 
 @pytest.mark.parametrize("size", [1, 4, 50])
@@ -104,7 +107,7 @@ def test_kernel_panic_detail_and_marker_split_by_escapes():
     # escapes are stripped before matching, so the marker is still seen, once.
     assert sc.feed(b"H2K-BO\x1b[1") == []
     evs = sc.feed(b";32mOT-OK\r\n")
-    assert [e.kind for e in evs] == ["success"]
+    assert [(e.kind, e.name) for e in evs] == [("evidence", "marker")]
     assert "\x1b" not in sc.text and "[1;32m" not in sc.text
     assert sc.feed(b"\x1b[0m more\r\n") == []
 
@@ -136,14 +139,16 @@ def test_known_issue_is_softfail_and_custom_patterns():
     exp = Expect(success_patterns=[r"login:"], known_issues=[Pattern("slow-disk", r"ata\d: link is slow")])
     sc = ConsoleScanner(exp)
     evs = sc.feed(b"ata1: link is slow to respond\nhost login: ")
-    assert [(e.kind, e.name, e.verdict) for e in evs] == [("failure", "slow-disk", "softfailed"), ("success", "login:", None)]
+    assert [(e.kind, e.name, e.verdict) for e in evs] == [
+        ("failure", "slow-disk", "softfailed"), ("evidence", "login", None), ("evidence", "pattern", None)]
+    assert evs[1].data["host"] == "host" and evs[2].data["regex"] == "login:"
 
 
 def test_long_noise_does_not_lose_late_match():
     sc = ConsoleScanner(Expect())
     for _ in range(200):
         assert sc.feed(b"x" * 1000 + b"\r\n") == []
-    assert [e.kind for e in sc.feed(b"H2K-BOOT-OK\n")] == ["success"]
+    assert [e.name for e in sc.feed(b"H2K-BOOT-OK\n")] == ["marker"]
 
 
 def test_recorded_qmp_shapes_parse():

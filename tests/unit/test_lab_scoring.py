@@ -100,9 +100,10 @@ def test_known_issue_turns_pass_into_softfail():
 
 
 def test_ems_machine_info_passes_and_bluescreen_fails_with_code():
-    exp = Expect()
-    d = Scorer(exp).handle(console_signals((REC / "ems_boot.txt").read_bytes(), exp)[0])
-    assert d.verdict == "passed" and "EMS machine-info" in d.reason
+    exp = Expect.for_os("windows")
+    [sig] = console_signals((REC / "ems_boot.txt").read_bytes(), exp)
+    d = Scorer(exp).handle(sig)
+    assert d.verdict == "passed" and "EMS machine-info" in d.reason and d.evidence == ["ems"]
     assert d.data["machine_info"]["os-build-number"] == "17763"
     d = Scorer(exp).handle(console_signals((REC / "ems_bluescreen.txt").read_bytes(), exp)[0])
     assert (d.verdict, d.stop_code, d.stop_name) == ("failed", 0x7B, "INACCESSIBLE_BOOT_DEVICE")
@@ -179,3 +180,86 @@ def test_boot_result_json_roundtrip(tmp_path):
     assert BootResult.from_dict(data).stop_name == "INACCESSIBLE_BOOT_DEVICE"
     with pytest.raises(ValueError):
         BootResult("maybe", "x")
+
+
+# --- success as evidence, alternatives -------------------------------------------------------
+
+
+def test_linux_default_passes_on_the_first_complete_alternative():
+    exp = Expect.for_os("linux")
+    assert exp.alternatives() == [["login"], ["systemd-target"], ["agent"]]
+    [sig] = console_signals(b"\r\nDebian GNU/Linux 12 vmw-deb12 ttyS0\r\n\r\nvmw-deb12 login: ", exp)
+    d = Scorer(exp).handle(sig)
+    assert (d.verdict, d.evidence) == ("passed", ["login"])
+    assert d.reason == "login prompt 'vmw-deb12 login:'"
+
+
+def test_all_evidence_of_an_alternative_is_needed_and_named_in_order():
+    exp = Expect.for_os("linux", success=[["agent", "login"]])
+    s = Scorer(exp)
+    [login] = console_signals(b"vmw-deb12 login: ", exp)
+    assert s.handle(login) is None
+    d = s.handle(Signal("agent", "ok", {"summary": "agent up (Debian GNU/Linux 12 (bookworm))"}))
+    assert (d.verdict, d.evidence) == ("passed", ["agent", "login"])
+    assert d.reason == "agent up (Debian GNU/Linux 12 (bookworm)) + login prompt 'vmw-deb12 login:'"
+
+
+def test_require_network_adds_network_and_the_agent_to_every_alternative():
+    exp = Expect.for_os("windows", require_network=True)
+    assert exp.alternatives() == [["ems", "agent", "network"], ["agent", "network"]]
+    s = Scorer(exp)
+    assert s.handle(Signal("agent", "ok", {"summary": "agent up (w)"})) is None
+    d = s.handle(Signal("agent", "network-ok", {"summary": "IPv4 eth0=10.0.2.15, gateway 10.0.2.2 answers ping"}))
+    assert d.evidence == ["agent", "network"] and "answers ping" in d.reason
+
+
+def test_an_agent_failure_only_ends_the_boot_when_no_alternative_is_left():
+    exp = Expect.for_os("linux")
+    s = Scorer(exp)
+    assert s.handle(Signal("agent", "failed", {"reason": "guest agent: channel closed", "evidence": "agent"})) is None
+    [sig] = console_signals(b"host login: ", exp)
+    assert s.handle(sig).evidence == ["login"]
+    s = Scorer(Expect.for_os("linux", success=[["agent", "login"], ["network"]]))
+    d = s.handle(Signal("agent", "failed", {"reason": "guest agent: channel closed", "evidence": "agent"}))
+    assert d.verdict == "failed" and d.reason == "guest agent: channel closed"
+
+
+def test_a_network_failure_leaves_the_alternatives_without_network():
+    s = Scorer(Expect.for_os("linux", success=[["network"], ["login"]]))
+    assert s.handle(Signal("agent", "ok", {"summary": "agent up (x)"})) is None
+    assert s.handle(Signal("agent", "failed", {"reason": "no IPv4 address on any NIC", "evidence": "network"})) is None
+    assert s.dead == {"network": "no IPv4 address on any NIC"}
+
+
+def test_evidence_the_machine_cannot_show_drops_its_alternatives():
+    s = Scorer(Expect.for_os("linux"), console_expected=False)
+    assert s.alternatives == [["agent"]] and s.agent_expected and s.impossible is None
+    s = Scorer(Expect.for_os("linux"), agent_expected=False)
+    assert s.alternatives == [["login"], ["systemd-target"]] and not s.agent_expected
+    s = Scorer(Expect.for_os("testbed"), console_expected=False)
+    assert s.impossible and "marker" in s.impossible
+
+
+def test_timeout_says_what_was_seen_and_what_is_missing():
+    exp = Expect.for_os("linux", success=[["agent", "login"], ["systemd-target", "network"]])
+    bus, s = SignalBus(), Scorer(exp)
+    for sig in console_signals(b"h login: ", exp):
+        bus.put(sig)
+    d = score(bus, s, time.monotonic() + 0.2)
+    assert d.verdict == "timeout"
+    assert "seen: login; missing: agent | systemd-target + agent + network" in d.reason
+
+
+def test_a_failure_read_together_with_a_success_wins():
+    exp = Expect.for_os("linux")
+    sigs = console_signals(b"host login: \r\n[   9.1] Kernel panic - not syncing: Attempted to kill init!\r\n", exp)
+    assert [x.data["event"].kind for x in sigs] == ["failure", "evidence"]
+    assert Scorer(exp).handle(sigs[0]).verdict == "failed"
+
+
+def test_softfail_reason_keeps_the_evidence():
+    exp = Expect.for_os("linux", known_issues=[Pattern("slow", r"link is slow")])
+    s = Scorer(exp)
+    decisions = [s.handle(x) for x in console_signals(b"ata1: link is slow\nbox login: ", exp)]
+    assert decisions[-1].verdict == "softfailed" and decisions[-1].evidence == ["login"]
+    assert decisions[-1].reason.startswith("booted (login prompt 'box login:') with known issues: slow")

@@ -220,3 +220,34 @@ def test_ovmf_pairs_match() -> None:
     assert "secboot" not in plain.code and "secboot" in secure.code
     if Path(secure.code).exists():
         assert Path(secure.vars_template).exists()
+
+
+# What the lab's libvirt backend sends to a host that shares no files with it (lab/backend_libvirt.py).
+HOST_FILES = lx.DomainFiles(disk="h2k-0123-disk.qcow2", disk_pool="h2k", nvram="/var/lib/libvirt/images/h2k/h2k-0123-VARS.fd")
+
+
+@needs_validator
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_host_side_xml_names_only_the_pool_and_lets_the_host_pick_its_firmware(tmp_path: Path, firmware: str) -> None:
+    p = profile_for(firmware, "sata", "e1000e", "bootstrap")
+    xml = lx.domain_xml(p, HOST_FILES, lx.XmlOptions(domain_type="qemu", lab=True, firmware_autoselect=True))
+    validate(tmp_path, xml)
+    root = ET.fromstring(xml)
+    disk = root.find("devices/disk[@device='disk']")
+    assert disk.get("type") == "volume"
+    assert disk.find("source").attrib == {"pool": "h2k", "volume": "h2k-0123-disk.qcow2"}
+    assert root.find("devices/serial").get("type") == "pty" and root.find("devices/serial/log") is None
+    assert root.find("devices/channel/source").get("path") is None  # the host names the agent socket
+    assert root.find("seclabel") is None  # QEMU runs as the host's QEMU user, not forced to root
+    os_el = root.find("os")
+    if firmware == "bios":
+        assert os_el.get("firmware") is None and os_el.find("nvram") is None
+        return
+    assert os_el.get("firmware") == "efi" and os_el.find("loader") is None  # the host's own OVMF
+    assert os_el.find("nvram").text == HOST_FILES.nvram and os_el.find("nvram").get("template") is None
+    features = {f.get("name"): f.get("enabled") for f in os_el.findall("firmware/feature")}
+    if firmware == "uefi-secureboot":
+        assert features == {"secure-boot": "yes", "enrolled-keys": "yes"}
+        assert root.find("features/smm").get("state") == "on"
+    else:
+        assert features == {"secure-boot": "no"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 from h2k.cli import main as h2k_main
 from matrix import gate
@@ -97,3 +98,32 @@ def test_driver_version_proof(tmp_path, capsys):
     linux_only = RunResults(matrix="x", cells=[CellResult(cell("deb.bios.virtio-blk.virtio-net", "linux"), "passed")])
     assert gate.check_driver_versions(linux_only, "1") == [
         "no passed Windows boot cell in the candidate results to prove the driver version"]
+
+
+def test_static_verify_is_never_weighed_against_a_real_boot(tmp_path, capsys):
+    """The same cell ID proven by static rules in one run and by a boot in the other: refused, named apart."""
+    base = run(BASE)
+    cand = run(BASE)
+    booted = cand.cells[0]
+    cand.cells[0] = CellResult(replace(booted.cell, mode="fix+verify"), "passed")
+    cand.cells[3].verdict = "failed"  # and one plain regression
+    changes = gate.compare(base, cand)
+    kinds = {c.id: c.kind for c in changes}
+    assert kinds["win2019.uefi.virtio-blk.virtio-net"] == "incomparable"
+    assert [c.id for c in gate.incomparable(changes)] == ["win2019.uefi.virtio-blk.virtio-net"]
+    assert [c.id for c in gate.regressions(changes)] == ["win2022.uefi.virtio-scsi.virtio-net"]
+    # regressions first, then what cannot be compared
+    assert [c.kind for c in gate.ordered(changes)][:2] == ["regression", "incomparable"]
+    b = write_results(base, tmp_path / "b" / "results.json")
+    c = write_results(cand, tmp_path / "c" / "results.json")
+    assert h2k_main(["matrix", "gate", "--baseline", str(b), "--candidate", str(c)]) == 1
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[3].split()[3] == "regression" and lines[4].split()[3] == "incomparable"
+    assert "proof mode differs: baseline real boot, candidate static verify" in out
+    assert "gate: FAIL: 1 regression(s), 1 cell(s) not comparable (proof mode differs)" in out
+    assert f"html report: {tmp_path / 'c' / 'gate.html'}" in out and (tmp_path / "c" / "gate.html").is_file()
+    # static cells on both sides compare as usual
+    assert h2k_main(["matrix", "gate", "--baseline", str(c), "--candidate", str(c),
+                     "--html", str(tmp_path / "g.html")]) == 0
+    assert (tmp_path / "g.html").is_file()

@@ -134,3 +134,63 @@ def test_testbed_windows_cells_are_fix_verify():
     assert {c.mode for c in cells} == {"fix+verify"}
     cells = expand(load_matrix(ROOT / "matrix" / "testbed-linux.yaml", env={}))
     assert {c.mode for c in cells} == {"boot"} and {c.pack for c in cells} == {None}
+
+
+def test_expect_per_image_and_per_rule_reaches_each_cell():
+    from matrix.executors import cell_expect
+
+    d = base()
+    d["images"][1]["expect"] = {"success": ["agent+login", ["systemd-target"]]}
+    d["expect"] = [
+        {"match": {"image": "deb", "firmware": "uefi"}, "patterns": ["Welcome to Debian"], "success": ["pattern"]},
+        {"match": {"kind": "windows"}, "success": ["ems+agent"]},
+    ]
+    cells = {c.id: c for c in expand(build_spec(d, "m.yaml"))}
+    bios, uefi = cells["deb.bios.virtio-blk.virtio-net"], cells["deb.uefi.virtio-blk.virtio-net"]
+    assert bios.success == (("agent", "login"), ("systemd-target",)) and bios.patterns == ()
+    assert uefi.success == (("pattern",),) and uefi.patterns == ("Welcome to Debian",)
+    assert cell_expect(bios).alternatives() == [["agent", "login"], ["systemd-target"]]
+    assert cell_expect(uefi).success_patterns == ["Welcome to Debian"]
+    win = cell_expect(cells["win2019.bios.virtio-blk.virtio-net"])
+    assert win.alternatives() == [["ems", "agent"]] and win.collect_devices
+    # No expect: the kind's default; a Windows cell runs h2k's first-boot installer, so the agent.
+    d.pop("expect")
+    cells = {c.id: c for c in expand(build_spec(d, "m.yaml"))}
+    assert cell_expect(cells["win2019.uefi.virtio-blk.virtio-net"]).alternatives() == [["agent"]]
+    d["images"][1].pop("expect")
+    deb = cell_expect(next(c for c in expand(build_spec(d, "m.yaml")) if c.image == "deb"))
+    assert deb.alternatives() == [["login"], ["systemd-target"], ["agent"]]
+
+
+@pytest.mark.parametrize("expect_rule, field, words", [
+    ({"match": {"image": "deb"}, "success": ["agent+logn"]}, "expect[0].success", "unknown evidence 'logn'"),
+    ({"match": {"image": "deb"}, "patterns": ["(unclosed"]}, "expect[0].patterns[0]", "not a valid regex"),
+    ({"match": {"image": "deb"}}, "expect[0]", "does not have enough properties"),
+    ({"match": {"image": "debx"}, "success": ["agent"]}, "expect[0].match.image", "'debx' is not one of"),
+])
+def test_bad_expect_is_one_line(expect_rule, field, words):
+    d = base()
+    d["expect"] = [expect_rule]
+    msg = err(d)
+    assert f"m.yaml: {field}" in msg and words in msg, msg
+
+
+def test_a_pattern_no_alternative_uses_is_named_with_its_cell():
+    d = base()
+    d["images"][1]["expect"] = {"patterns": ["ready"]}
+    d["expect"] = [{"match": {"image": "deb", "firmware": "uefi"}, "success": ["agent"]}]
+    spec = build_spec(d, "m.yaml")
+    with pytest.raises(MatrixError) as ei:
+        expand(spec)
+    assert str(ei.value).startswith("m.yaml: cell deb.uefi.virtio-blk.virtio-net: success patterns are given")
+
+
+@pytest.mark.parametrize("name", ["nightly.yaml", "driver-gate.yaml"])
+def test_shipped_windows_matrices_pass_on_the_agent_and_collect_devices(name):
+    from matrix.executors import cell_expect
+
+    cells = expand(load_matrix(ROOT / "matrix" / name, env={}))
+    assert cells and all(c.kind == "windows" for c in cells)
+    for c in cells:
+        exp = cell_expect(c)
+        assert exp.alternatives() == [["agent"]] and exp.collect_devices, c.id

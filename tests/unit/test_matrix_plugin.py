@@ -59,3 +59,21 @@ def test_collects_one_item_per_cell_and_only_those(tmp_path):
 def test_bad_choices_are_usage_errors(tmp_path):
     p = pytest_in(tmp_path, "--collect-only", "--image", "x.qcow2", "--bus", "nvme")
     assert p.returncode == 4 and "invalid choice" in p.stderr
+
+
+def test_success_and_patterns_reach_the_cells_and_bad_ones_are_usage_errors(tmp_path):
+    img = disk(tmp_path, "dos")
+    conftest = ("def pytest_collection_finish(session):\n"
+                "    for item in session.items:\n"
+                "        print('CELL', item.cell.id, item.cell.success, item.cell.patterns)\n")
+    (tmp_path / "conftest.py").write_text(conftest)
+    p = pytest_in(tmp_path, "--collect-only", "-q", "-s", "--image", str(img), "--success", "agent+login",
+                  "--success", "pattern", "--expect-pattern", "Welcome")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "CELL dos.bios.virtio-blk.virtio-net (('agent', 'login'), ('pattern',)) ('Welcome',)" in p.stdout
+    for args, words in ((["--success", "agent+bogus"], "unknown evidence 'bogus'"),
+                        (["--expect-pattern", "(x"], "not a valid regex"),
+                        (["--success", "login", "--expect-pattern", "x"], "no success alternative uses 'pattern'")):
+        bad = pytest_in(tmp_path, "--collect-only", "-q", "--image", str(img), *args)
+        assert bad.returncode == 4 and words in bad.stderr, bad.stdout + bad.stderr
+        assert "Traceback" not in bad.stderr

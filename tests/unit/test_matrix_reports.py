@@ -31,6 +31,8 @@ def sample() -> RunResults:
             "images": [
                 {"name": "win2019", "kind": "windows", "path": "/w", "firmware": ["uefi"]},
                 {"name": "deb", "kind": "linux", "recipe": "linux-bios", "firmware": ["bios"]},
+                {"name": "phony", "kind": "windows", "recipe": "win2019-bios", "mode": "fix+verify",
+                 "firmware": ["bios"], "bus": ["virtio-blk"]},
             ],
             "packs": [{"name": "vw", "path": "/p"}],
             "bus": ["virtio-blk", "virtio-scsi", "sata"],
@@ -53,6 +55,8 @@ def sample() -> RunResults:
             CellResult(cells["deb.bios.virtio-blk.virtio-net"], "timeout", reason="no marker in 240s", seconds=240),
             CellResult(cells["deb.bios.virtio-scsi.virtio-net"], "incomplete", reason="QEMU died: <oops> & \"q\""),
             CellResult(cells["deb.bios.sata.virtio-net"], "skipped", reason="not started: the run was stopped"),
+            CellResult(cells["phony.bios.virtio-blk.virtio-net"], "passed", reason="9 boot-readiness rules passed",
+                       seconds=0.5),
         ],
         interrupted=True,
     )
@@ -63,10 +67,25 @@ def test_results_round_trip(tmp_path):
     p = write_results(r, tmp_path / "results.json")
     data = json.loads(p.read_text())
     assert data["format"] == "hyper2kvm-matrix-results" and data["version"] == 1
-    assert data["counts"] == {"passed": 1, "softfailed": 1, "failed": 1, "incomplete": 1, "timeout": 1, "skipped": 1}
+    assert data["counts"] == {"passed": 2, "softfailed": 1, "failed": 1, "incomplete": 1, "timeout": 1, "skipped": 1}
+    # every result says how it is proven: by what the cell does (a boot, or static rules on a disk)
+    assert [c["proof"] for c in data["cells"]] == ["real boot"] * 6 + ["static verify"]
+    assert data["proof_counts"] == {"real boot": 6, "static verify": 1, "recorded shape": 0}
     back = load_results(p)
     assert back.to_dict() == r.to_dict()
     assert back.cells[1].cell == r.cells[1].cell
+    # a results file written before the proof mode existed reads with the mode its cells imply
+    for c in data["cells"]:
+        del c["proof"]
+    p.write_text(json.dumps(data))
+    assert [c.proof for c in load_results(p).cells] == ["real boot"] * 6 + ["static verify"]
+
+
+def test_proof_mode_is_one_of_three():
+    r = sample().cells[0]
+    assert CellResult(r.cell, "passed", proof="recorded shape").proof == "recorded shape"
+    with pytest.raises(ValueError, match="unknown proof mode"):
+        CellResult(r.cell, "passed", proof="booted, probably")
 
 
 def test_load_results_errors(tmp_path):
@@ -88,10 +107,10 @@ def test_junit_shape_and_schema(tmp_path):
     paths = write_all(sample(), tmp_path)
     xmllint_ok(paths["junit"])
     root = ET.parse(paths["junit"]).getroot()
-    assert root.tag == "testsuites" and root.get("tests") == "6"
+    assert root.tag == "testsuites" and root.get("tests") == "7"
     assert (root.get("failures"), root.get("errors"), root.get("skipped")) == ("2", "1", "1")
     suites = {s.get("name"): s for s in root.findall("testsuite")}
-    assert set(suites) == {"nightly.win2019", "nightly.deb"}
+    assert set(suites) == {"nightly.win2019", "nightly.deb", "nightly.phony"}
     cases = {c.get("name"): c for c in root.iter("testcase")}
     fail = cases["win2019.uefi.virtio-scsi.virtio-net"].find("failure")
     assert fail.get("type") == "failed"
@@ -105,6 +124,10 @@ def test_junit_shape_and_schema(tmp_path):
     ok = cases["win2019.uefi.virtio-blk.virtio-net"]
     props = {p.get("name"): p.get("value") for p in ok.iter("property")}
     assert props["artifact:serial"] == "/o/serial.log" and props["verdict"] == "passed"
+    # the proof mode is a property of every testcase
+    proofs = {c.get("name"): {p.get("name"): p.get("value") for p in c.iter("property")}["proof"]
+              for c in root.iter("testcase")}
+    assert proofs == {r.id: "static verify" if r.cell.image == "phony" else "real boot" for r in sample().cells}
     assert cases["deb.bios.virtio-blk.virtio-net"].find("failure").get("type") == "timeout"
     err = cases["deb.bios.virtio-scsi.virtio-net"].find("error")
     assert err.get("type") == "incomplete" and '<oops> & "q"' in err.get("message")
@@ -125,11 +148,15 @@ def test_markdown_grid():
     assert lines[0] == "## Matrix `nightly`"
     assert "Run interrupted: partial results." in md
     header = next(line for line in lines if line.startswith("| image |"))
-    assert header == "| image | `uefi.virtio-blk.virtio-net` | `uefi.virtio-scsi.virtio-net` | `uefi.sata.virtio-net` | " \
-                     "`bios.virtio-blk.virtio-net` | `bios.virtio-scsi.virtio-net` | `bios.sata.virtio-net` |"
-    assert "| win2019 | PASS | FAIL | SOFTFAIL | - | - | - |" in lines
-    assert "| deb | - | - | - | TIMEOUT | INCOMPLETE | SKIPPED |" in lines
-    assert "| `win2019.uefi.virtio-scsi.virtio-net` | FAIL | stop code 0x7B INACCESSIBLE_BOOT_DEVICE: bugcheck at final boot | 40.0 |" in lines
+    assert header == "| image | proof | `uefi.virtio-blk.virtio-net` | `uefi.virtio-scsi.virtio-net` | " \
+                     "`uefi.sata.virtio-net` | `bios.virtio-blk.virtio-net` | `bios.virtio-scsi.virtio-net` | " \
+                     "`bios.sata.virtio-net` |"
+    assert "| win2019 | real boot | PASS | FAIL | SOFTFAIL | - | - | - |" in lines
+    assert "| deb | real boot | - | - | - | TIMEOUT | INCOMPLETE | SKIPPED |" in lines
+    assert "| phony | static verify | - | - | - | PASS | - | - |" in lines
+    assert "Proof: 6 real boot, 1 static verify." in md
+    assert "| `win2019.uefi.virtio-scsi.virtio-net` | FAIL | real boot | stop code 0x7B INACCESSIBLE_BOOT_DEVICE: " \
+           "bugcheck at final boot | 40.0 |" in lines
     assert "\\| " not in md.split("### Not passed")[0]
     assert all(ord(ch) < 0x2000 for ch in md)  # plain words, no emoji
 
@@ -140,7 +167,7 @@ def test_merge_later_wins():
     b.cells = [CellResult(b.cells[1].cell, "passed", seconds=50)]
     b.interrupted = False
     m = merge_results([a, b])
-    assert len(m.cells) == 6 and m.by_id()["win2019.uefi.virtio-scsi.virtio-net"].verdict == "passed"
+    assert len(m.cells) == 7 and m.by_id()["win2019.uefi.virtio-scsi.virtio-net"].verdict == "passed"
 
 
 def test_report_command_rebuilds_everything(tmp_path, capsys):
@@ -163,4 +190,21 @@ def test_report_command_rebuilds_everything(tmp_path, capsys):
     merged = load_results(tmp_path / "m" / "results.json")
     assert [c.id for c in merged.cells] == [c.id for c in r.cells]
     xmllint_ok(tmp_path / "m" / "junit.xml")
-    assert junit_tree(merged).getroot().get("tests") == "6"
+    assert junit_tree(merged).getroot().get("tests") == "7"
+
+
+def test_guest_text_stays_text_in_junit_and_markdown(tmp_path):
+    """A reason quotes the guest's console: control characters and markup must not break or inject."""
+    r = sample()
+    r.cells[1].reason = ("\x1b[31mPANIC\x00\x07 <script>x</script> [click](http://evil) ![i](http://evil/i.png) "
+                         "`tick` | pipe \udc80")
+    paths = write_all(r, tmp_path)
+    xmllint_ok(paths["junit"])  # characters XML cannot carry were replaced, the file stays valid
+    fail = {c.get("name"): c for c in ET.parse(paths["junit"]).getroot().iter("testcase")}[
+        "win2019.uefi.virtio-scsi.virtio-net"].find("failure")
+    assert "\ufffd[31mPANIC\ufffd\ufffd <script>x</script>" in fail.get("message")
+    md = paths["markdown"].read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| `win2019.uefi.virtio-scsi"))
+    assert "&lt;script&gt;" in row and "<script>" not in md
+    assert "\\[click\\](http://evil)" in row and "!\\[i\\]" in row and "\\`tick\\`" in row and "\\| pipe" in row
+    assert "\x00" not in md and "\x1b" not in md

@@ -73,7 +73,8 @@ def test_plan_bad_facts_file(tmp_path, iso, capsys):
 @pytest.mark.guestfs
 @pytest.mark.slow
 def test_plan_from_phony_image(iso, capsys):
-    windisk = pytest.importorskip("lab.testbed.windisk")
+    from lab.testbed import windisk
+
     image = windisk.build("win2019-bios")
     rc = cli.main(["plan", str(image), "--drivers", iso, "--bus", "virtio-blk", "--json"])
     data = json.loads(capsys.readouterr().out)

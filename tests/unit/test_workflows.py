@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shlex
@@ -121,6 +122,13 @@ def test_driver_gate_pack_file_has_what_the_workflow_reads():
     assert pack["path"] and isinstance(pack["version"], str)
 
 
+def _matrix_argv(cmd: str) -> list[str]:
+    """An 'h2k matrix ...' workflow line as argv from 'matrix' on (expressions and shell arrays stubbed)."""
+    words = shlex.split(re.sub(r"\$\{\{[^}]*\}\}", "X", cmd).replace('"${only[@]}"', "")
+                        .replace('"${version[@]}"', "").replace("|| true", ""))
+    return words[words.index("matrix"):]
+
+
 def test_matrix_commands_in_workflows_parse():
     """Every 'h2k matrix ...' line in a workflow is accepted by h2k's own argument parser."""
     from h2k.cli import build_parser
@@ -128,9 +136,46 @@ def test_matrix_commands_in_workflows_parse():
     parser = build_parser()
     for path in WORKFLOWS:
         for cmd in _h2k_commands(load(path)):
-            words = shlex.split(re.sub(r"\$\{\{[^}]*\}\}", "X", cmd).replace('"${only[@]}"', "")
-                                .replace('"${version[@]}"', "").replace("|| true", ""))
-            words = words[words.index("matrix"):]
+            words = _matrix_argv(cmd)
             args = parser.parse_args(words)
             if hasattr(args, "matrix") and isinstance(args.matrix, str) and not args.matrix.startswith("$"):
                 assert (ROOT / args.matrix).exists(), args.matrix
+
+
+def _outputs(cmd: str) -> list[str]:
+    """The HTML reports an 'h2k matrix ...' line writes (run/report: <out>/report.html; gate: --html)."""
+    words = _matrix_argv(cmd)
+    from h2k.cli import build_parser
+
+    args = build_parser().parse_args(words)
+    if words[1] == "gate":
+        assert args.html, f"{cmd}: the gate must write its HTML where the upload finds it"
+        return [args.html]
+    return [f"{args.out}/report.html"]
+
+
+@pytest.mark.parametrize("name", ["nightly.yml", "driver-gate.yml"])
+def test_html_reports_are_uploaded_and_linked_from_the_step_summary(name):
+    data = load(ROOT / ".github" / "workflows" / name)
+    checked = 0
+    for jid, job in data["jobs"].items():
+        steps = job.get("steps", [])
+        html = [out for s in steps for c in _h2k_commands({"jobs": {"j": {"steps": [s]}}}) for out in _outputs(c)]
+        if not html:
+            continue
+        uploads = [s for s in steps if s.get("uses", "").startswith("actions/upload-artifact@")]
+        assert len(uploads) == 1 and uploads[0].get("if") == "always()", jid
+        upload = uploads[0]
+        paths = re.sub(r"\$\{\{[^}]*\}\}", "X", upload["with"]["path"]).split()
+        for out in html:  # uploaded as a file (or a glob), or with the folder holding it
+            assert any(fnmatch.fnmatch(out, p) or (p.endswith("/") and out.startswith(p)) for p in paths), (jid, out)
+        # the run's screens and logs it links travel with it
+        assert any("png" in p or p.endswith("/") for p in paths) and any("jsonl" in p or p.endswith("/")
+                                                                          for p in paths), jid
+        # and the step summary links the artifact (upload-artifact's artifact-url output)
+        url = f"steps.{upload['id']}.outputs.artifact-url"
+        link = [s for s in steps if url in s.get("run", "") and "GITHUB_STEP_SUMMARY" in s.get("run", "")]
+        assert link and link[0].get("if") == "always()", jid
+        assert steps.index(link[0]) > steps.index(upload)
+        checked += 1
+    assert checked

@@ -6,7 +6,8 @@
    (they must fail: no VirtIO driver in the initramfs) and on SATA (they must
    pass), then fix them and boot every bus and firmware (they must pass, with
    the network smoke check through the guest agent).
-3. A before/after table, plus each run's JUnit, results.json and markdown.
+3. A before/after table, plus each run's JUnit, results.json, markdown and report.html,
+   and one report.html of the whole demo (every grid on one page), whose path it prints last.
 
 The demo checks its own proof: it exits non-zero when a verdict is not the
 one expected, so "the demo ran" always means "the chain was shown to work".
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from h2k import accel
 from h2k.cli import main as h2k_main
+from matrix.model import RunResults
 
-MATRIX_DIR = Path(__file__).resolve().parent.parent / "matrix"
+MATRIX_DIR = Path(__file__).resolve().parent
 
 
 @dataclass
@@ -59,6 +61,27 @@ def _run_matrix(stage: Stage, out_root: Path, jobs: int | None) -> Path:
     if rc == 130:
         raise KeyboardInterrupt
     return out / "results.json"
+
+
+def combined_report(runs: list[tuple[str, RunResults, Path]], out_root: Path) -> Path:
+    """One report.html for the whole demo: every run's grids on one page, linking each run's files.
+
+    ``runs``: (label, results, the run's output folder). A label names the run's images in
+    the page (the Linux guests appear twice: unfixed and fixed) and keeps cell IDs unique.
+    """
+    from matrix.html_report import write_run_html
+
+    cells, roots = [], {}
+    for label, results, out in runs:
+        for r in results.cells:
+            cell = replace(r.cell, id=f"{label}.{r.cell.id}", image=f"{r.cell.image} ({label})")
+            cells.append(replace(r, cell=cell))
+            roots[cell.id] = out
+    demo = RunResults(matrix="demo", cells=cells, started=min((res.started for _, res, _ in runs if res.started),
+                                                              default=""),
+                      finished=max((res.finished for _, res, _ in runs), default=""),
+                      interrupted=any(res.interrupted for _, res, _ in runs))
+    return write_run_html(demo, out_root, roots)
 
 
 def expected_unfixed(bus: str) -> str:
@@ -104,11 +127,15 @@ def run(args: argparse.Namespace) -> int:
         if f is None or f.verdict != "passed":
             problems.append(f"{r.id} fixed: {f.verdict if f else 'missing'}, expected passed ({f.reason if f else ''})")
 
-    print(f"\nreports (JUnit, results.json, summary.md) under {out_root}/")
+    print(f"\nreports (JUnit, results.json, summary.md, report.html) under {out_root}/")
+    page = combined_report([("windows", windows, out_root / "windows"),
+                            ("unfixed", before, out_root / "linux-unfixed"),
+                            ("fixed", after, out_root / "linux-fixed")], out_root)
     if problems:
         print("\nh2k demo: the proof does NOT hold:", file=sys.stderr)
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
-        return 1
-    print("h2k demo: every verdict is the expected one: unfixed guests fail on VirtIO, fixed guests pass.")
-    return 0
+    else:
+        print("h2k demo: every verdict is the expected one: unfixed guests fail on VirtIO, fixed guests pass.")
+    print(f"h2k demo: report: {page.resolve()}", flush=True)
+    return 1 if problems else 0
