@@ -153,18 +153,18 @@ def run(args: argparse.Namespace) -> int:
                              require_network=args.require_network)
 
     expect_for("linux" if args.os == "auto" else args.os)  # bad input ends here, before any inspection or boot
+    given_profile = None
+    if args.profile_json:
+        try:
+            given_profile = MachineProfile.from_dict(json.loads(args.profile_json.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise InputError(f"{args.profile_json}: not a machine profile: {exc}") from None
     if args.os == "auto":
         args.os = _auto_os(args)
     expect = expect_for(args.os)
     outdir = args.outdir or Path(tempfile.mkdtemp(prefix="h2k-boot-out-"))
     image = Path(args.image) if args.image else None
-    if args.profile_json:
-        try:
-            profile = MachineProfile.from_dict(json.loads(args.profile_json.read_text()))
-        except (OSError, ValueError, TypeError) as exc:
-            raise InputError(f"{args.profile_json}: not a machine profile: {exc}") from None
-    else:
-        profile = _profile(args, args.profile, args.bus, args.nic)
+    profile = given_profile if given_profile is not None else _profile(args, args.profile, args.bus, args.nic)
     if args.two_phase:
         if image is None:
             raise InputError("--two-phase needs a disk IMAGE")
