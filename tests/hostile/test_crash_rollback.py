@@ -69,6 +69,7 @@ class Crash:
     refused_sha: tuple[str, str] = ("", "")  # image sha before and after the refused rollback
     again_sha: tuple[str, str] = ("", "")  # after a full rollback, "nothing to roll back" changed nothing
     manifests: dict[str, dict] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # per step, reported with -s (each is one launch or two)
 
 
 def _mirror(image: Path) -> Journal | None:
@@ -190,31 +191,50 @@ def crash(tmp_path_factory) -> Crash:
         return ["fix", str(image), "--in-place", "--ems", "--drivers", str(pack), "--bus", "virtio-blk"]
 
     k = result.killed
-    k["A"] = run_and_kill(fix(images["A"]), images["A"], lambda j: any(f.state == INTENT for f in j.files))
-    k["B"] = run_and_kill(fix(images["B"]), images["B"], lambda j: any(h.name == "SYSTEM" for h in j.hives))
-    k["C"] = run_and_kill(fix(images["C"]), images["C"], lambda j: any(h.name == "BCD" for h in j.hives))
+    t = time.monotonic()
 
-    # A: a disk copied without the journal beside it: rollback finds the guest's own.
+    def step(name: str) -> None:
+        nonlocal t
+        result.seconds[name] = round(time.monotonic() - t, 1)
+        t = time.monotonic()
+
+    k["A"] = run_and_kill(fix(images["A"]), images["A"], lambda j: any(f.state == INTENT for f in j.files))
+    step("A: fix killed")
+    k["B"] = run_and_kill(fix(images["B"]), images["B"], lambda j: any(h.name == "SYSTEM" for h in j.hives))
+    step("B: fix killed")
+    k["C"] = run_and_kill(fix(images["C"]), images["C"], lambda j: any(h.name == "BCD" for h in j.hives))
+    step("C: fix killed")
+
+    # A: a disk copied without the journal beside it: rollback finds the guest's own (two launches).
     for j in host_journals(images["A"]):
         j.unlink()
     result.rollbacks["A"] = h2k("rollback", str(images["A"]))
+    step("A: rollback (read-only look, then read-write)")
 
     # B: the rollback itself is killed once the files are undone, then resumed.
     k["B-rollback"] = run_and_kill(["rollback", str(images["B"])], images["B"],
                                    lambda j: j.state == ROLLING_BACK and any(f.state == UNDONE for f in j.files))
+    step("B: rollback killed")
     result.rollbacks["B"] = h2k("rollback", str(images["B"]))
+    step("B: rollback resumed")
     before = sha256_file(images["B"])
     result.rollbacks["B-again"] = h2k("rollback", str(images["B"]))
     result.again_sha = (before, sha256_file(images["B"]))
+    step("B: nothing left (read-only)")
 
     # C: Windows wrote to SYSTEM after the (interrupted) fix had finished with it.
     windows_writes_system(images["C"], tmp)
+    step("C: Windows writes SYSTEM")
     before = sha256_file(images["C"])
     result.rollbacks["C-refused"] = h2k("rollback", str(images["C"]))
     result.refused_sha = (before, sha256_file(images["C"]))
+    step("C: rollback refused")
     result.rollbacks["C"] = h2k("rollback", "--force", str(images["C"]))
+    step("C: rollback --force")
 
     result.manifests = manifests({"pristine": pristine, **images}, tmp)
+    step("manifests of four disks")
+    print("crash test steps (s):", json.dumps(result.seconds, indent=1))
     return result
 
 
