@@ -102,7 +102,7 @@ def _disk_with_data(path: Path, fmt: str = "qcow2") -> Path:
 
 
 def _ova(tmp: Path) -> Path:
-    disk1 = _disk_with_data(tmp / "vm-disk1.vmdk", "vmdk")
+    _disk_with_data(tmp / "vm-disk1.vmdk", "vmdk")
     subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized",
                     str(tmp / "vm-disk2.vmdk"), "16M"], check=True)
     ova = tmp / "vm.ova"
@@ -112,8 +112,26 @@ def _ova(tmp: Path) -> Path:
             tar.add(tmp / name, arcname=name)
     for name in ("vm.ovf", "vm-disk1.vmdk", "vm-disk2.vmdk"):
         (tmp / name).unlink()
-    del disk1
     return ova
+
+
+def interrupt(argv: list[str], ready, send, env: dict[str, str] | None = None,
+              timeout: float = 600) -> tuple[int, str, list[int]]:
+    """Start ``h2k argv`` in its own session, wait until ``ready(proc)`` names its children, ``send(proc)``.
+
+    Returns (exit code, stderr, the children ``ready`` named); h2k is killed if it outlives the test.
+    """
+    proc = subprocess.Popen(H2K + argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        children = _wait_for("the moment to interrupt", lambda: ready(proc), proc, timeout)
+        send(proc)
+        err = proc.stderr.read()
+        return proc.wait(timeout), err, children
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.mark.parametrize("kind,sig,to_group", [("disk", signal.SIGTERM, False), ("ova", signal.SIGINT, True)],
@@ -122,23 +140,16 @@ def test_convert_stopped_mid_copy_leaves_nothing(tmp_path, slow_qemu_img, kind, 
     src = _disk_with_data(tmp_path / "big.qcow2") if kind == "disk" else _ova(tmp_path)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    proc = subprocess.Popen(H2K + ["convert", str(src), "-o", str(out_dir / "x.qcow2")], env=slow_qemu_img,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _wait_for("the .h2k-part file", lambda: list(out_dir.glob(".x.qcow2.h2k-part-*")), proc, 120)
-        qemu = _wait_for("qemu-img convert", lambda: [p for p, cmd in _children(proc.pid) if "convert" in cmd], proc)
-        if kind == "ova":
-            assert list(out_dir.glob(".h2k-input-*")), "the OVA is unpacked next to the output"
-        if to_group:
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)
-        err = proc.stderr.read()
-        rc = proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+
+    def copying(proc):  # the part file exists and qemu-img is writing it (the OVA unpacked beside it)
+        if not list(out_dir.glob(".x.qcow2.h2k-part-*")):
+            return []
+        assert kind == "disk" or list(out_dir.glob(".h2k-input-*")), "the OVA is unpacked next to the output"
+        return [p for p, cmd in _children(proc.pid) if "convert" in cmd]
+
+    rc, err, qemu = interrupt(["convert", str(src), "-o", str(out_dir / "x.qcow2")], copying,
+                              lambda proc: os.killpg(proc.pid, sig) if to_group else proc.send_signal(sig),
+                              env=slow_qemu_img, timeout=120)
     assert rc == 128 + sig, err
     assert "Traceback" not in err and f"h2k: interrupted ({sig.name})" in err, err
     assert list(out_dir.iterdir()) == []  # no part file, no output, no unpacked OVA
@@ -152,22 +163,15 @@ def test_ctrl_c_during_fix_stops_cleanly_between_steps(tmp_path) -> None:
     pack = virtio_win.build_tree()
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    proc = subprocess.Popen(H2K + ["fix", str(src), "-o", str(out_dir / "x.qcow2"), "--drivers", str(pack),
-                                   "--bus", "virtio-blk"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        def appliance():
-            return [p for p, cmd in _children(proc.pid) if "qemu-system" in cmd and ".x.qcow2.h2k-tmp-" in cmd]
 
-        qemu = _wait_for("the libguestfs appliance", appliance, proc)
+    def appliance(proc):
+        qemu = [p for p, cmd in _children(proc.pid) if "qemu-system" in cmd and ".x.qcow2.h2k-tmp-" in cmd]
         assert all(os.getpgid(p) != proc.pid for p in qemu), "the appliance shares h2k's process group"
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
-        err = proc.stderr.read()
-        rc = proc.wait(600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        return qemu
+
+    rc, err, qemu = interrupt(["fix", str(src), "-o", str(out_dir / "x.qcow2"), "--drivers", str(pack),
+                               "--bus", "virtio-blk"], appliance,
+                              lambda proc: os.killpg(proc.pid, signal.SIGINT))  # what a terminal does on Ctrl-C
     assert rc == 130, err
     assert "Traceback" not in err and "h2k: interrupted (SIGINT)" in err, err
     assert list(out_dir.iterdir()) == []  # no temporary overlay, no output
