@@ -205,11 +205,12 @@ class _Session:
 
     # ---------------------------------------------------------- files
 
-    def write_folder(self, parent: str, changes: list[FileCopy | FileWrite]) -> list[str]:
+    def write_folder(self, parent: str, changes: list[FileCopy | FileWrite], device: str | None = None) -> list[str]:
         """Stage the files of one guest folder (see :meth:`write_folders`)."""
-        return self.write_folders([(parent, changes)])
+        return self.write_folders([(parent, changes)], device)
 
-    def write_folders(self, folders: list[tuple[str, list[FileCopy | FileWrite]]]) -> list[str]:
+    def write_folders(self, folders: list[tuple[str, list[FileCopy | FileWrite]]],
+                      device: str | None = None) -> list[str]:
         """Stage files, ONE ``tar_in`` per guest folder (the tars are built on the host), journalled in one step.
 
         Per folder: one ``ls`` to find existing names (case-insensitively, as NTFS)
@@ -220,7 +221,8 @@ class _Session:
         before the first of them changes; the backups are synced before any file
         they keep is overwritten.
         """
-        g, root, m = self.g, self.facts.root, self.mounts
+        g, m = self.g, self.mounts
+        root = device or self.facts.root  # the Windows volume unless told (e.g. the ESP)
         new_dirs: list[str] = []
         batches: list[tuple[str, list[tuple[FileRecord, bytes]]]] = []  # (real folder, [(record, content)])
         for parent, changes in folders:
