@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from h2k import bcd as bcdlib
-from h2k import overlay, registry
+from h2k import ntfs_acl, overlay, registry
 from h2k.changes import REG_DWORD, FileCopy, FileWrite, Plan, RegDeleteKey, RegValue
 from h2k.errors import H2KError, InputError
 from h2k.facts import WindowsFacts
-from h2k.inspect import Inspection, blocker_error, guest_path, inspect_handle, open_guest
+from h2k.inspect import BOOTMGFW, Inspection, blocker_error, guest_path, inspect_handle, open_guest
 from h2k.journal import (
     COMPLETE, DONE, GUEST_JOURNAL_DIR, INTENT, RUNNING, FileRecord, GuestJournal, HiveRecord, Journal, RegChange,
     host_journal_path,
@@ -76,6 +76,8 @@ class FixReport:
     bcd_repairs: list[str] = field(default_factory=list)
     bcd_left_alone: list[str] = field(default_factory=list)
     ems: bool = False
+    uefi_fallback: str | None = None  # what was done to the ESP's removable-media loader (None: nothing)
+    acls_set: int = 0  # files and folders given a SYSTEM/Administrators security descriptor (read back)
     journal: str | None = None  # host path
     guest_journal: str | None = None
     seconds: float = 0.0
@@ -97,6 +99,11 @@ class FixReport:
         lines += [f"  BCD left alone: {p}" for p in self.bcd_left_alone]
         if self.ems:
             lines.append("  EMS serial console on COM1 @ 115200")
+        if self.uefi_fallback:
+            lines.append(f"  UEFI fallback loader: {self.uefi_fallback}")
+        if self.acls_set:
+            lines.append(f"  security descriptors: {self.acls_set} new file(s)/folder(s) writable only by SYSTEM "
+                         "and Administrators (staging, scripts, backups private; drivers readable by Users)")
         if self.journal:
             lines.append(f"  journal: {self.journal} (in the guest: {self.guest_journal})")
         lines.append(f"  took {self.seconds:.1f}s")
@@ -114,6 +121,11 @@ class _Session:
     :mod:`h2k.journal`): the journal is started (written and synced in the guest)
     before the first change, each record is saved in state ``intent`` before its
     change, and backups are synced before the file they keep is overwritten.
+
+    Files and directories are created through ``tar_in``; on NTFS each carries its
+    security descriptor in the tar (``system.ntfs_acl``, :mod:`h2k.ntfs_acl`), read
+    back after the write: ntfs-3g alone would give every new file "Everyone: full
+    control". A file that is replaced keeps the descriptor it had.
     """
 
     def __init__(self, g, insp: Inspection, journal: Journal, tmp: Path, host_journal: Path | None = None) -> None:
@@ -128,6 +140,7 @@ class _Session:
         self.dirs: dict[tuple[str, str], str] = {}  # (device, lower-case path) -> real path
         self.made: set[str] = set()  # real paths of the directories this run created (known empty)
         self.pending: set[str] = set()  # of those, the ones journalled but not created yet
+        self.acls_set = 0  # files and directories whose security descriptor this run set (and read back)
 
     # ---------------------------------------------------------- the journal
 
@@ -144,12 +157,21 @@ class _Session:
         """Create the journal's directory (recorded in the journal's first save, which follows)."""
         if self.log is not None:
             return
+        root = self.facts.root
         self.journal.state = RUNNING
-        jdir, new = self._resolve_dirs(self.facts.root, GUEST_JOURNAL_DIR)
-        self.journal.created_dirs += [[self.facts.root, self.mounts.rel(self.facts.root, r)] for r in new]
+        jdir, new = self._resolve_dirs(root, GUEST_JOURNAL_DIR)
+        self.journal.created_dirs += [[root, self.mounts.rel(root, r)] for r in new]
         # (a fix killed right here leaves two empty folders, which rollback removes)
-        self._create_dirs(sorted(d for d in self.pending if jdir.startswith(d + "/")) + new)
-        self.log = GuestJournal(self.g, self.journal, f"{jdir}/{self.journal.run_id}.json", self.host_journal)
+        self._create_dirs(root, sorted(d for d in self.pending if jdir.startswith(d + "/")) + new)
+
+        def write_private(path: str, data: bytes) -> None:  # the journal is SYSTEM's and Administrators' only
+            folder, name = path.rsplit("/", 1)
+            self.put_file(root, folder, name, data)
+
+        self.log = GuestJournal(self.g, self.journal, f"{jdir}/{self.journal.run_id}.json", self.host_journal,
+                                write=write_private)
+
+    # ---------------------------------------------------------- directories
 
     def mkdirs(self, device: str, path: str) -> str:
         """mkdir -p (case-insensitive, cached) journalling the directories before it creates them; the real path."""
@@ -157,7 +179,7 @@ class _Session:
         if new:
             self.journal.created_dirs += [[device, self.mounts.rel(device, r)] for r in new]
             self.persist()  # recorded before they exist: rollback removes them if they are empty
-            self._create_dirs(new)
+            self._create_dirs(device, new)
         return real
 
     def _resolve_dirs(self, device: str, path: str) -> tuple[str, list[str]]:
@@ -183,24 +205,90 @@ class _Session:
                 new.append(real)
         return real, new
 
-    def _create_dirs(self, dirs: list[str]) -> None:
-        for real in dirs:  # parent first
-            if real in self.pending:
-                self.g.mkdir(real)
-                self.pending.discard(real)
+    def _create_dirs(self, device: str, dirs: list[str]) -> None:
+        """Create journalled directories (parent first): one ``tar_in`` per existing folder they hang from.
+
+        On NTFS each new folder gets its security descriptor in the tar and is read back.
+        """
+        todo = [d for d in dirs if d in self.pending]
+        groups: list[tuple[str, list[str]]] = []  # (existing folder, new directories under it, parent first)
+        for d in todo:
+            parent = d.rsplit("/", 1)[0]
+            if groups and (parent == groups[-1][0] or parent in groups[-1][1]):
+                groups[-1][1].append(d)
+            else:
+                groups.append((parent, [d]))
+        ntfs = self.ntfs(device)
+        for base, new in groups:
+            entries = []
+            for d in new:
+                sd = (ntfs_acl.profile_for(self.mounts.rel(device, d), True, self.facts.system_root).to_bytes()
+                      if ntfs else None)
+                entries.append((d[len(base) + 1:], None, sd))
+            self._tar_in(device, base, entries)
+            for (name, _, sd), d in zip(entries, new):
+                self.pending.discard(d)
+                if sd is not None:
+                    self.check_acl(d, sd)
+
+    # ---------------------------------------------------------- writing with security descriptors
+
+    def ntfs(self, device: str) -> bool:
+        part = self.insp.layout.by_device(device)
+        return part is not None and part.fstype == "ntfs"
+
+    def _tar_in(self, device: str, parent_real: str, entries: list[tuple[str, bytes | None, bytes | None]]) -> None:
+        """One ``tar_in`` into ``parent_real``: (name, content or None for a directory, security descriptor)."""
+        tar_path = self.tmp / "entries.tar"
+        now = int(time.time())
+        with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+            for name, content, sd in entries:
+                info = tarfile.TarInfo(name)
+                info.mtime = now
+                if content is None:
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                else:
+                    info.size, info.mode = len(content), 0o644
+                if sd is not None:
+                    info.pax_headers = {f"SCHILY.xattr.{ntfs_acl.XATTR}": ntfs_acl.pax_value(sd)}
+                tar.addfile(info, None if content is None else io.BytesIO(content))
+        ntfs = self.ntfs(device)
+        self.g.tar_in(str(tar_path), parent_real, xattrs=ntfs)
+        tar_path.unlink()
+
+    def check_acl(self, real: str, sd: bytes) -> None:
+        """Read a security descriptor back (ntfs-3g's ``system.ntfs_acl``): it must be the one written."""
+        try:
+            got = self.g.getxattr(real, ntfs_acl.XATTR)
+        except RuntimeError as exc:
+            raise H2KError(f"cannot read the security descriptor of {real} (is the volume mounted by ntfs-3g?): {exc}") from exc
+        if got != sd:
+            raise H2KError(f"security descriptor of {real} did not stick: wrote {sd.hex()}, read {bytes(got).hex()}")
+        self.acls_set += 1
+
+    def put_file(self, device: str, parent_real: str, name: str, data: bytes) -> str:
+        """A private file (SYSTEM and Administrators only on NTFS: backups, journals), read back."""
+        sd = ntfs_acl.PRIVATE_FILE.to_bytes() if self.ntfs(device) else None
+        self._tar_in(device, parent_real, [(name, data, sd)])
+        real = f"{parent_real}/{name}"
+        if guest_sha256(self.g, real, self.tmp, size=len(data)) != _sha(data):
+            raise H2KError(f"read-back mismatch for {real}")
+        if sd is not None:
+            self.check_acl(real, sd)
+        return real
 
     def backup_path(self, rel: str) -> str:
         """Where a file about to be replaced is kept (relative to its volume)."""
         return f"{GUEST_BACKUP_DIR}/{self.journal.run_id}{rel}"
 
     def backup_file(self, device: str, rel: str) -> str:
-        """Keep a copy of a file about to be replaced (download + upload: no helper process)."""
+        """Keep a private copy of a file about to be replaced (download + tar_in: no helper process)."""
         dest_rel = self.backup_path(rel)
         dest_dir = self.mkdirs(device, dest_rel.rsplit("/", 1)[0])
         local = self.tmp / "backup.bin"
         self.g.download(self.mounts.p(device, rel), str(local))
-        dest = f"{dest_dir}/{dest_rel.rsplit('/', 1)[1]}"
-        self.g.upload(str(local), dest)
+        dest = self.put_file(device, dest_dir, dest_rel.rsplit("/", 1)[1], local.read_bytes())
+        local.unlink()
         return self.mounts.rel(device, dest)
 
     # ---------------------------------------------------------- files
@@ -215,68 +303,70 @@ class _Session:
 
         Per folder: one ``ls`` to find existing names (case-insensitively, as NTFS)
         and one ``tar_in``. Per file: a read of an existing file to compare
-        (identical: skipped, for idempotence; different: backed up first) and one
-        read-back after the write. Every directory to create and every file to
-        write is journalled (state intent, with its hashes) in ONE durable save
-        before the first of them changes; the backups are synced before any file
-        they keep is overwritten.
+        (identical: skipped, for idempotence; different: backed up first, and its
+        security descriptor kept) and one read-back of content and descriptor
+        after. Every directory to create and every file to write is journalled
+        (state intent, with its hashes) in ONE durable save before the first of
+        them changes; the backups are synced before any file they keep is
+        overwritten.
         """
         g, m = self.g, self.mounts
         root = device or self.facts.root  # the Windows volume unless told (e.g. the ESP)
+        ntfs = self.ntfs(root)
         new_dirs: list[str] = []
-        batches: list[tuple[str, list[tuple[FileRecord, bytes]]]] = []  # (real folder, [(record, content)])
+        # (real folder, [(record, content, security descriptor)])
+        batches: list[tuple[str, list[tuple[FileRecord, bytes, bytes | None]]]] = []
         for parent, changes in folders:
             rparent, new = self._resolve_dirs(root, parent or "/")
             new_dirs += new
             existing = {} if rparent in self.made else {n.lower(): n for n in g.ls(rparent)}
-            todo: dict[str, tuple[FileRecord, bytes]] = {}  # lower name -> (record, content)
+            todo: dict[str, tuple[FileRecord, bytes, bytes | None]] = {}  # lower name -> (record, content, sd)
             for change in changes:
                 content = _content(change)
                 name = change.dest.rstrip("/").rsplit("/", 1)[1]
                 real_name = existing.get(name.lower(), name)
-                rel = m.rel(root, f"{rparent}/{real_name}")
+                real = f"{rparent}/{real_name}"
+                rel = m.rel(root, real)
                 before = None
-                if name.lower() in existing and g.is_file(f"{rparent}/{real_name}"):
-                    before = guest_sha256(g, f"{rparent}/{real_name}", self.tmp)
+                sd = ntfs_acl.profile_for(change.dest, False, self.facts.system_root).to_bytes() if ntfs else None
+                if name.lower() in existing and g.is_file(real):
+                    before = guest_sha256(g, real, self.tmp)
                     if before == _sha(content):
                         todo.pop(name.lower(), None)
                         continue  # already there: idempotence
+                    if ntfs:
+                        sd = bytes(g.getxattr(real, ntfs_acl.XATTR))  # a replaced file keeps its descriptor
                 todo[name.lower()] = (FileRecord(device=root, path=rel, sha256_after=_sha(content),
                                                  sha256_before=before,
                                                  backup_path=self.backup_path(rel) if before else None,
-                                                 state=INTENT), content)
+                                                 state=INTENT), content, sd)
             if todo:
                 batches.append((rparent, list(todo.values())))
         if not batches:
             return []
         self._open_log()
-        records = [rec for _, items in batches for rec, _ in items]
+        records = [rec for _, items in batches for rec, _, _ in items]
         for rec in records:  # the folders the backups go to
             if rec.backup_path:
                 new_dirs += self._resolve_dirs(root, rec.backup_path.rsplit("/", 1)[0])[1]
         self.journal.created_dirs += [[root, m.rel(root, r)] for r in new_dirs]
         self.journal.files += records
         self.persist()
-        self._create_dirs(new_dirs)
+        self._create_dirs(root, new_dirs)
         if any(rec.backup_path for rec in records):
             for rec in records:
                 if rec.backup_path:
                     self.backup_file(root, rec.path)
             g.sync()  # the copies are on disk before the files they keep are overwritten
-        now = int(time.time())
         for rparent, items in batches:
-            tar_path = self.tmp / "folder.tar"
-            with tarfile.open(tar_path, "w") as tar:
-                for rec, content in items:
-                    info = tarfile.TarInfo(rec.path.rsplit("/", 1)[1])
-                    info.size, info.mode, info.mtime = len(content), 0o644, now
-                    tar.addfile(info, io.BytesIO(content))
-            g.tar_in(str(tar_path), rparent)
-            tar_path.unlink()
-            for rec, content in items:
-                after = guest_sha256(g, m.p(root, rec.path), self.tmp, size=len(content))
+            self._tar_in(root, rparent, [(rec.path.rsplit("/", 1)[1], content, sd) for rec, content, sd in items])
+            for rec, content, sd in items:
+                real = m.p(root, rec.path)
+                after = guest_sha256(g, real, self.tmp, size=len(content))
                 if after != rec.sha256_after:
                     raise H2KError(f"read-back mismatch for {rec.path}: wrote {rec.sha256_after[:12]}, read {after[:12]}")
+                if sd is not None:
+                    self.check_acl(real, sd)
                 rec.state = DONE  # saved with the next step (whose save syncs these writes first)
         return [rec.path for rec in records]
 
@@ -290,6 +380,7 @@ class _Session:
         backup is made; the backup is synced before the hive is overwritten.
         ``replayed``: the hive was dirty and ``local`` has its transaction logs applied; the
         upload makes it clean (equal sequence numbers), so Windows ignores the old log entries.
+        The backup is private (SYSTEM and Administrators) on NTFS; the hive keeps its own descriptor.
         """
         g, m = self.g, self.mounts
         real = m.p(device, rel)
@@ -303,9 +394,8 @@ class _Session:
         self.journal.hives.append(record)
         self.journal.registry += changes or []
         self.persist()
-        g.upload(str(original), m.p(device, backup))
-        if guest_sha256(g, m.p(device, backup), self.tmp) != original_sha:
-            raise H2KError(f"backup of {rel} does not match the original")
+        folder, backup_name = real.rsplit("/", 1)[0], backup.rsplit("/", 1)[1]
+        self.put_file(device, folder, backup_name, original.read_bytes())  # (read back by SHA-256)
         g.sync()  # the backup is on disk before the hive is overwritten
         g.upload(str(local), real)
         if guest_sha256(g, real, self.tmp) != record.sha256_after:
@@ -410,10 +500,12 @@ def _fix_on(work: Path, image: Path, final: Path, plan: PlanSource, *, ems: bool
                                      changes=res.changes)
                     report.hives_changed.append(name)
 
-            progress.step("BCD")
+            progress.step("BCD and UEFI fallback loader")
             _fix_bcd(sess, report, [c for c in changes if isinstance(c, RegValue) and c.hive.upper() == "BCD"], ems)
+            _fix_uefi_fallback(sess, report)
 
             report.registry_changes = len(journal.registry)
+            report.acls_set = sess.acls_set
             progress.step("journal")
             if not sess.started:
                 report.nothing_to_do = True
@@ -485,3 +577,30 @@ def _fix_bcd(sess: _Session, report: FixReport, planned: list[RegValue], ems: bo
     if res.changed:
         sess.commit_hive("BCD", facts.bcd_device, facts.bcd_path, local, original, changes=res.changes)
         report.hives_changed.append("BCD")
+
+
+def _fix_uefi_fallback(sess: _Session, report: FixReport) -> None:
+    """Fresh NVRAM boots the ESP's removable-media loader: make it a copy of Windows' boot manager.
+
+    Only when inspection found it missing or different from ``\\EFI\\Microsoft\\Boot\\bootmgfw.efi``;
+    a replaced loader is backed up on the ESP and journalled like any other file (rollback
+    restores it, or removes the copy and the folders this run created).
+    """
+    facts = sess.facts
+    if facts.uefi_fallback not in ("missing", "differs") or not facts.esp_device or not facts.uefi_fallback_path:
+        return
+    esp = facts.esp_device
+    if not sess.mounts.writable.get(esp):
+        raise InputError(f"{esp} (the ESP) cannot be mounted read-write: the UEFI fallback loader cannot be installed")
+    source = sess.mounts.find(esp, BOOTMGFW)
+    if source is None:
+        raise H2KError(f"{BOOTMGFW} vanished from {esp} during the fix")
+    local = sess.tmp / "bootmgfw.efi"
+    sess.g.download(source, str(local))
+    change = FileWrite(facts.uefi_fallback_path, local.read_bytes(),
+                       "OVMF with empty NVRAM boots the removable-media path: a copy of Windows' boot manager")
+    local.unlink()
+    written = sess.write_folder(facts.uefi_fallback_path.rsplit("/", 1)[0], [change], device=esp)
+    report.files_written += written
+    was = "was missing" if facts.uefi_fallback == "missing" else "was not Windows' boot manager (backed up)"
+    report.uefi_fallback = f"{facts.uefi_fallback_path} on {esp} {was}: now a copy of {BOOTMGFW}"

@@ -17,6 +17,10 @@ What comes from where:
 * volume boot sectors: BitLocker (``-FVE-FS-``); the ``hiberfil.sys`` header:
   a resumable hibernation or Fast Startup image (:mod:`h2k.hibernation`);
 * Tcpip interfaces only where a present adapter is bound (:mod:`h2k.netbind`).
+* Windows Setup's state (``SYSTEM\\Setup``, ``ImageState``, ``SetupComplete.cmd``):
+  a generalized or mid-setup image is reported, and the fix leaves that state alone;
+* UEFI: the ESP's removable-media loader ``\\EFI\\BOOT\\BOOTX64.EFI`` against
+  ``\\EFI\\Microsoft\\Boot\\bootmgfw.efi`` (a VM on KVM starts with empty NVRAM).
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ import hivex
 from h2k import accel
 from h2k import bcd as bcdlib
 from h2k import hibernation, hivelog, netbind
+from h2k.firstboot import SETUP_COMPLETE
 from h2k.errors import BlockerError, H2KError, InputError
-from h2k.facts import Blocker, NicConfig, ServiceInfo, WindowsFacts
+from h2k.facts import Blocker, NicConfig, ServiceInfo, SetupState, WindowsFacts
 from h2k.registry import current_control_set, decode, find_key, find_value
 
 log = logging.getLogger("h2k.inspect")
@@ -392,6 +397,72 @@ def read_nics(h, ccs: int, boot_services: list[str] | None = None) -> tuple[list
     return nics, ghosts
 
 
+SETUP_COMPLETE_MAX = 1 << 20  # larger is not a script anyone chains: refused by the planner
+
+
+def read_setup_state(sys_h, soft_h) -> SetupState:
+    """Windows Setup's values: ``SYSTEM\\Setup`` and SOFTWARE's ``Setup\\State\\ImageState``."""
+    state = SetupState()
+    if sys_h is not None:
+        state.cmdline = _str(sys_h, "Setup", "CmdLine")
+        state.setup_type = _int(sys_h, "Setup", "SetupType")
+        state.system_setup_in_progress = _int(sys_h, "Setup", "SystemSetupInProgress")
+        state.oobe_in_progress = _int(sys_h, "Setup", "OOBEInProgress")
+        state.setup_phase = _int(sys_h, "Setup", "SetupPhase")
+        state.restart_setup = _int(sys_h, "Setup", "RestartSetup")
+        state.mini_setup_in_progress = _int(sys_h, "Setup", "MiniSetupInProgress")
+        state.audit_in_progress = _int(sys_h, "Setup", "AuditInProgress")
+    if soft_h is not None:
+        state.image_state = _str(soft_h, "Microsoft\\Windows\\CurrentVersion\\Setup\\State", "ImageState")
+    return state
+
+
+def _read_setup_complete(g, mounts: "Mounts", root: str, system_root: str, state: SetupState) -> None:
+    """SetupComplete.cmd's size and bytes (base64) into ``state``; bytes only up to SETUP_COMPLETE_MAX."""
+    import base64
+
+    real = mounts.find(root, f"{system_root}/{SETUP_COMPLETE}")
+    if real is None or not g.is_file(real):
+        return
+    state.setup_complete_size = size = g.filesize(real)
+    if size <= SETUP_COMPLETE_MAX:
+        state.setup_complete_b64 = base64.b64encode(g.read_file(real) if size else b"").decode("ascii")
+
+
+# Removable-media loader names by architecture (UEFI specification, "Removable Media Boot Behavior").
+UEFI_FALLBACK = {"x86_64": "BOOTX64.EFI", "i386": "BOOTIA32.EFI", "aarch64": "BOOTAA64.EFI"}
+BOOTMGFW = "/EFI/Microsoft/Boot/bootmgfw.efi"
+
+
+def uefi_fallback_path(arch: str) -> str:
+    return "/EFI/BOOT/" + UEFI_FALLBACK.get(arch, "BOOTX64.EFI")
+
+
+def _file_digest(g, path: str, tmp: Path) -> str:
+    """SHA-256 of a guest file, hashed on the host (a download: boot managers reach megabytes)."""
+    import hashlib
+
+    local = tmp / "digest.bin"
+    g.download(path, str(local))
+    try:
+        return hashlib.sha256(local.read_bytes()).hexdigest()
+    finally:
+        local.unlink()
+
+
+def check_uefi_fallback(g, mounts: "Mounts", esp: str, arch: str, tmp: Path) -> str:
+    """``same``, ``missing``, ``differs`` or ``no-bootmgfw`` for the ESP ``esp`` (mounted)."""
+    bootmgr = mounts.find(esp, BOOTMGFW)
+    if bootmgr is None:
+        return "no-bootmgfw"
+    fallback = mounts.find(esp, uefi_fallback_path(arch))
+    if fallback is None or not g.is_file(fallback):
+        return "missing"
+    if g.filesize(fallback) != g.filesize(bootmgr):
+        return "differs"
+    return "same" if _file_digest(g, fallback, tmp) == _file_digest(g, bootmgr, tmp) else "differs"
+
+
 # ---------------------------------------------------------------- the inspection
 
 
@@ -627,8 +698,16 @@ def inspect_handle(
             facts.nics, facts.ghost_interfaces = read_nics(
                 sys_h, ccs, [d.name for d in facts.storage_drivers if d.start == 0])
             blockers += _hibernation(g, mounts, root, sys_h, ccs)
+    facts.setup = read_setup_state(sys_h, soft_h)
+    _read_setup_complete(g, mounts, root, system_root, facts.setup)
     facts.arch = arch or "unknown"
     facts.bcd_device, facts.bcd_path = _locate_bcd(mounts, layout, disk, facts.firmware, root, writable)
+    if facts.firmware == "uefi":
+        esp = next((p.device for p in layout.on_disk(disk) if p.gpt_type == ESP_GUID), None)
+        if esp is not None and (mounts.mounted(esp) or mounts.mount(esp, writable)):
+            facts.esp_device = esp
+            facts.uefi_fallback_path = uefi_fallback_path(facts.arch)
+            facts.uefi_fallback = check_uefi_fallback(g, mounts, esp, facts.arch, workdir)
     facts.blockers = blockers
     return insp
 
@@ -749,9 +828,20 @@ def summary(facts: WindowsFacts) -> str:
         lines.append(f"ghost nic      {ghost} (its settings are not carried over)")
     for r in facts.replayed_hives:
         lines.append(f"hive log       {r}")
+    lines.append(f"setup          {facts.setup.describe()}")
+    if facts.uefi_fallback is not None:
+        lines.append(f"uefi fallback  {facts.uefi_fallback_path}: {UEFI_FALLBACK_WORDS.get(facts.uefi_fallback, facts.uefi_fallback)}")
     for b in facts.blockers:
         lines.append(f"BLOCKER        {b.kind}: {b.detail}")
     return "\n".join(lines)
+
+
+UEFI_FALLBACK_WORDS = {
+    "same": "a copy of bootmgfw.efi",
+    "missing": "MISSING (fix installs a copy of bootmgfw.efi)",
+    "differs": "not Windows' boot manager (fix replaces it with bootmgfw.efi, keeping a backup)",
+    "no-bootmgfw": "no \\EFI\\Microsoft\\Boot\\bootmgfw.efi on the ESP to copy",
+}
 
 
 def blocker_error(facts: WindowsFacts) -> BlockerError | InputError | None:

@@ -167,7 +167,7 @@ def host_journals(output: str | Path) -> list[Path]:
 # ---------------------------------------------------------------- the copy inside the guest
 
 
-def save_guest_journal(g, path: str, text: str) -> None:
+def save_guest_journal(g, path: str, text: str, write: Callable[[str, bytes], None] | None = None) -> None:
     """Make ``text`` the durable content of the guest file ``path`` (a real, mounted path).
 
     ``path.new`` is written and synced (with every write made before it), then
@@ -175,7 +175,7 @@ def save_guest_journal(g, path: str, text: str) -> None:
     journal. The rename reaches the disk with the next sync (the next save, or
     the unmount); until then the synced ``.new`` is the one read.
     """
-    g.write(path + NEW_SUFFIX, text.encode())
+    (write or g.write)(path + NEW_SUFFIX, text.encode())
     g.sync()
     g.mv(path + NEW_SUFFIX, path)
 
@@ -215,15 +215,17 @@ class GuestJournal:
     ``journal``: anything with ``to_json()`` (the Windows and the Linux journal).
     """
 
-    def __init__(self, g, journal: Any, guest_path: str, host_path: Path | None = None) -> None:
+    def __init__(self, g, journal: Any, guest_path: str, host_path: Path | None = None,
+                 write: Callable[[str, bytes], None] | None = None) -> None:
         self.g = g
         self.journal = journal
         self.guest_path = guest_path  # real (mounted) path of <run>.json
         self.host_path = host_path
+        self.write = write  # how to write a guest file (default g.write; the fix writes it private on NTFS)
 
     def save(self) -> None:
         text = self.journal.to_json()
-        save_guest_journal(self.g, self.guest_path, text)
+        save_guest_journal(self.g, self.guest_path, text, self.write)
         if self.host_path is not None:
             tmp = self.host_path.with_name(self.host_path.name + ".tmp")
             tmp.write_text(text)

@@ -15,9 +15,14 @@ What a Windows guest needs to boot from a VirtIO disk (see docs/driverpack-plan.
 5. ``CrashControl\\AutoReboot`` = 0 so a bugcheck stays visible.
 
 Then, for a complete migration: the full driver packages (storage, NetKVM,
-Balloon, vioserial, ...) and the qemu-ga MSI are staged in the guest, and a
-first-boot script installs them with pnputil, installs the guest agent,
-re-applies the old NIC's static IP to the VirtIO NIC and leaves a marker.
+Balloon, vioserial, ...) and the qemu-ga MSI are staged in the guest, and the
+first boot (:mod:`h2k.firstboot`: a scheduled task whose steps are bounded and
+retried a bounded number of times) installs them with pnputil, installs the
+guest agent and re-applies the old NIC's static IP to the VirtIO NIC. Windows
+Setup's own state (a generalized template) is never written.
+
+UEFI: when the ESP's removable-media loader is missing or is not Windows' boot
+manager, ``h2k.fix`` installs a copy of ``bootmgfw.efi`` (a note here says so).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+from h2k import firstboot
 from h2k import inf as infmod
 from h2k import winver
 from h2k.changes import (
@@ -70,7 +76,6 @@ BOOTSTRAP_SERVICES = {
     "atapi": "IDE channel driver",
 }
 
-TASK_NAME = "h2k-firstboot"
 SYSTEM = "SYSTEM"
 
 
@@ -171,10 +176,7 @@ def package_name(df: DriverFiles) -> str:
     return f"{df.inf.name.lower()}_{df.arch.lower()}_{df.package_hash()}"
 
 
-def _crlf(text: str) -> bytes:
-    """Scripts for cmd.exe/PowerShell 2: ASCII with CRLF line ends, never UTF-16."""
-    body = "\r\n".join(text.replace("\r\n", "\n").split("\n"))
-    return body.encode("ascii")
+_crlf = firstboot.crlf
 
 
 # ------------------------------------------------------------------ storage
@@ -395,122 +397,19 @@ def _network_script(nics: list[NicConfig]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _firstboot_script(facts: WindowsFacts, staging_win: str, agent_msi: str | None, net_script: bool,
-                      modern_pnputil: bool) -> str:
-    if modern_pnputil:
-        install = f'pnputil /add-driver "{staging_win}\\*.inf" /subdirs /install >> "%LOG%" 2>&1'
-    else:
-        # Windows 7/8/8.1 pnputil has no /add-driver: one INF at a time with -i -a.
-        install = f'for /r "{staging_win}" %%I in (*.inf) do pnputil -i -a "%%I" >> "%LOG%" 2>&1'
-    lines = [
-        "@echo off",
-        "rem hyper2kvm first boot: install the staged VirtIO drivers and guest agent,",
-        "rem re-apply the recorded network settings, leave a completion marker.",
-        "setlocal",
-        f'set H2K={staging_win}',
-        'set LOG=%H2K%\\firstboot.log',
-        'if exist "%H2K%\\firstboot.done" goto cleanup',
-        'echo %DATE% %TIME% h2k first boot started >> "%LOG%"',
-        f'schtasks /create /tn {TASK_NAME} /xml "%H2K%\\{TASK_NAME}.xml" /f >> "%LOG%" 2>&1',
-        install,
-        'echo pnputil exit %ERRORLEVEL% >> "%LOG%"',
-    ]
-    if agent_msi:
-        lines += [
-            f'msiexec /i "%H2K%\\guest-agent\\{agent_msi}" /qn /norestart /l*v "%H2K%\\qemu-ga-install.log"',
-            'echo msiexec exit %ERRORLEVEL% >> "%LOG%"',
-        ]
-    if net_script:
-        lines += [
-            # Server 2008 (NT 6.0) may lack PowerShell: say so rather than retry forever.
-            'set PS=%SystemRoot%\\System32\\WindowsPowerShell\\v1.0\\powershell.exe',
-            'if not exist "%PS%" (echo PowerShell missing: static IP not re-applied >> "%LOG%" & goto marker)',
-            '"%PS%" -NoProfile -ExecutionPolicy Bypass -File "%H2K%\\h2k-network.ps1" >> "%LOG%" 2>&1',
-            'if errorlevel 1 (echo network configuration failed, will retry at next boot >> "%LOG%" & goto setupdone)',
-        ]
-    lines += [
-        ":marker",
-        'echo done %DATE% %TIME% > "%H2K%\\firstboot.done"',
-        'echo %DATE% %TIME% h2k first boot complete >> "%LOG%"',
-        ":cleanup",
-        f'schtasks /delete /tn {TASK_NAME} /f >> "%LOG%" 2>&1',
-        ":setupdone",
-        "rem Leave setup mode so the next boot is an ordinary one (the task retries if needed).",
-        'reg add "HKLM\\SYSTEM\\Setup" /v SetupType /t REG_DWORD /d 0 /f >> "%LOG%" 2>&1',
-        'reg add "HKLM\\SYSTEM\\Setup" /v CmdLine /t REG_SZ /d "" /f >> "%LOG%" 2>&1',
-        "endlocal",
-        "exit /b 0",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _task_xml(script_win: str) -> bytes:
-    """A Task Scheduler 1.2 definition (Windows 7+): at boot, as SYSTEM, retrying the first-boot script.
-
-    Task XML is what ``schtasks /create /xml`` reads; like exported tasks it is UTF-16 with a BOM.
-    """
-    xml = f"""<?xml version="1.0" encoding="UTF-16"?>
-<Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">
-  <RegistrationInfo>
-    <Author>hyper2kvm</Author>
-    <Description>hyper2kvm first boot: install staged VirtIO drivers and the guest agent until done.</Description>
-  </RegistrationInfo>
-  <Triggers>
-    <BootTrigger>
-      <Enabled>true</Enabled>
-      <Delay>PT30S</Delay>
-    </BootTrigger>
-  </Triggers>
-  <Principals>
-    <Principal id="Author">
-      <UserId>S-1-5-18</UserId>
-      <RunLevel>HighestAvailable</RunLevel>
-    </Principal>
-  </Principals>
-  <Settings>
-    <MultipleInstancesPolicy>IgnoreNew</MultipleInstancesPolicy>
-    <DisallowStartIfOnBatteries>false</DisallowStartIfOnBatteries>
-    <StopIfGoingOnBatteries>false</StopIfGoingOnBatteries>
-    <AllowHardTerminate>true</AllowHardTerminate>
-    <StartWhenAvailable>true</StartWhenAvailable>
-    <AllowStartOnDemand>true</AllowStartOnDemand>
-    <Enabled>true</Enabled>
-    <Hidden>false</Hidden>
-    <ExecutionTimeLimit>PT1H</ExecutionTimeLimit>
-    <Priority>7</Priority>
-  </Settings>
-  <Actions Context="Author">
-    <Exec>
-      <Command>%SystemRoot%\\System32\\cmd.exe</Command>
-      <Arguments>/c "{script_win}"</Arguments>
-    </Exec>
-  </Actions>
-</Task>
-"""
-    return "\ufeff".encode("utf-16-le") + xml.replace("\n", "\r\n").encode("utf-16-le")
-
-
-def _firstboot_changes(facts: WindowsFacts, release: winver.WinRelease, staging: str,
-                       agent_msi: str | None) -> list:
+def _firstboot_changes(facts: WindowsFacts, staging: str, agent_msi: str | None) -> tuple[list, firstboot.Hook]:
     staging_win = _win(facts, staging)
-    script_win = f"{staging_win}\\h2k-firstboot.cmd"
     nics = _static_nics(facts)
     changes: list = []
+    steps = [firstboot.driver_step(facts.build, staging_win)]
+    if agent_msi:
+        steps.append(firstboot.agent_step(staging_win, agent_msi))
     if nics:
         changes.append(FileWrite(f"{staging}/h2k-network.ps1", _crlf(_network_script(nics)),
                                  "re-apply the old NIC's static IP to the VirtIO NIC at first boot"))
-    modern = release.nt_version >= (10, 0)
-    changes.append(FileWrite(f"{staging}/h2k-firstboot.cmd",
-                             _crlf(_firstboot_script(facts, staging_win, agent_msi, bool(nics), modern)),
-                             "first-boot script: pnputil install of the staged packages, qemu-ga, network, marker"))
-    changes.append(FileWrite(f"{staging}/{TASK_NAME}.xml", _task_xml(script_win),
-                             "scheduled task (at boot, SYSTEM) that retries the first-boot script until done"))
-    # Winlogon runs Setup\CmdLine as SYSTEM before the logon screen when SetupType=2,
-    # and waits for it; the script registers the retry task and then resets both values.
-    why = "run the first-boot script once as SYSTEM before logon (Winlogon Setup\\CmdLine, SetupType=2)"
-    changes.append(RegValue(SYSTEM, "Setup", "CmdLine", REG_SZ, f'cmd.exe /c "{script_win}"', why))
-    changes.append(RegValue(SYSTEM, "Setup", "SetupType", REG_DWORD, 2, why))
-    return changes
+        steps.append(firstboot.network_step(staging_win))
+    more, hook = firstboot.firstboot_changes(facts, staging, staging_win, facts.system_root, steps)
+    return changes + more, hook
 
 
 # ------------------------------------------------------------------ the plan
@@ -601,9 +500,20 @@ def build_plan(facts: WindowsFacts, pack: DriverPack, target_bus: str,
                                         "qemu guest agent, installed by msiexec at first boot"))
         if not options.reapply_static_ip:
             facts = _without_static(facts)
-        changes += _firstboot_changes(facts, release, staging, agent_name)
+        more, hook = _firstboot_changes(facts, staging, agent_name)
+        changes += more
+        plan.notes.append(f"first boot: {hook.reason}")
+        plan.notes.append("pnputil " + ("/add-driver ... /subdirs /install" if facts.build >= firstboot.PNPUTIL_ADD_DRIVER_BUILD
+                                        else "-i -a (one INF at a time)") + f" for build {facts.build}")
         if _static_nics(facts):
             plan.notes.append(f"static IP of {len(_static_nics(facts))} old NIC(s) re-applied at first boot")
+    if facts.uefi_fallback in ("missing", "differs"):
+        plan.notes.append(f"UEFI: {facts.uefi_fallback_path} {facts.uefi_fallback}: fix installs a copy of "
+                          "\\EFI\\Microsoft\\Boot\\bootmgfw.efi there (a VM on KVM starts with empty NVRAM)")
+    elif facts.uefi_fallback == "no-bootmgfw":
+        plan.notes.append("UEFI: no \\EFI\\Microsoft\\Boot\\bootmgfw.efi on the ESP: the fallback loader cannot be checked")
+    if not facts.setup.idle:
+        plan.notes.append(f"Windows Setup: {facts.setup.describe()}: left as found")
     plan.changes = changes
     return plan
 

@@ -16,7 +16,10 @@ Per storage driver of the target bus (viostor for virtio-blk, vioscsi for virtio
   binding found only in another control set is a FAIL that says so.
 
 And once: ``bcd``: the boot manager's default loader exists, has a device on this
-disk and a path that exists on the system volume.
+disk and a path that exists on the system volume; on UEFI ``uefi-fallback``: the
+ESP's removable-media loader (``\\EFI\\BOOT\\BOOTX64.EFI`` on x86_64) is a copy of
+``\\EFI\\Microsoft\\Boot\\bootmgfw.efi``, because a VM on KVM starts with empty NVRAM
+(no "Windows Boot Manager" entry) and OVMF then boots that path.
 """
 
 from __future__ import annotations
@@ -247,6 +250,27 @@ def check_bcd(bcd_file: Path | None, path_exists, device_exists) -> RuleResult:
     return RuleResult("bcd", "BCD", False, "; ".join(check.problems))
 
 
+FALLBACK_PROBLEMS = {
+    "missing": "is missing: with empty NVRAM OVMF finds nothing to boot",
+    "differs": "is not Windows' boot manager (differs from {bootmgr})",
+    "no-bootmgfw": "cannot be checked: {bootmgr} is not on the ESP",
+}
+
+
+def check_uefi_fallback(firmware: str, state: str | None, path: str | None) -> RuleResult | None:
+    """``uefi-fallback`` from inspection's comparison (None on BIOS: the rule does not apply)."""
+    if firmware != "uefi":
+        return None
+    shown = (path or "\\EFI\\BOOT\\BOOTX64.EFI").replace("/", "\\")
+    bootmgr = "\\EFI\\Microsoft\\Boot\\bootmgfw.efi"
+    if state == "same":
+        return RuleResult("uefi-fallback", "ESP", True, f"{shown} is a copy of {bootmgr}")
+    if state is None:
+        return RuleResult("uefi-fallback", "ESP", False, "no ESP found on the system disk")
+    why = FALLBACK_PROBLEMS.get(state, state).format(bootmgr=bootmgr)
+    return RuleResult("uefi-fallback", "ESP", False, f"{shown} {why}")
+
+
 def verify_hives(
     system_hive: Path,
     bus: str,
@@ -302,6 +326,9 @@ def verify_image(image: str | Path, bus: str, metadata: dict[str, Any] | None = 
                 insp.local_hives["SYSTEM"], bus, exists, system_root=facts.system_root, bcd_file=bcd_file,
                 path_exists=exists, device_exists=lambda ref: insp.layout.find_ref(ref) is not None,
             )
+            fallback = check_uefi_fallback(facts.firmware, facts.uefi_fallback, facts.uefi_fallback_path)
+            if fallback is not None:
+                results.append(fallback)
     finally:
         g.close()
     return VerifyReport(image=str(image), bus=bus, control_set=ccs, results=results)

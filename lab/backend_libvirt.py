@@ -9,6 +9,9 @@ file and no socket, everything goes through libvirt's API.
   host's ``h2k`` storage pool (``lab.libvirt_storage``); the domain XML names only
   those volumes and the host's own files (its OVMF, picked by libvirt's firmware
   autoselection). The NVRAM is downloaded back after the boot; every volume is deleted.
+  A two-phase run uploads its disk once (``phase_volume``): both phases boot and write
+  that volume, so the final phase sees what the bootstrap phase wrote, and it is
+  deleted when the run ends.
 - QMP events: libvirt owns QEMU's monitor. libvirt-qemu's monitor-event API
   (``virConnectDomainQemuMonitorEventRegister``) hands us every raw QMP event
   (``GUEST_PANICKED`` with its hyper-v ``info``, ``SHUTDOWN`` with reason
@@ -47,9 +50,10 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from h2k import accel as accelmod
 from h2k import libvirt_xml
@@ -95,8 +99,8 @@ def ensure_event_loop() -> None:
         _loop_started = True
 
 
-# Boots of this process not torn down yet: their domains and volumes go at exit.
-_live: dict[str, "LibvirtBoot"] = {}
+# Boots (and two-phase disks) of this process not torn down yet: their domains and volumes go at exit.
+_live: dict[str, "LibvirtBoot | _PhaseVolumeOwner"] = {}
 _live_lock = threading.Lock()
 
 
@@ -245,6 +249,100 @@ def _agent_error(desc: str) -> bytes:
 
 
 # --------------------------------------------------------------------------------------
+# The disk
+
+
+def upload_disk(vols: libvirt_storage.BootVolumes, image: Path, workdir: Path,
+                note: Callable[[str], None]) -> tuple[str, str]:
+    """Upload ``image`` as a volume (flattened to one qcow2 in ``workdir`` first if it is a chain);
+    returns the volume's name and the format of what it holds."""
+    src, fmt = image, "qcow2"
+    shape = libvirt_storage.image_shape(src)
+    if libvirt_storage.needs_flattening(shape):
+        src = libvirt_storage.flatten(src, workdir / "disk.qcow2")
+        note(f"flattened {image} ({shape.format}, {shape.chain} image(s) in its chain) to one qcow2 for the upload")
+    else:
+        fmt = shape.format
+    volume = vols.upload(src, f"disk.{fmt}")
+    if src.parent == workdir:
+        src.unlink()  # uploaded: the local copy is not needed any more
+    return volume, fmt
+
+
+@dataclass(frozen=True)
+class PhaseVolume:
+    """The disk of a two-phase run on the libvirt host: one volume holding a copy of the user's
+    image, which each phase boots (and writes) in turn."""
+
+    volume: str
+    format: str
+    pool: str
+    how: str  # how it got there (flattened?, uploaded from where, bytes), for each phase's log
+    lab_notes: list[str] = field(default_factory=list)  # filled at the end: what could not be removed
+
+
+class _PhaseVolumeOwner:
+    """Uploads the run's disk and deletes it (idempotent; also at interpreter exit)."""
+
+    def __init__(self, image: Path, uri: str) -> None:
+        self.image = Path(image)
+        self.uri = uri
+        self.tag = f"h2k-{uuid.uuid4().hex[:12]}"
+        self.conn: "libvirt.virConnect | None" = None
+        self.volumes: libvirt_storage.BootVolumes | None = None
+        self.workdir: Path | None = None
+        self.left: list[str] = []  # what could not be removed
+
+    def upload(self) -> PhaseVolume:
+        _quiet_libvirt_errors()
+        self.workdir = backend_qemu.make_workdir()  # a flattened copy, if the image is a chain
+        with _live_lock:
+            _live[self.tag] = self
+        self.conn = _connect(self.uri)
+        notes: list[str] = []
+        try:
+            self.volumes = libvirt_storage.BootVolumes(self.conn, self.tag)
+            volume, fmt = upload_disk(self.volumes, self.image, self.workdir, notes.append)
+        except libvirt.libvirtError as exc:
+            raise H2KError(f"two-phase boot: cannot upload {self.image} to {self.uri}: {_one_line(exc)}") from None
+        notes += [f"uploaded {local} ({size} bytes)" for local, _, size in self.volumes.uploads]
+        return PhaseVolume(volume, fmt, self.volumes.pool.name(), "; ".join(notes))
+
+    def release_host_side(self) -> None:
+        with _live_lock:
+            _live.pop(self.tag, None)
+        if self.volumes is not None:
+            left = self.volumes.delete_all()
+            if left:
+                self.left.append(f"volumes left in the host's pool: {', '.join(left)}")
+            self.volumes = None
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except libvirt.libvirtError:
+                pass
+            self.conn = None
+        if self.workdir is not None:
+            backend_qemu.remove_workdir(self.workdir)
+            self.workdir = None
+
+
+@contextmanager
+def phase_volume(image: Path, *, connect: str | None = None) -> Iterator[PhaseVolume]:
+    """Upload ``image`` once for the phases of a two-phase run; delete the volume when the run
+    ends, however it ends (a SIGKILLed lab leaves it in the pool, like a boot's volumes)."""
+    owner = _PhaseVolumeOwner(image, connect or DEFAULT_URI)
+    disk = None
+    try:
+        disk = owner.upload()
+        yield disk
+    finally:
+        owner.release_host_side()
+        if disk is not None:
+            disk.lab_notes.extend(owner.left)
+
+
+# --------------------------------------------------------------------------------------
 # One boot
 
 
@@ -256,6 +354,7 @@ class LibvirtBootOptions:
     connect: str | None = None
     vars_file: Path | None = None  # UEFI NVRAM to use (made from the host's template if missing) and keep
     shutdown_on_pass: bool = False
+    phase_disk: "PhaseVolume | None" = None  # a phase of a two-phase run: boot (and write) this volume
     shutdown_timeout: float = 90.0
     screendump: bool = True
 
@@ -384,10 +483,7 @@ class LibvirtBoot:
         self.workdir = backend_qemu.make_workdir()  # the lab's side: agent bridge socket, a flattened disk
         with _live_lock:
             _live[self.tag] = self
-        try:
-            self.conn = libvirt.open(self.uri)
-        except libvirt.libvirtError as exc:
-            raise H2KError(f"cannot connect to libvirt at {self.uri}: {_one_line(exc)}") from None
+        self.conn = _connect(self.uri)
         self.volumes = libvirt_storage.BootVolumes(self.conn, self.tag)
         self.host = self._upload(self.volumes)
         for local, name, size in self.volumes.uploads:
@@ -424,19 +520,14 @@ class LibvirtBoot:
         """Every file the domain reads, into the host's pool; the XML then names only host paths."""
         assert self.workdir is not None
         p = self.profile
-        disk, fmt = None, "qcow2"
-        if self.image is not None:
-            src = Path(self.image)
-            shape = libvirt_storage.image_shape(src)
-            if libvirt_storage.needs_flattening(shape):
-                src = libvirt_storage.flatten(src, self.workdir / "disk.qcow2")
-                self._note_event(f"flattened {self.image} ({shape.format}, {shape.chain} image(s) in its chain) "
-                                 "to one qcow2 for the upload")
-            else:
-                fmt = shape.format
-            disk = vols.upload(src, f"disk.{fmt}")
-            if src.parent == self.workdir:
-                src.unlink()  # uploaded: the local copy is not needed any more
+        disk, fmt, disk_pool = None, "qcow2", vols.pool.name()
+        if self.opts.phase_disk is not None:
+            shared = self.opts.phase_disk
+            disk, fmt, disk_pool = shared.volume, shared.format, shared.pool
+            self._note_event(f"disk: volume {disk} of the two-phase run, written in place by each phase "
+                             f"({shared.how} once, before the bootstrap phase)")
+        elif self.image is not None:
+            disk, fmt = upload_disk(vols, Path(self.image), self.workdir, self._note_event)
         kernel = vols.path(vols.upload(Path(p.kernel), "kernel")) if p.kernel else None
         initrd = vols.path(vols.upload(Path(p.initrd), "initrd")) if p.initrd else None
         cdroms = [vols.path(vols.upload(Path(iso), f"cd{i}.iso")) for i, iso in enumerate(p.cdroms)]
@@ -445,7 +536,7 @@ class LibvirtBoot:
             keep = self.opts.vars_file
             nvram = vols.upload(Path(keep), "VARS.fd") if keep and Path(keep).exists() else vols.expect("VARS.fd")
         profile = replace(p, name=self.tag, kernel=kernel, initrd=initrd, cdroms=cdroms)
-        files = libvirt_xml.DomainFiles(disk=disk, disk_format=fmt, disk_pool=vols.pool.name() if disk else None,
+        files = libvirt_xml.DomainFiles(disk=disk, disk_format=fmt, disk_pool=disk_pool if disk else None,
                                         nvram=vols.path(nvram) if nvram else None)
         return HostSide(profile, files, nvram)
 
@@ -617,6 +708,13 @@ class LibvirtBoot:
         (self.outdir / "qemu.log").write_text(head + "".join(line + "\n" for line in self._events))
 
 
+def _connect(uri: str) -> "libvirt.virConnect":
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise H2KError(f"cannot connect to libvirt at {uri}: {_one_line(exc)}") from None
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
@@ -632,9 +730,12 @@ def boot(
     connect: str | None = None,
     vars_file: Path | None = None,
     shutdown_on_pass: bool = False,
+    phase_disk: PhaseVolume | None = None,
 ) -> BootResult:
-    """Boot ``image`` (None: direct kernel boot) as a transient domain on the libvirt host and score it."""
+    """Boot ``image`` (None: direct kernel boot) as a transient domain on the libvirt host and score it.
+
+    ``phase_disk``: a phase of a two-phase run boots the run's volume (``phase_volume``) instead."""
     opts = LibvirtBootOptions(timeout=timeout, outdir=Path(outdir), expect=expect or Expect(), connect=connect,
-                              vars_file=vars_file, shutdown_on_pass=shutdown_on_pass)
+                              vars_file=vars_file, shutdown_on_pass=shutdown_on_pass, phase_disk=phase_disk)
     with backend_qemu.interrupt_guard():
         return LibvirtBoot(image, profile, opts).run()

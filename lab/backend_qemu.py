@@ -6,7 +6,8 @@ ends, times out, or the lab is interrupted (SIGINT/SIGTERM turn into
 KeyboardInterrupt so ``finally`` blocks run; atexit kills what is left). All
 sockets, the overlay and the NVRAM copy live in one private temp dir per boot,
 removed at the end. The image itself is never written: QEMU gets a qcow2
-overlay on top of it.
+overlay on top of it (one per boot; for the phases of a two-phase run, the run's
+one overlay, so the final phase sees what the bootstrap phase wrote).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from h2k import accel as accelmod
 from h2k.errors import H2KError, InputError
@@ -168,6 +170,33 @@ def create_overlay(image: Path, dest: Path) -> Path:
     return dest
 
 
+@dataclass(frozen=True)
+class PhaseOverlay:
+    """The disk of a two-phase run: one qcow2 overlay on the user's image, in a temp dir of
+    the lab. Each phase boots it directly (no per-boot overlay on top), so the final phase
+    sees what the bootstrap phase wrote; the image below is only read."""
+
+    path: Path
+    lab_notes: list[str] = field(default_factory=list)  # filled at the end: what could not be removed
+
+
+@contextmanager
+def phase_overlay(image: Path) -> Iterator[PhaseOverlay]:
+    """The run's overlay on ``image``, removed when the run ends (however it ends)."""
+    workdir = make_workdir()
+    disk = None
+    try:
+        try:
+            disk = PhaseOverlay(create_overlay(Path(image), workdir / "phases.qcow2"))
+        except subprocess.SubprocessError as exc:
+            raise H2KError(f"two-phase boot: cannot make an overlay on {image}: {exc}") from None
+        yield disk
+    finally:
+        remove_workdir(workdir)
+        if disk is not None and workdir.exists():
+            disk.lab_notes.append(f"temp dir {workdir} not removed")
+
+
 # --------------------------------------------------------------------------------------
 # One boot
 
@@ -178,6 +207,7 @@ class BootOptions:
     expect: Expect = field(default_factory=Expect)
     vars_file: Path | None = None  # UEFI NVRAM to use and keep (two-phase)
     shutdown_on_pass: bool = False  # two-phase bootstrap: power off cleanly after passing
+    phase_disk: PhaseOverlay | None = None  # a phase of a two-phase run: boot (and write) this overlay
     shutdown_timeout: float = 90.0
     qemu_binary: str = "qemu-system-x86_64"
     screendump: bool = True
@@ -319,7 +349,9 @@ class QemuBoot:
         self.workdir = make_workdir()
         wd = self.workdir
         disk = None
-        if self.image is not None:
+        if self.opts.phase_disk is not None:
+            disk = self.opts.phase_disk.path
+        elif self.image is not None:
             if not Path(self.image).exists():
                 raise InputError(f"{self.image}: no such disk image")
             disk = create_overlay(Path(self.image), wd / "overlay.qcow2")

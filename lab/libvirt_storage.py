@@ -14,7 +14,8 @@ transient directory pool the lab creates at ``/var/lib/libvirt/images/h2k``; it 
 A disk whose image is a single qcow2 or raw file is uploaded as it is; anything else
 (a backing chain such as the lab's or the matrix's overlays, other formats, an external
 data file) is first flattened to one local qcow2 with ``qemu-img convert``. Each boot
-uploads its own copy: the cost is the disk's allocated size over the wire, per boot.
+uploads its own copy: the cost is the disk's allocated size over the wire, per boot (per
+run for a two-phase run, whose phases share one volume).
 """
 
 from __future__ import annotations

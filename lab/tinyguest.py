@@ -5,7 +5,8 @@ busybox initramfs that behaves as the kernel command line says.
 
 - ``pass``      print H2K-BOOT-OK on COM1, with DHCP (udhcpc on slirp) and the
                 guest agent (Debian's qemu-ga and its libraries) running; the ACPI
-                power button powers it off
+                power button powers it off. Booted from its disk it first counts
+                the boot on that disk (see below)
 - ``panic``     load pvpanic, then ``echo c > /proc/sysrq-trigger`` (GUEST_PANICKED)
 - ``reboot``    ``reboot -f`` (a reboot loop: SHUTDOWN reason guest-reset)
 - ``poweroff``  ``poweroff -f`` before success
@@ -19,6 +20,14 @@ FAT partition holding the kernel, the initramfs and SYSLINUX for both SeaBIOS
 (mbr.bin + ldlinux.sys) and OVMF (\\EFI\\BOOT\\BOOTX64.EFI = syslinux.efi).
 The disk is made with sfdisk, mkfs.fat and mtools: no mount, no root, no
 libguestfs. Everything is cached with ``cached_build``.
+
+The disk carries a boot counter, so a test can see whether a boot's writes reached
+the next boot (a two-phase run must keep them; a plain boot must not touch the
+image): sector ``COUNTER_SECTOR`` (in the gap between the MBR and the partition,
+which SYSLINUX does not use) holds the text line ``H2K-BOOT-COUNT <n>``, 0 when
+built. A disk boot (``h2k.bootcount`` on its command line) loads the storage
+drivers, finds the disk holding that line, writes n+1 back, flushes it, and prints
+``H2K-BOOT-COUNT=<n+1>`` on COM1 before the marker.
 """
 
 from __future__ import annotations
@@ -44,6 +53,12 @@ MODES = ("pass", "panic", "reboot", "poweroff", "hang", "silent", "quiet")
 MODULES = ["virtio_pci", "virtio_console", "virtio_net", "e1000e", "e1000", "8139cp", "8139too", "vmxnet3",
            "pvpanic_pci", "pvpanic_mmio", "button", "evdev"]
 
+# For the boot counter: the disk on SATA (AHCI), IDE, virtio-blk or virtio-scsi.
+STORAGE_MODULES = ["ahci", "ata_piix", "virtio_blk", "virtio_scsi", "sd_mod"]
+
+COUNTER_SECTOR = 1024
+COUNTER_MAGIC = "H2K-BOOT-COUNT"
+
 AGENT_LIBS_EXTRA = ["/lib/x86_64-linux-gnu/libgcc_s.so.1"]
 
 INIT = r"""#!/bin/busybox sh
@@ -54,12 +69,36 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mode=pass
+bootcount=
 for arg in $(cat /proc/cmdline); do
-  case "$arg" in h2k.mode=*) mode="${arg#h2k.mode=}";; esac
+  case "$arg" in h2k.mode=*) mode="${arg#h2k.mode=}";; h2k.bootcount) bootcount=1;; esac
 done
 say() { echo "$@" > /dev/ttyS0 2>/dev/null; echo "$@" > /dev/console 2>/dev/null; }
 # quiet: pass with nothing on any console (a guest only its agent can vouch for).
 [ "$mode" = quiet ] && { say() { :; }; mode=pass; }
+# The boot counter on the boot disk: read the line in its reserved sector, write n+1 back, flush.
+count_boot() {
+  for m in $(cat /etc/storage-modules.order); do insmod "/lib/modules/$m" 2>/dev/null; done
+  for i in $(seq 1 120); do  # disks appear asynchronously after their driver loads
+    for b in /sys/block/sd* /sys/block/vd* /sys/block/hd*; do
+      [ -e "$b" ] || continue
+      d="/dev/${b##*/}"
+      set -- $(dd if="$d" bs=512 skip=SECTOR count=1 2>/dev/null | head -n 1)
+      [ "$1" = MAGIC ] || continue
+      case "$2" in ''|*[!0-9]*) say "h2k-tinyguest: bad boot counter on $d: $2"; return ;; esac
+      n=$(($2 + 1))
+      if printf 'MAGIC %d\n' "$n" | dd of="$d" bs=512 seek=SECTOR count=1 conv=sync,notrunc,fsync 2>/dev/null; then
+        sync
+        say "MAGIC=$n"
+      else
+        say "h2k-tinyguest: cannot write the boot counter on $d"
+      fi
+      return
+    done
+    sleep 0.5
+  done
+  say "h2k-tinyguest: no disk with a boot counter"
+}
 # Load modules in dependency order; missing hardware just means an unused module.
 for m in $(cat /etc/modules.order); do insmod "/lib/modules/$m" 2>/dev/null; done
 case "$mode" in
@@ -84,6 +123,7 @@ case "$mode" in
     echo 1 > /proc/sys/kernel/sysrq
     echo c > /proc/sysrq-trigger ;;
   pass)
+    [ -n "$bootcount" ] && count_boot
     ifconfig lo 127.0.0.1 up
     for itf in /sys/class/net/*; do
       n="${itf##*/}"; [ "$n" = lo ] && continue
@@ -107,7 +147,7 @@ case "$mode" in
 esac
 say "h2k-tinyguest: unknown mode $mode"
 exec sleep 2147483647
-""".replace("MARKER", BOOT_OK_MARKER)
+""".replace("MARKER", BOOT_OK_MARKER).replace("MAGIC", COUNTER_MAGIC).replace("SECTOR", str(COUNTER_SECTOR))
 
 UDHCPC_SCRIPT = r"""#!/bin/sh
 case "$1" in
@@ -201,6 +241,7 @@ def _dirs_for(paths: list[str]) -> list[str]:
 def build_initramfs(dest: Path, with_agent: bool = True) -> None:
     kernel, moddir = host_kernel()
     mods = _module_order(moddir, MODULES)
+    storage = [m for m in _module_order(moddir, STORAGE_MODULES) if m not in mods]
     files: list[tuple[str, bytes, int]] = [
         ("bin/busybox", _busybox().read_bytes(), 0o755),
         ("init", INIT.encode(), 0o755),
@@ -208,8 +249,9 @@ def build_initramfs(dest: Path, with_agent: bool = True) -> None:
         ("sbin/shutdown", SHUTDOWN_SCRIPT.encode(), 0o755),
         ("etc/os-release", OS_RELEASE.encode(), 0o644),
         ("etc/modules.order", ("\n".join(mods) + "\n").encode(), 0o644),
+        ("etc/storage-modules.order", ("\n".join(storage) + "\n").encode(), 0o644),
     ]
-    for m in mods:
+    for m in mods + storage:
         files.append((f"lib/modules/{m}", (moddir / m).read_bytes(), 0o644))
     if with_agent:
         for gpath, host in _agent_files():
@@ -282,7 +324,7 @@ def build_disk(dest: Path, mode: str) -> None:
         if not f.exists():
             raise H2KError(f"{f} missing (packages: syslinux, syslinux-efi, syslinux-common)")
     serial = mode != "silent"
-    cfg = _syslinux_cfg(append_for(mode), serial)
+    cfg = _syslinux_cfg(f"{append_for(mode)} h2k.bootcount", serial)
     with tempfile.TemporaryDirectory(prefix="h2k-tinydisk-") as tmp:
         raw = Path(tmp) / "disk.raw"
         with open(raw, "wb") as fh:
@@ -294,6 +336,8 @@ def build_disk(dest: Path, mode: str) -> None:
         _run(["syslinux", "--offset", str(PART_START * 512), "--install", str(raw)])
         with open(raw, "r+b") as fh:
             fh.write(mbr.read_bytes()[:440])
+            fh.seek(COUNTER_SECTOR * 512)
+            fh.write(f"{COUNTER_MAGIC} 0\n".encode())
         img = f"{raw}@@{PART_START * 512}"
         env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
         cfgf = Path(tmp) / "syslinux.cfg"

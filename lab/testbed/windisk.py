@@ -104,6 +104,11 @@ class WindowsRecipe:
     defect: str | None = None
     ghost_nics: bool = False  # adapters that are gone, their interfaces still holding static IPs
     cleared_hiberfil: bool = False  # hiberfil.sys as a full shutdown leaves it (header zeroed, not resumable)
+    # Windows Setup's state: "complete" (an installed system) or "generalized" (after
+    # sysprep /generalize /oobe: specialize and OOBE run at the next boot).
+    setup: str = "complete"
+    setup_complete: str | None = None  # an existing %WINDIR%\Setup\Scripts\SetupComplete.cmd (text)
+    uefi_fallback: bool = True  # \EFI\Boot\bootx64.efi on the ESP (a copy of bootmgfw.efi)
     kind: str = "windows"
 
     @property
@@ -113,6 +118,17 @@ class WindowsRecipe:
     @property
     def control_set(self) -> str:
         return "ControlSet%03d" % self.current_control_set
+
+    @property
+    def image_state(self) -> str:
+        """SOFTWARE ...\\Setup\\State ImageState (and State.ini), per Microsoft's "Windows Setup States"."""
+        return "IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE" if self.setup == "generalized" else "IMAGE_STATE_COMPLETE"
+
+    def setup_values(self) -> dict[str, str | int]:
+        """SYSTEM\\Setup as sysprep leaves it (generalized) or as an installed system has it."""
+        if self.setup == "generalized":
+            return {"CmdLine": "oobe\\windeploy.exe", "SetupType": 2, "SystemSetupInProgress": 1, "OOBEInProgress": 1}
+        return {"SystemSetupInProgress": 0, "OOBEInProgress": 0}
 
 
 @dataclass(frozen=True)
@@ -244,6 +260,22 @@ VARIANTS: dict[str, Recipe] = {
         EmptyRecipe(name="bad-empty"),
     ]
 }
+
+# A VMware template of Server 2022 (UEFI) made with `sysprep /generalize /oobe /shutdown`: Windows
+# Setup's state says specialize and OOBE run at the next boot, the template's author left a
+# SetupComplete.cmd, and its ESP has no \EFI\Boot\bootx64.efi (the VM booted through its NVRAM
+# entry, which a VM moved to KVM does not have). One disk for both states: they live in different
+# places (hives and C: versus the ESP) and the engine handles them in separate steps.
+TEMPLATE_SETUP_COMPLETE = """@echo off
+rem srv2022-tpl: finish the deployment of a VM made from this template
+reg add "HKLM\\SOFTWARE\\Contoso\\Template" /v Deployed /t REG_SZ /d "%DATE% %TIME%" /f
+exit /b 0
+"""
+VARIANTS["sysprep-uefi"] = dataclasses.replace(
+    VARIANTS["win2022-uefi"], name="sysprep-uefi", setup="generalized", setup_complete=TEMPLATE_SETUP_COMPLETE,
+    uefi_fallback=False, hostname="WIN2022-TPL", nic_guid="{3c4d5e6f-5555-4a7b-8c9d-1e2f3a4b5c6d}",
+    disk_guid="{5b7c9d1e-2f3a-4b5c-8d6e-7f8091a2b3c4}", loader_guid="{f4e3d2c1-8b7a-11ec-9c8d-000c29ee4f55}",
+)
 
 
 # --------------------------------------------------------------------- layout
@@ -454,8 +486,9 @@ def system_reg_text(r: WindowsRecipe) -> str:
     chunks.append(regtext.format_reg([
         regtext.KeySection(root + "\\Select", values=select),
         regtext.KeySection(root + "\\MountedDevices", values=mounted),
-        regtext.KeySection(root + "\\Setup", values=[regtext.ValueOp("SystemSetupInProgress", regtext.dword(0)),
-                                                     regtext.ValueOp("OOBEInProgress", regtext.dword(0))]),
+        regtext.KeySection(root + "\\Setup", values=[
+            regtext.ValueOp(k, regtext.dword(v) if isinstance(v, int) else regtext.sz(v))
+            for k, v in r.setup_values().items()]),
     ]))
     return regtext.join_reg(chunks)
 
@@ -484,7 +517,11 @@ def software_reg_text(r: WindowsRecipe) -> str:
         extra += [regtext.ValueOp("CSDVersion", regtext.sz(r.csd_version)),
                   regtext.ValueOp("CSDBuildNumber", regtext.sz("1130"))]
     key = "HKEY_LOCAL_MACHINE\\SOFTWARE\\Microsoft\\Windows NT\\CurrentVersion"
-    return regtext.join_reg([text, regtext.format_reg([regtext.KeySection(key, values=extra)])])
+    state = "HKEY_LOCAL_MACHINE\\SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\Setup\\State"
+    return regtext.join_reg([text, regtext.format_reg([
+        regtext.KeySection(key, values=extra),
+        regtext.KeySection(state, values=[regtext.ValueOp("ImageState", regtext.sz(r.image_state))]),
+    ])])
 
 
 def bcd_spec(r: WindowsRecipe) -> bcd_mod.BcdSpec:
@@ -542,6 +579,9 @@ def windows_files(r: WindowsRecipe) -> dict[str, bytes]:
     files[f"{tools}/vmtoolsd.exe"] = _pe(r, "VMware Tools daemon")
     files[f"{tools}/VMwareToolboxCmd.exe"] = _pe(r, "VMware Tools toolbox")
     files["/Windows/win.ini"] = b"; for 16-bit app support\r\n[fonts]\r\n[extensions]\r\n"
+    files["/Windows/Setup/State/State.ini"] = f"[State]\r\nImageState={r.image_state}\r\n".encode("ascii")
+    if r.setup_complete is not None:
+        files["/Windows/Setup/Scripts/SetupComplete.cmd"] = r.setup_complete.replace("\n", "\r\n").encode("ascii")
     return files
 
 
@@ -627,16 +667,34 @@ def _qemu_img_create(path: Path, gib: int) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), f"{gib}G"], check=True)
 
 
-def _write_tree(g, files: dict[str, bytes], staging: Path) -> None:
+# The security descriptor Windows gives a file under %WINDIR% (inherited ACEs: SYSTEM and
+# Administrators full control, Users read and execute; owner Administrators, group SYSTEM),
+# written out by hand from the SECURITY_DESCRIPTOR_RELATIVE / ACL / ACE / SID layouts:
+# O:BAG:SYD:AI(A;ID;FA;;;SY)(A;ID;FA;;;BA)(A;ID;0x1200a9;;;BU). ntfs-3g alone would give
+# the files it creates "Everyone: full control".
+WINDOWS_FILE_SD = bytes.fromhex(
+    "01000484" "60000000" "70000000" "00000000" "14000000"  # rev 1, control AI|DP|SR, owner, group, no SACL, DACL
+    "02004c00" "03000000"  # ACL rev 2, 76 bytes, 3 ACEs
+    "00101400" "ff011f00" "010100000000000512000000"  # allowed, inherited, FA, S-1-5-18
+    "00101800" "ff011f00" "01020000000000052000000020020000"  # allowed, inherited, FA, S-1-5-32-544
+    "00101800" "a9001200" "01020000000000052000000021020000"  # allowed, inherited, 0x1200a9, S-1-5-32-545
+    "01020000000000052000000020020000"  # owner S-1-5-32-544
+    "010100000000000512000000"  # group S-1-5-18
+)
+
+
+def _write_tree(g, files: dict[str, bytes], staging: Path, acls: dict[str, bytes] | None = None) -> None:
     """Put files (guest path -> bytes; a path ending in "/" is a directory) in the mounted guest.
 
-    One tar_in call: each write() is a round trip into a FUSE file system.
+    One tar_in call: each write() is a round trip into a FUSE file system. ``acls``: guest
+    path -> security descriptor, set through ntfs-3g's system.ntfs_acl (a pax xattr record).
     """
     import io
     import tarfile
 
+    acls = acls or {}
     tar_path = staging / "tree.tar"
-    with tarfile.open(tar_path, "w") as tar:
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
         made: set[str] = set()
         for path, data in sorted(files.items()):
             rel = path.strip("/")
@@ -652,8 +710,10 @@ def _write_tree(g, files: dict[str, bytes], staging: Path) -> None:
                 continue
             info = tarfile.TarInfo(rel)
             info.size, info.mode, info.mtime = len(data), 0o644, 1546300800
+            if path in acls:
+                info.pax_headers = {"SCHILY.xattr.system.ntfs_acl": acls[path].decode("utf-8", "surrogateescape")}
             tar.addfile(info, io.BytesIO(data))
-    g.tar_in(str(tar_path), "/")
+    g.tar_in(str(tar_path), "/", xattrs=bool(acls))
 
 
 def _build_windows(r: WindowsRecipe, out: Path) -> None:
@@ -706,7 +766,7 @@ def _build_windows(r: WindowsRecipe, out: Path) -> None:
                 files["/hiberfil.sys"] = bytes(len(hiberfil()))
             for d in ("/Users/Public", "/ProgramData", "/Windows/Temp", "/Program Files (x86)"):
                 files[d + "/"] = b""
-            _write_tree(g, files, tmp)
+            _write_tree(g, files, tmp, {p: WINDOWS_FILE_SD for p in files if p.startswith("/Windows/Setup/Scripts/")})
             g.umount_all()
 
             prog.step("write the boot files and BCD")
@@ -720,7 +780,8 @@ def _build_windows(r: WindowsRecipe, out: Path) -> None:
                 efi = _pe(r, "Windows Boot Manager", pe_mod.SUBSYSTEM_EFI_APPLICATION)
                 boot_files["/EFI/Microsoft/Boot/bootmgfw.efi"] = efi
                 boot_files["/EFI/Microsoft/Boot/BCD"] = bcd.read_bytes()
-                boot_files["/EFI/Boot/bootx64.efi"] = efi
+                if r.uefi_fallback:
+                    boot_files["/EFI/Boot/bootx64.efi"] = efi
             g.mount(f"{dev}{sysp.number}", "/")
             _write_tree(g, boot_files, tmp)
             g.umount_all()

@@ -2,7 +2,8 @@
 on SeaBIOS and OVMF: passed with network (agent + gateway ping), a panic caught
 through GUEST_PANICKED (pvpanic), a reboot loop (SHUTDOWN guest-reset), a timeout,
 a silent guest, no bootable device, Secure Boot refusing an unsigned loader, a
-two-phase boot that keeps one NVRAM, and a guest that prints nothing passed by its agent alone.
+two-phase boot that keeps one NVRAM and what the bootstrap phase wrote on the disk, and a
+guest that prints nothing passed by its agent alone.
 
 The boots run five at a time in one module fixture, once per test run even under
 xdist (a file lock): on 2 shared cores that keeps the wall time near the CPU time the guests need (tiny guests reach their marker
@@ -22,6 +23,7 @@ import pytest
 from lab import tinyguest
 from lab.boot import boot, boot_two_phase
 from lab.verdict import BootResult, Expect
+from tinyguest_checks import counter_line, printed_counts
 
 pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("lab-boot")]
 
@@ -59,6 +61,9 @@ CASES = {
     "bios-quiet-agent": ("bios", "quiet", "kernel", {}, Expect.for_os("linux"), LONG),
 }
 SHUTDOWN_ON_PASS = {"bios-acpi-shutdown"}
+# Booted right after the two-phase run, in the same worker: a plain boot of the same image
+# must count its boot as the first again (the two-phase run never wrote the image).
+AFTER_TWO_PHASE = "uefi-disk-virtio-scsi"
 
 
 def _run_case(case_id: str, outroot: Path):
@@ -73,20 +78,23 @@ def _run_case(case_id: str, outroot: Path):
                 shutdown_on_pass=case_id in SHUTDOWN_ON_PASS)
 
 
-def _run_two_phase(outroot: Path):
+def _run_two_phase_then_plain(outroot: Path):
     image = tinyguest.disk_image("pass")
     first = tinyguest.disk_profile("uefi", disk_bus="sata", nic_model="e1000e", stage="bootstrap")
     final = tinyguest.disk_profile("uefi", disk_bus="virtio-blk", nic_model="virtio-net")
-    return boot_two_phase(image, first, final, timeout=LONG, outdir=outroot / "two-phase", expect=NET)
+    two = boot_two_phase(image, first, final, timeout=LONG, outdir=outroot / "two-phase", expect=NET)
+    return two, _run_case(AFTER_TWO_PHASE, outroot)
 
 
 def _run_all(outroot: Path) -> dict:
     tinyguest.initramfs(), tinyguest.disk_image("pass"), tinyguest.empty_disk()  # build once, up front
     images = {str(p): p.stat().st_mtime_ns for p in (tinyguest.disk_image("pass"), tinyguest.empty_disk())}
     with ThreadPoolExecutor(max_workers=5) as pool:
-        futs = {"two-phase": pool.submit(_run_two_phase, outroot)}  # the longest: start it first
-        futs.update({cid: pool.submit(_run_case, cid, outroot) for cid in CASES})
+        chain = pool.submit(_run_two_phase_then_plain, outroot)  # the longest: start it first
+        futs = {cid: pool.submit(_run_case, cid, outroot) for cid in CASES if cid != AFTER_TWO_PHASE}
         out = {cid: f.result().to_dict() for cid, f in futs.items()}
+        two, plain = chain.result()
+        out.update({"two-phase": two.to_dict(), AFTER_TWO_PHASE: plain.to_dict()})
     return {"results": out, "images": images}
 
 
@@ -136,6 +144,8 @@ def test_passed_with_network(results, case):
     assert r.agent["gateway_ping"]["exitcode"] == 0
     _evidence(r)
     assert "H2K-BOOT-OK" in Path(r.artifacts["serial.log"]).read_text(errors="replace")
+    if CASES[case][2] == "disk":  # each plain boot writes its own overlay: the image's first boot
+        assert printed_counts(r.artifacts["serial.log"]) == {"1"}
 
 
 def test_every_kept_mac_is_a_nic_the_guest_sees(results):
@@ -214,6 +224,15 @@ def test_two_phase_keeps_one_nvram(results, tmp_path):
     for phase in ("bootstrap", "final"):
         qlog = Path(r.artifacts[f"{phase}/qemu.log"]).read_text()
         assert f"unit=1,file={vars_file}" in qlog
+    # ... and the same disk: the final phase counts the boot the bootstrap phase wrote on it.
+    counts = {phase: printed_counts(r.artifacts[f"{phase}/serial.log"]) for phase in ("bootstrap", "final")}
+    assert counts == {"bootstrap": {"1"}, "final": {"2"}}, counts
+    # The image itself was not written: qemu-img reads the counter it was built with, and a
+    # plain boot of it after the two-phase run counts 1 again.
+    assert counter_line(tinyguest.disk_image("pass")) == "H2K-BOOT-COUNT 0"
+    after = results[AFTER_TWO_PHASE]
+    assert after.verdict == "passed", after.reason
+    assert printed_counts(after.artifacts["serial.log"]) == {"1"}
 
 
 def test_clean_shutdown_through_acpi(results):

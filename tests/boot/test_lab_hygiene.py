@@ -95,3 +95,35 @@ def test_qemu_that_cannot_start_is_incomplete_quickly(tmp_path, monkeypatch):
     assert "missing.iso" in r.reason  # the cause from qemu.log, in one line
     assert time.monotonic() - t0 < 30  # QEMU itself takes seconds to start under load
     assert list(private.iterdir()) == []  # the boot's temp dir is gone
+
+
+def test_two_phase_interrupted_between_phases_leaves_no_phase_overlay(tmp_path, monkeypatch):
+    """The run's shared overlay (a real qcow2 on the image, qemu-img's word) is what both phases
+    get, and it is removed when the run is interrupted after the bootstrap phase. The phases
+    themselves are stand-ins: the real two-phase boots are in test_lab_boot.py."""
+    import tempfile
+
+    from lab import boot as lab_boot
+    from lab.verdict import BootResult
+
+    image = tinyguest.disk_image("pass")
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
+    disks = []
+
+    def phase(image_arg, profile, *, phase_disk, **kw):
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", str(phase_disk.path)],
+                                         capture_output=True, text=True, check=True).stdout)
+        assert info["format"] == "qcow2" and Path(info["backing-filename"]) == image.resolve()
+        disks.append(phase_disk.path)
+        if profile.stage == "bootstrap":
+            return BootResult("passed", "stand-in bootstrap phase", profile=profile.to_dict())
+        raise KeyboardInterrupt  # Ctrl-C (or SIGTERM, through interrupt_guard) in the final phase
+
+    monkeypatch.setattr(lab_boot, "_boot", phase)
+    first = tinyguest.disk_profile("bios", disk_bus="sata", stage="bootstrap")
+    with pytest.raises(KeyboardInterrupt):
+        lab_boot.boot_two_phase(image, first, tinyguest.disk_profile("bios"), timeout=60, outdir=tmp_path / "out")
+    assert len(disks) == 2 and disks[0] == disks[1] and disks[0].parent.parent == private_tmp
+    assert list(private_tmp.iterdir()) == []  # the overlay and its temp dir are gone

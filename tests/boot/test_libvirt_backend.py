@@ -34,6 +34,7 @@ from lab.boot import boot, boot_two_phase
 from lab.libvirtd import LibvirtDaemons
 from lab.verdict import Expect
 from libvirt_checks import QEMU_USER, assert_host_side_only, assert_nothing_on_the_host
+from tinyguest_checks import counter_line, printed_counts
 
 pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("libvirt")]
 
@@ -58,9 +59,11 @@ def libvirt_uri(libvirt_host) -> str:
 
 # (case id, backend, firmware, tiny-guest mode, how it boots, expected verdict, deciding signal)
 CASES = [
-    # The longest (two UEFI boots in a row) first, so the pool's two workers end together.
+    # The longest chain (two UEFI boots in a row, then bios-pass: CHAINED) first, so the pool's two
+    # workers end together.
     ("uefi-two-phase", "libvirt", "uefi", "pass", "two-phase", "passed", "success"),
-    ("bios-pass", "libvirt", "bios", "pass", "kernel", "passed", "success"),
+    # Booted from the same disk as the two-phase run, right after it (same worker): counts 1 again.
+    ("bios-pass", "libvirt", "bios", "pass", "disk", "passed", "success"),
     ("bios-panic", "libvirt", "bios", "panic", "kernel", "failed", "qmp-panic"),
     ("bios-reboot", "libvirt", "bios", "reboot", "kernel", "failed", "qmp-reset"),
     ("uefi-panic", "libvirt", "uefi", "panic", "kernel", "failed", "qmp-panic"),
@@ -72,6 +75,7 @@ CASES = [
     # The same guest under the direct backend, side by side with its libvirt twin.
     ("bios-panic-direct", "qemu", "bios", "panic", "kernel", "failed", "qmp-panic"),
 ]
+CHAINED = ("uefi-two-phase", "bios-pass")  # one worker, in this order
 
 
 def _run_case(case, uri: str, root: Path):
@@ -86,14 +90,16 @@ def _run_case(case, uri: str, root: Path):
                              timeout=TIMEOUT, outdir=out, expect=Expect(require_agent=True), final_expect=Expect(),
                              backend="libvirt", connect=uri)
         return res, time.monotonic() - t
+    elif how == "disk":
+        prof, image, vars_file = tinyguest.disk_profile(fw), tinyguest.disk_image(mode), None
     else:
         prof = tinyguest.kernel_profile(mode, firmware=fw)
         # On a starved host (TCG, many guests on 2 cores) the kernel's IO-APIC timer check
         # can fail and panic; that is the host, not the backend.
         prof = replace(prof, append=f"{prof.append} no_timer_check")
         image, vars_file = None, None
-        # The BIOS pass boot also proves the agent bridge: ping, OS info, IPv4, gateway ping.
-        expect = Expect(require_agent=True, require_network=True) if cid == "bios-pass" else Expect()
+    # The BIOS pass boot also proves the agent bridge: ping, OS info, IPv4, gateway ping.
+    expect = Expect(require_agent=True, require_network=True) if cid == "bios-pass" else Expect()
     kw = {"connect": uri} if backend == "libvirt" else {}
     res = boot(image, prof, timeout=DEADLINE.get(mode, TIMEOUT), outdir=out, expect=expect, backend=backend,
                vars_file=vars_file, **kw)
@@ -114,9 +120,12 @@ def results(libvirt_uri, tmp_path_factory):
     try:
         pool = ThreadPoolExecutor(max_workers=2)
         try:
-            futs = {c[0]: pool.submit(_run_case, c, libvirt_uri, root) for c in CASES}
+            chained = [c for cid in CHAINED for c in CASES if c[0] == cid]
+            chain = pool.submit(lambda: [_run_case(c, libvirt_uri, root) for c in chained])
+            futs = {c[0]: pool.submit(_run_case, c, libvirt_uri, root) for c in CASES if c[0] not in CHAINED}
             # Bounded: a wedged boot fails the module instead of holding the whole run.
             res = {k: f.result(timeout=MODULE_BUDGET) for k, f in futs.items()}
+            res.update(zip(CHAINED, chain.result(timeout=MODULE_BUDGET)))
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
     finally:
@@ -204,8 +213,22 @@ def test_two_phase_uefi_disk_boot_keeps_its_nvram(results) -> None:
     final_xml = (out / "final" / "domain.xml").read_text()
     assert 'bus="sata"' in boot_xml and 'type="e1000e"' in boot_xml
     assert 'bus="virtio"' in final_xml and 'type="virtio"' in final_xml
-    # The disk with its two-phase overlay chain went up flattened, once per phase.
-    assert "flattened" in boot_log and "flattened" in final_log
+    # Both phases booted one disk volume, uploaded once before them (neither phase uploaded a disk) ...
+    disks = {phase: ET.fromstring((out / phase / "domain.live.xml").read_text())
+             .find("devices/disk[@device='disk']/source").get("volume") for phase in ("bootstrap", "final")}
+    assert disks["bootstrap"] == disks["final"], disks
+    for log in (boot_log, final_log):
+        assert f"disk: volume {disks['final']} of the two-phase run" in log
+        assert not re.search(r"uploaded .* as volume h2k-\w+-disk", log), log
+    # ... so the final phase counts the boot the bootstrap phase wrote on it.
+    counts = {phase: printed_counts(out / phase / "serial.log") for phase in ("bootstrap", "final")}
+    assert counts == {"bootstrap": {"1"}, "final": {"2"}}, counts
+    # The image itself was not written: a plain boot of it after the run counts 1 again, and
+    # qemu-img (not the guest) reads the counter it was built with.
+    plain, _ = results["boots"]["bios-pass"]
+    assert plain.verdict == "passed", plain.reason
+    assert printed_counts(results["root"] / "bios-pass" / "serial.log") == {"1"}
+    assert counter_line(tinyguest.disk_image("pass")) == "H2K-BOOT-COUNT 0"
 
 
 def test_same_verdict_as_direct_backend_side_by_side(results) -> None:
@@ -333,3 +356,41 @@ def test_libvirt_starts_machines_no_tiny_guest_boots(libvirt_host, tmp_path, nam
     assert not missing, f"{name}: not on QEMU's command line: {missing}"
     assert_host_side_only(tmp_path / "out")
     assert_nothing_on_the_host(libvirt_host)
+
+
+def test_two_phase_interrupted_between_phases_leaves_no_disk_volume(libvirt_host, tmp_path, monkeypatch) -> None:
+    """The run's disk volume, uploaded once (the host's pool holds it), is
+    what both phases get, and it is deleted when the run is interrupted after the bootstrap phase.
+    The phases themselves are stand-ins: the real two-phase boots are in the module fixture."""
+    from lab import boot as lab_boot
+    from lab.verdict import BootResult
+
+    image = tinyguest.disk_image("pass")
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
+    conn = libvirt.open(libvirt_host.uri)
+    seen = []
+
+    def phase(image_arg, profile, *, phase_disk, **kw):
+        # The host's own view: the volume in its pool, a file in its pool directory of the image's size.
+        pool = conn.storagePoolLookupByName(phase_disk.pool)
+        pool.refresh(0)
+        pool.storageVolLookupByName(phase_disk.volume)
+        assert (libvirt_host.storage_dir / phase_disk.pool / phase_disk.volume).stat().st_size == image.stat().st_size
+        seen.append(phase_disk.volume)
+        if profile.stage == "bootstrap":
+            return BootResult("passed", "stand-in bootstrap phase", profile=profile.to_dict(), backend="libvirt")
+        raise KeyboardInterrupt  # Ctrl-C (or SIGTERM, through interrupt_guard) in the final phase
+
+    monkeypatch.setattr(lab_boot, "_boot", phase)
+    meta = {"os": "linux", "firmware": "bios", "name": "tiny", "memory_mb": 512, "cpus": 1}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lab_boot.boot_two_phase(image, domain.bootstrap_profile(meta), domain.final_profile(meta), timeout=60,
+                                    outdir=tmp_path / "out", backend="libvirt", connect=libvirt_host.uri)
+    finally:
+        conn.close()
+    assert len(seen) == 2 and seen[0] == seen[1]
+    assert_nothing_on_the_host(libvirt_host)
+    assert list(private_tmp.iterdir()) == []

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.guestfs, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 GROUPS = {
     "bios": ["win2019-bios", "win7-bios", "bad-hibernated"],
-    "uefi": ["win2022-uefi", "win11-uefi", "bad-linux", "bad-empty"],
+    "uefi": ["win2022-uefi", "win11-uefi", "sysprep-uefi", "bad-linux", "bad-empty"],
     # Alone: a corrupt SYSTEM hive may make inspect_os fail for every disk in the appliance.
     "broken": ["bad-truncated-hive"],
 }
@@ -159,7 +159,8 @@ def _observe(group: str, workdir: Path) -> dict[str, Seen]:
             g.download(f"{cfg}/SOFTWARE", str(s.software))
             for path in ("/Windows/System32/cmd.exe", "/Windows/System32/drivers/pvscsi.sys",
                          "/Windows/System32/drivers/vmxnet3.sys", "/Windows/System32/winload.exe",
-                         "/Windows/System32/winload.efi", "/hiberfil.sys"):
+                         "/Windows/System32/winload.efi", "/hiberfil.sys", "/Windows/Setup/State/State.ini",
+                         "/Windows/Setup/Scripts/SetupComplete.cmd"):
                 if g.is_file(path):
                     s.files[path] = g.pread(path, 4096, 0)
             g.umount_all()
@@ -247,7 +248,26 @@ def test_partition_layout_matches_firmware(name, seen):
         assert seen.filesystems[f"{seen.device}1"] == "vfat"
         assert seen.filesystems[f"{seen.device}3"] == "ntfs"
         assert seen.files["sys:/EFI/Microsoft/Boot/bootmgfw.efi"][:2] == b"MZ"
-        assert seen.files["sys:/EFI/Boot/bootx64.efi"][:2] == b"MZ"
+        if r.uefi_fallback:
+            assert seen.files["sys:/EFI/Boot/bootx64.efi"] == seen.files["sys:/EFI/Microsoft/Boot/bootmgfw.efi"]
+        else:  # sysprep-uefi: booted through its NVRAM entry on VMware, no removable-media loader
+            assert "sys:/EFI/Boot/bootx64.efi" not in seen.files
+
+
+@pytest.mark.parametrize("name", variants(VALID))
+def test_windows_setup_state(name, seen):
+    """SYSTEM\\Setup, ImageState and State.ini as an installed system, or as sysprep /generalize /oobe leaves them."""
+    r = VARIANTS[name]
+    setup = _values(seen.system, "Setup")
+    assert setup == r.setup_values()
+    if r.setup == "generalized":
+        assert setup["CmdLine"] == "oobe\\windeploy.exe" and setup["SetupType"] == 2
+        assert setup["SystemSetupInProgress"] == setup["OOBEInProgress"] == 1
+    state = _values(seen.software, "Microsoft\\Windows\\CurrentVersion\\Setup\\State")["ImageState"]
+    assert state == ("IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE" if r.setup == "generalized" else "IMAGE_STATE_COMPLETE")
+    assert seen.files["/Windows/Setup/State/State.ini"] == f"[State]\r\nImageState={state}\r\n".encode()
+    script = seen.files.get("/Windows/Setup/Scripts/SetupComplete.cmd")
+    assert script == (None if r.setup_complete is None else r.setup_complete.replace("\n", "\r\n").encode())
 
 
 @pytest.mark.parametrize("name", variants(VALID))

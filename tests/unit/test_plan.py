@@ -102,8 +102,8 @@ def test_win11_from_build_not_product_name(pack):
     p = planmod.build_plan(win11(), pack, "virtio-blk")
     assert p.os_folder == "w11"
     assert head(copies(p)["/Windows/System32/drivers/viostor.sys"].source).startswith("H2K-FAKE-DRIVER viostor w11 amd64")
-    script = writes(p)["/Windows/Drivers/h2k-staging/h2k-firstboot.cmd"].content.decode("ascii")
-    assert "pnputil /add-driver" in script and "/subdirs /install" in script
+    script = writes(p)["/Windows/Drivers/h2k-staging/steps/drivers.cmd"].content.decode("ascii")
+    assert "pnputil.exe\" /add-driver" in script and "/subdirs /install" in script
 
 
 def test_win7_critical_device_database_only(pack):
@@ -115,8 +115,8 @@ def test_win7_critical_device_database_only(pack):
     assert len(cdd) == 12  # 6 IDs x (Service, ClassGUID)
     guids = {v for (k, n), v in cdd.items() if n == "ClassGUID"}
     assert guids == {SCSI} and DISK not in guids
-    script = writes(p)["/Windows/Drivers/h2k-staging/h2k-firstboot.cmd"].content.decode("ascii")
-    assert "pnputil -i -a" in script and "/add-driver" not in script
+    script = writes(p)["/Windows/Drivers/h2k-staging/steps/drivers.cmd"].content.decode("ascii")
+    assert "pnputil.exe\" -i -a" in script and "pnputil.exe\" /add-driver" not in script
 
 
 def test_win7_32bit(pack):
@@ -143,22 +143,27 @@ def test_start_override_deleted_when_found(pack):
 def test_firstboot_scripts_ascii_crlf_and_network(pack):
     p = planmod.build_plan(win2019(), pack, "virtio-blk")
     w = writes(p)
-    for dest in ("/Windows/Drivers/h2k-staging/h2k-firstboot.cmd", "/Windows/Drivers/h2k-staging/h2k-network.ps1"):
+    stage = "/Windows/Drivers/h2k-staging"
+    scripts = [d for d in w if d.endswith((".cmd", ".ps1", ".txt"))]
+    assert len(scripts) == 8  # bootstrap, runner, watchdog, network, steps.txt, three steps
+    for dest in scripts:
         data = w[dest].content
         data.decode("ascii")
-        assert b"\r\n" in data and b"\n" not in data.replace(b"\r\n", b"")
-    ps1 = w["/Windows/Drivers/h2k-staging/h2k-network.ps1"].content.decode()
+        assert b"\r\n" in data and b"\n" not in data.replace(b"\r\n", b""), dest
+    ps1 = w[f"{stage}/h2k-network.ps1"].content.decode()
     assert "address=192.168.50.10 mask=255.255.255.0 gateway=192.168.50.1" in ps1
     assert "address=192.168.50.3 index=2" in ps1
-    cmd = w["/Windows/Drivers/h2k-staging/h2k-firstboot.cmd"].content.decode()
-    assert 'msiexec /i "%H2K%\\guest-agent\\qemu-ga-x86_64.msi" /qn' in cmd
-    assert "firstboot.done" in cmd and "h2k-network.ps1" in cmd
-    xml = w["/Windows/Drivers/h2k-staging/h2k-firstboot.xml"].content
+    agent = w[f"{stage}/steps/guest-agent.cmd"].content.decode()
+    assert '/i "C:\\Windows\\Drivers\\h2k-staging\\guest-agent\\qemu-ga-x86_64.msi" /qn' in agent
+    assert w[f"{stage}/steps.txt"].content.decode().split("\r\n")[1:4] == ["drivers 900", "guest-agent 600", "network 300"]
+    assert "h2k-network.ps1" in w[f"{stage}/steps/network.cmd"].content.decode()
+    xml = w[f"{stage}/h2k-firstboot.xml"].content
     assert xml.startswith(b"\xff\xfe") and "<BootTrigger>" in xml.decode("utf-16")
     assert "<UserId>S-1-5-18</UserId>" in xml.decode("utf-16")
     r = regs(p)
     assert r[("Setup", "SetupType")].data == 2
-    assert r[("Setup", "CmdLine")].data == 'cmd.exe /c "C:\\Windows\\Drivers\\h2k-staging\\h2k-firstboot.cmd"'
+    assert r[("Setup", "CmdLine")].data == \
+        'cmd.exe /c ""C:\\Windows\\Drivers\\h2k-staging\\h2k-bootstrap.cmd" cmdline SetupType=absent CmdLine=absent"'
     staged = [d for d in copies(p) if d.startswith("/Windows/Drivers/h2k-staging/")]
     for drv in ("viostor/viostor.inf", "NetKVM/netkvm.sys", "Balloon/balloon.inf", "vioserial/vioser.sys",
                 "guest-agent/qemu-ga-x86_64.msi"):
@@ -169,8 +174,9 @@ def test_firstboot_scripts_ascii_crlf_and_network(pack):
 def test_dhcp_only_has_no_network_script(pack):
     f = win2019(nics=[])
     p = planmod.build_plan(f, pack, "virtio-blk")
-    assert not [d for d in writes(p) if d.endswith(".ps1")]
-    assert "h2k-network.ps1" not in writes(p)["/Windows/Drivers/h2k-staging/h2k-firstboot.cmd"].content.decode()
+    assert [d for d in writes(p) if d.endswith(".ps1")] == ["/Windows/Drivers/h2k-staging/h2k-watchdog.ps1"]
+    assert "/Windows/Drivers/h2k-staging/steps/network.cmd" not in writes(p)
+    assert "network" not in writes(p)["/Windows/Drivers/h2k-staging/steps.txt"].content.decode()
 
 
 def test_minimal_options(pack):
@@ -195,7 +201,7 @@ def test_arm64_without_guest_agent(pack):
     p = planmod.build_plan(win11(arch="aarch64"), pack, "virtio-blk")
     assert p.arch_folder == "ARM64"
     assert any("no guest agent MSI for ARM64" in n for n in p.notes)
-    assert "msiexec" not in writes(p)["/Windows/Drivers/h2k-staging/h2k-firstboot.cmd"].content.decode()
+    assert "/Windows/Drivers/h2k-staging/steps/guest-agent.cmd" not in writes(p)
 
 
 def test_errors(pack, tmp_path):

@@ -132,7 +132,7 @@ def test_storage_service_is_boot_start_and_files_exist(f, bus):
         if isinstance(c, FileWrite) and c.dest.endswith((".cmd", ".ps1")):
             c.content.decode("ascii")
             assert b"\n" not in c.content.replace(b"\r\n", b"")
-            if c.dest.endswith(".cmd"):
-                assert f"set H2K={letter}\\Windows\\Drivers\\h2k-staging" in c.content.decode()
+            if c.dest.endswith(".cmd"):  # every script names the staging folder on the system drive
+                assert f"{letter}\\Windows\\Drivers\\h2k-staging" in c.content.decode()
     static = [n for n in f.nics if not n.dhcp and n.addresses]
     assert any(c.dest.endswith("h2k-network.ps1") for c in p.changes if isinstance(c, FileWrite)) == bool(static)

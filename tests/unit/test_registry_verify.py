@@ -138,3 +138,19 @@ def test_demand_start_fails(tmp_path, pack) -> None:
     registry.apply_changes(hive, "SYSTEM", [RegValue("SYSTEM", r"{CCS}\Services\vioscsi", "Start", 4, 3)])
     r = run(hive, files, "virtio-scsi")[("service", "vioscsi")]
     assert not r.passed and "Start=3" in r.reason
+
+
+@pytest.mark.parametrize("state,passed,words", [
+    ("same", True, "is a copy of \\EFI\\Microsoft\\Boot\\bootmgfw.efi"),
+    ("missing", False, "is missing"),
+    ("differs", False, "is not Windows' boot manager"),
+    ("no-bootmgfw", False, "bootmgfw.efi is not on the ESP"),
+    (None, False, "no ESP"),
+])
+def test_uefi_fallback_rule(state, passed, words):
+    from h2k.verify import check_uefi_fallback
+
+    r = check_uefi_fallback("uefi", state, "/EFI/BOOT/BOOTX64.EFI")
+    assert (r.rule, r.passed) == ("uefi-fallback", passed) and words in r.reason
+    assert r.reason.startswith("\\EFI\\BOOT\\BOOTX64.EFI") or state is None
+    assert check_uefi_fallback("bios", state, None) is None  # BIOS boots the MBR, not a removable-media path
