@@ -180,7 +180,9 @@ def decide(refresh: bool = False, announce: bool = True) -> AccelDecision:
     if forced in ("kvm", "tcg"):
         decision = AccelDecision(forced, "forced by H2K_ACCEL", "env")
     elif forced:
-        raise ValueError(f"H2K_ACCEL must be 'kvm' or 'tcg', not {forced!r}")
+        from h2k.errors import InputError
+
+        raise InputError(f"H2K_ACCEL must be 'kvm' or 'tcg', not {forced!r}")
     else:
         decision = _cached_or_probe(refresh)
     _decided = decision

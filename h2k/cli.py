@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+from typing import NoReturn
 
 from h2k import __version__
-from h2k.errors import H2KError
+from h2k.errors import H2KError, InputError
 
 # Module -> the subcommands it registers. Order is the order shown in --help. Only the module
 # of the command being run is imported (a conversion should not pay for importing the matrix
@@ -42,8 +44,21 @@ def modules_for(argv: list[str]) -> list[str]:
     return list(COMMAND_MODULES)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with h2k's error contract: a usage error is bad input (exit 3), one ``h2k: error:`` line.
+
+    Subcommand parsers are made from the same class (argparse's default), so
+    ``h2k fix --bus`` without a value and ``h2k matrix run -j x`` behave alike.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        where = self.prog.removeprefix("h2k").strip()
+        self.exit(InputError.exit_code, f"h2k: error: {where + ': ' if where else ''}{message}\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="h2k",
         description=(
             "hyper2kvm: make VM disks from VMware, Hyper-V, clouds or raw dumps boot on "
@@ -64,6 +79,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP), raised like Ctrl-C so every ``finally`` runs: temporary files and children go."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
@@ -72,11 +99,29 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="h2k: %(name)s: %(message)s",
     )
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     try:
         return int(args.func(args) or 0)
     except H2KError as exc:
         print(f"h2k: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("h2k: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        name = signal.Signals(exc.signum).name if isinstance(exc, Terminated) else "SIGINT"
+        print(f"h2k: interrupted ({name}); temporary files removed", file=sys.stderr)
+        return 128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
+    except OSError as exc:  # a file the command was pointed at, or the host itself
+        code = InputError.exit_code if isinstance(exc, BAD_PATH_ERRORS) else H2KError.exit_code
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"h2k: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return code
+    except Exception as exc:  # a bug or a broken tool: still one line; -v shows where
+        logging.getLogger("h2k").debug("internal error", exc_info=True)
+        last = (str(exc).strip().splitlines() or [""])[-1]
+        print(f"h2k: error: internal error: {type(exc).__name__}: {last} (run 'h2k -v ...' for the traceback)",
+              file=sys.stderr)
+        return H2KError.exit_code
+
+
+# OSErrors that mean "the path you gave is wrong", not "the host failed".
+BAD_PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)

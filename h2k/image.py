@@ -203,6 +203,8 @@ def open_image(path: str | os.PathLike[str]) -> DiskImage:
         raise InputError(f"{given}: is a directory, not a disk image")
     if not os.path.isfile(real):
         raise InputError(f"{given}: not a regular file (a device, socket or dangling link): refused")
+    if os.path.getsize(real) == 0:
+        raise InputError(f"{given}: empty file, not a disk image")
     root = os.path.dirname(real)
     layers: list[_Layer] = []
     seen: set[str] = set()
@@ -229,6 +231,9 @@ def open_image(path: str | os.PathLike[str]) -> DiskImage:
         layer.info.backing = nxt
         current, pinned = nxt, layer.backing_format
     _confirm_with_qemu_img(given, layers)
+    for layer in layers:  # a qcow2 cut short would read (and convert "successfully") as zeros
+        if layer.info.format == "qcow2":
+            check_intact(given, layer.info.path, layer.info.format)
     return DiskImage(given=given, layers=tuple(layer.info for layer in layers))
 
 
@@ -269,6 +274,22 @@ def _confirm_with_qemu_img(given: str, layers: list[_Layer]) -> None:
         d.virtual_size = int(info["virtual-size"])
         d.actual_size = info.get("actual-size")
         parent_dir = os.path.dirname(d.path)
+
+
+def check_intact(given: str, path: str, fmt: str) -> None:
+    """``qemu-img check``: corruption (exit 2) is bad input; leaked clusters (exit 3, e.g. after a crash)
+    are harmless."""
+    cmd = ["qemu-img", "check", "-q", "-U", "-f", fmt, path]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise InputError(f"{given}: qemu-img check did not finish within {QEMU_IMG_TIMEOUT}s") from None
+    if proc.returncode in (0, 3):
+        return
+    lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+    first = next((ln for ln in lines if ln.startswith("ERROR")), lines[0] if lines else f"exit {proc.returncode}")
+    where = "" if os.path.realpath(given) == path else f" ({path})"
+    raise InputError(f"{given}{where}: corrupt or truncated {fmt} image (qemu-img check: {first})")
 
 
 def overlay_on(base: DiskImage, dest: str | os.PathLike[str]) -> DiskImage:

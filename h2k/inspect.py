@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import struct
 import tempfile
@@ -41,7 +40,7 @@ from h2k import accel
 from h2k import bcd as bcdlib
 from h2k import hibernation, hivelog, netbind
 from h2k.firstboot import SETUP_COMPLETE
-from h2k.errors import BlockerError, InputError
+from h2k.errors import BlockerError, H2KError, InputError
 from h2k.facts import Blocker, NicConfig, ServiceInfo, SetupState, WindowsFacts
 from h2k.image import DiskImage, as_image
 from h2k.registry import current_control_set, decode, find_key, find_value
@@ -84,9 +83,27 @@ def open_guest(image: DiskImage | str | Path, *, readonly: bool):
     disk = as_image(image)  # the front door, unless the caller already went through it
     accel.apply_libguestfs_env()
     g = guestfs.GuestFS(python_return_dict=True)
-    g.add_drive_opts(disk.path, format=disk.format, readonly=1 if readonly else 0)
-    g.launch()
+    # The appliance in its own process group: Ctrl-C at a terminal reaches h2k only, which then
+    # stops between two steps and closes the handle (unmount, sync) instead of the appliance
+    # dying in the middle of a write.
+    g.set_pgroup(True)
+    try:
+        g.add_drive_opts(disk.path, format=disk.format, readonly=1 if readonly else 0)
+        g.launch()
+    except RuntimeError as exc:
+        g.close()
+        raise launch_error(disk.given, exc) from None
+    except BaseException:
+        g.close()
+        raise
     return g
+
+
+def launch_error(image: str | Path, exc: RuntimeError) -> H2KError:
+    """A libguestfs launch failure as one line (its first line: the cause; the rest is debugging advice)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return H2KError(f"{image}: libguestfs could not start its appliance on it: {lines[0] if lines else 'failed'} "
+                    "(LIBGUESTFS_DEBUG=1 shows why)")
 
 
 def guest_path(g, path: str) -> str | None:

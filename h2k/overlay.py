@@ -9,6 +9,7 @@ first, so a refused fix (blocker, bad input) leaves no output behind.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -44,12 +45,35 @@ def create_overlay(source: DiskImage | str | Path, overlay: str | Path) -> DiskI
 
 
 def convert(source: DiskImage | str | Path, output: str | Path) -> Path:
-    """A standalone copy of ``source`` (which may be an overlay) at ``output``: raw for .raw/.img, else qcow2."""
+    """A standalone copy of ``source`` (which may be an overlay) at ``output``: raw for .raw/.img, else qcow2.
+
+    Written as a temporary file beside ``output`` (after checking the free space for
+    it), synced, then renamed: ``output`` is whole or absent, never a truncated file
+    that looks valid, whatever stops the copy (a full disk, Ctrl-C, SIGTERM).
+    """
+    from h2k.inputs.convert import check_space, sync_and_rename
+
     source = as_image(source)
     output = Path(output)
     out_fmt = "raw" if output.suffix.lower() in (".raw", ".img") else "qcow2"
-    _run(["qemu-img", "convert", "-q", "-f", source.format, "-O", out_fmt, source.path, str(output)])
+    check_space(output.parent, measure(source, out_fmt))
+    tmp = output.with_name(f".{output.name}.h2k-part-{os.getpid()}")
+    try:
+        _run(["qemu-img", "convert", "-q", "-f", source.format, "-O", out_fmt, source.path, str(tmp)])
+        sync_and_rename(tmp, output)
+    finally:
+        remove(tmp)
     return output
+
+
+def measure(source: DiskImage | str | Path, out_fmt: str) -> int:
+    """Bytes a standalone ``out_fmt`` copy of ``source`` needs at most (``qemu-img measure``, format pinned)."""
+    source = as_image(source)
+    proc = subprocess.run(["qemu-img", "measure", "--output=json", "-f", source.format, "-O", out_fmt, source.path],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise H2KError(f"qemu-img measure {source}: {proc.stderr.strip() or proc.returncode}")
+    return int(json.loads(proc.stdout)["required"])
 
 
 def _run(cmd: list[str]) -> None:
@@ -93,6 +117,13 @@ def fix_target(image: str | Path, output: str | Path | None, in_place: bool) -> 
     final = Path(output) if output is not None else default_overlay(image)
     if final.exists():  # the image itself included: -o never overwrites
         raise InputError(f"{final} already exists; remove it or choose another -o")
+    if not final.absolute().parent.is_dir():
+        raise InputError(f"{final}: no such folder {final.absolute().parent}")
+    if output is not None:  # the copy will need about the source's size: fail now, not after the fix
+        from h2k.inputs.convert import check_space
+
+        check_space(final.absolute().parent, measure(source, "raw" if final.suffix.lower() in (".raw", ".img")
+                                                      else "qcow2"))
     work = final.with_name(f".{final.name}.h2k-tmp-{os.getpid()}.qcow2")
     target = FixTarget(final, work, overlay_on(source, work), source)
     try:
@@ -100,7 +131,9 @@ def fix_target(image: str | Path, output: str | Path | None, in_place: bool) -> 
         if output is not None:
             convert(target.disk, final)
         else:
-            os.replace(target.work, final)
+            from h2k.inputs.convert import sync_and_rename
+
+            sync_and_rename(target.work, final)  # on disk before it has its name
             target.work = final
     finally:
         if target.work != final:

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from h2k import domain
+from h2k.commands.argtypes import positive_int
 from h2k.errors import InputError
 from h2k.image import DiskImage, open_image
 from h2k.profile import DISK_BUSES, FIRMWARES, NIC_MODELS, MachineProfile
@@ -48,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--final-bus", choices=("virtio-blk", "virtio-scsi"), default="virtio-blk",
                    help="with --two-phase: the final phase's disk bus")
     p.add_argument("--cdrom", action="append", default=[], metavar="ISO", help="attach an ISO (repeatable)")
-    p.add_argument("--memory", type=int, metavar="MB", help="guest memory in MiB")
-    p.add_argument("--cpus", type=int, help="virtual CPUs")
+    p.add_argument("--memory", type=positive_int, metavar="MB", help="guest memory in MiB")
+    p.add_argument("--cpus", type=positive_int, help="virtual CPUs")
     p.add_argument("--tpm", action="store_true", help="attach a swtpm TPM 2.0")
     p.add_argument("--kernel", help="direct kernel boot (lab test guests)")
     p.add_argument("--initrd", help="initramfs for --kernel")
@@ -135,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give a disk IMAGE or --kernel")
     if args.image and not Path(args.image).exists():
         raise InputError(f"{args.image}: no such disk image")
+    for iso in args.cdrom:
+        if not Path(iso).is_file():
+            raise InputError(f"--cdrom {iso}: no such file")
     if args.timeout <= 0:
         raise InputError("--timeout must be positive")
     if args.connect and args.backend != "libvirt":
@@ -151,18 +155,18 @@ def run(args: argparse.Namespace) -> int:
                              require_network=args.require_network, max_reboots=max_reboots)
 
     expect_for("linux" if args.os == "auto" else args.os)  # bad input ends here, before any inspection or boot
+    given_profile = None
+    if args.profile_json:
+        try:
+            given_profile = MachineProfile.from_dict(json.loads(args.profile_json.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise InputError(f"{args.profile_json}: not a machine profile: {exc}") from None
     image = open_image(args.image) if args.image else None  # the front door, before anything is created
     if args.os == "auto":
         args.os = _auto_os(args, image)
     expect = expect_for(args.os)
     outdir = args.outdir or Path(tempfile.mkdtemp(prefix="h2k-boot-out-"))
-    if args.profile_json:
-        try:
-            profile = MachineProfile.from_dict(json.loads(args.profile_json.read_text()))
-        except (OSError, ValueError, TypeError) as exc:
-            raise InputError(f"{args.profile_json}: not a machine profile: {exc}") from None
-    else:
-        profile = _profile(args, args.profile, args.bus, args.nic)
+    profile = given_profile if given_profile is not None else _profile(args, args.profile, args.bus, args.nic)
     if args.two_phase:
         if image is None:
             raise InputError("--two-phase needs a disk IMAGE")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import json
+import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+from h2k.commands.argtypes import positive_int
 from h2k.errors import CheckFailed, InputError
 from matrix.expand import expand, select
 from matrix.load import load_matrix
@@ -17,6 +21,7 @@ from matrix.reports import load_results, markdown, merge_results, write_all
 from matrix.shard import parse_shard, shard_of
 
 DEFAULT_EXECUTOR = "matrix.executors:LabExecutor"
+LOCK_NAME = ".h2k-matrix.lock"
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -27,6 +32,57 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
             raise InputError(f"{flag}: {v!r} is not NAME=PATH")
         out[name] = path
     return out
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+    return value
+
+
+def check_inputs(spec, cells) -> None:
+    """Every image and pack the cells use exists (or is a test-bed recipe), and every image passes the
+    front door: bad input before any fix or boot."""
+    from h2k.image import open_image
+
+    for kind, names in (("image", {c.image for c in cells}), ("driver pack", {c.pack for c in cells if c.pack})):
+        for item in (spec.image(n) if kind == "image" else spec.pack(n) for n in sorted(names)):
+            if item.path:
+                if not Path(item.path).exists():
+                    raise InputError(f"{kind} {item.name}: {item.path} does not exist")
+                if kind == "image":
+                    open_image(item.path)  # the front door: a bad or hostile image is exit 3, before any cell
+            elif not item.recipe:
+                flag = "--image-path" if kind == "image" else "--pack-path"
+                raise InputError(f"{kind} {item.name}: no path (set it in the matrix, its ${{VAR}}, or "
+                                 f"{flag} {item.name}=PATH)")
+
+
+@contextmanager
+def output_lock(out: Path):
+    """Hold ``out/.h2k-matrix.lock`` for the run: a second run into the same folder is bad input."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    fh = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise InputError(f"{out}: another h2k matrix run (pid {holder}) is writing there; "
+                             "wait for it or choose another -o") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # releases the lock
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -58,7 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "1 otherwise, 130 when interrupted.")
     _common(rp)
     rp.add_argument("-o", "--out", metavar="DIR", help="output directory (default: matrix-results/<matrix name>)")
-    rp.add_argument("-j", "--jobs", type=int, metavar="N",
+    rp.add_argument("-j", "--jobs", type=positive_int, metavar="N",
                     help="cells at once (default: the core count; always capped by free memory)")
     rp.add_argument("--rerun-failed", metavar="RESULTS", help="run only the cells that did not pass in RESULTS "
                     "(a results.json) and merge the new verdicts into it")
@@ -71,6 +127,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(e.g. $GITHUB_STEP_SUMMARY)")
     rp.add_argument("--no-fix", action="store_true",
                     help="boot the images as they are, without h2k's fix (shows the 'before' state)")
+    rp.add_argument("--fix-timeout", type=_seconds, default=None, metavar="SECONDS",
+                    help="stop an image's shared fix after this long; its cells are reported timeout "
+                         "(default: 3600)")
     rp.add_argument("--executor", default=DEFAULT_EXECUTOR, metavar="MODULE:CLASS",
                     help=argparse.SUPPRESS)  # for tests and other labs; the default is the real one
     rp.set_defaults(func=run_run)
@@ -155,18 +214,21 @@ def run_run(args: argparse.Namespace) -> int:
         cells = [c for c in cells if c.id in bad]
     if not cells:
         raise InputError(f"{args.matrix}: no cells to run" + (" (nothing failed in the previous run)" if previous else ""))
-    from h2k.image import open_image
-
-    for name in sorted({c.image for c in cells}):  # the front door: a bad or hostile image is exit 3, before any cell
-        if spec.image(name).path:
-            open_image(spec.image(name).path)
+    check_inputs(spec, cells)
     hosts = [h for v in (args.connect or []) for h in v.split(",") if h]
     args.backend = args.backend or ("libvirt" if hosts else "qemu")
     executor = load_executor(args.executor, args)
     out = Path(args.out or Path("matrix-results") / spec.name)
-    runner = Runner(spec, cells, executor, out, jobs=args.jobs, connect=hosts,
-                    shard=str(shard) if shard else None, previous=previous)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"-o {out}: not a directory")
+    extra = {"fix_timeout": args.fix_timeout} if args.fix_timeout else {}
+    with output_lock(out):
+        runner = Runner(spec, cells, executor, out, jobs=args.jobs, connect=hosts,
+                        shard=str(shard) if shard else None, previous=previous, **extra)
+        return _run_locked(args, spec, cells, runner, out)
 
+
+def _run_locked(args: argparse.Namespace, spec, cells, runner, out: Path) -> int:
     def on_signal(signum, frame):  # first signal: stop cleanly; the report is still written
         print(f"h2k: {signal.Signals(signum).name}: stopping {len(runner._running)} running cell(s)",
               file=sys.stderr, flush=True)

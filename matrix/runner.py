@@ -16,7 +16,11 @@ only schedules:
   executor ends its QEMU), then the cells that were running are reported
   ``incomplete`` and those never started ``skipped``;
 * a cell that overruns its timeout by a margin is stopped the same way and
-  reported ``timeout`` (the lab normally reports its own timeouts first).
+  reported ``timeout`` (the lab normally reports its own timeouts first);
+* the shared fix of an image has a watchdog too (``fix_timeout``): a fix that
+  hangs is told to stop, and every cell waiting for it is reported ``timeout``
+  with the reason; if the fix does not even stop, the cells waiting for it
+  stop waiting after the grace period, so a hung fix never stalls the run.
 """
 
 from __future__ import annotations
@@ -41,6 +45,24 @@ from matrix.reports import write_all
 WATCHDOG_GRACE = 120.0
 # How long stop() waits for running cells to wind down before writing the report anyway.
 STOP_GRACE = 60.0
+# How long the shared fix of one image may take (a Windows fix under TCG takes minutes, not an hour).
+FIX_TIMEOUT = 3600.0
+
+
+class FixTimeout(Exception):
+    """The shared fix of an image overran ``fix_timeout``: its cells are reported ``timeout``."""
+
+
+@dataclass
+class _Prep:
+    """One shared fix: who runs it, since when, its stop event, and its result once done."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    started: float | None = None
+    owner: threading.Thread | None = None  # the worker running the fix
+    timed_out_at: float | None = None
+    result: "Prepared | BaseException | None" = None
 
 
 class Interrupted(Exception):
@@ -200,6 +222,7 @@ class Runner:
         progress: MatrixProgress | None = None,
         watchdog_grace: float = WATCHDOG_GRACE,
         stop_grace: float = STOP_GRACE,
+        fix_timeout: float = FIX_TIMEOUT,
     ) -> None:
         self.spec = spec
         self.cells = cells
@@ -213,15 +236,15 @@ class Runner:
         self.progress = progress or MatrixProgress(spec.name, len(cells), self.jobs)
         self.watchdog_grace = watchdog_grace
         self.stop_grace = stop_grace
+        self.fix_timeout = fix_timeout
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._final_written = False
         self._results: dict[str, CellResult] = {}
         self._running: dict[str, tuple[float | None, threading.Event, bool]] = {}  # id -> (started, stop, timed_out)
-        self._prepared: dict[tuple[str, str | None], Prepared | BaseException] = {}
+        self._preps: dict[tuple[str, str | None], _Prep] = {}
         self._prep_report: dict[str, dict[str, Any]] = {}
-        self._prep_locks: dict[tuple[str, str | None], threading.Lock] = {}
         self.started = ""
 
     # --- control ------------------------------------------------------------
@@ -232,6 +255,8 @@ class Runner:
         with self._lock:
             for _, ev, _ in self._running.values():
                 ev.set()
+            for prep in self._preps.values():
+                prep.stop.set()
 
     @property
     def stopping(self) -> bool:
@@ -285,36 +310,58 @@ class Runner:
     # --- work ---------------------------------------------------------------
 
     def _prepare(self, cell: Cell) -> Prepared:
+        """The (image, pack)'s fixed disk: the first cell to need it runs the fix, the others wait for it."""
         key = (cell.image, cell.pack)
         with self._lock:
-            lock = self._prep_locks.setdefault(key, threading.Lock())
-        with lock:
-            got = self._prepared.get(key)
-            if got is None:
-                image = self.spec.image(cell.image)
-                pack = self.spec.pack(cell.pack)
-                workdir = self.outdir / "prepared" / _safe(f"{cell.image}.{cell.pack or 'nopack'}")
-                workdir.mkdir(parents=True, exist_ok=True)
-                self.progress.note(f"preparing {cell.image}" + (f" with {cell.pack}" if cell.pack else ""))
-                t_prep = time.monotonic()
-                try:
-                    got = self.executor.prepare(image, pack, workdir, self._stop)
-                except BaseException as exc:  # remembered: every cell of this key reports it
-                    got = exc
-                self._prepared[key] = got
-                what = "prepared" if not isinstance(got, BaseException) else "could not prepare"
-                self.progress.note(f"{what} {cell.image}" + (f" with {cell.pack}" if cell.pack else "")
-                                   + f" in {time.monotonic() - t_prep:.0f}s")
-                self._prep_report[f"{cell.image}.{cell.pack or 'nopack'}"] = {
-                    "seconds": round(time.monotonic() - t_prep, 3),
-                    "ok": not isinstance(got, BaseException),
-                    "error": str(got) if isinstance(got, BaseException) else None,
-                    "base": str(got.base) if isinstance(got, Prepared) else None,
-                    "info": got.info if isinstance(got, Prepared) else {},
-                }
+            prep = self._preps.get(key)
+            owner = prep is None
+            if owner:
+                prep = self._preps[key] = _Prep(started=time.monotonic(), owner=threading.current_thread())
+                if self._stop.is_set():
+                    prep.stop.set()
+        if owner:
+            self._run_prepare(cell, prep)
+        else:
+            while not prep.done.wait(0.2):
+                hung = prep.timed_out_at is not None and time.monotonic() - prep.timed_out_at > self.watchdog_grace
+                if hung:  # the fix ignores its stop: do not wait for it any longer
+                    raise FixTimeout(self._fix_timeout_reason(cell, "and did not stop"))
+        got = prep.result
         if isinstance(got, BaseException):
             raise got
+        assert got is not None
         return got
+
+    def _fix_timeout_reason(self, cell: Cell, more: str = "") -> str:
+        what = cell.image + (f" with {cell.pack}" if cell.pack else "")
+        return (f"the shared fix of {what} did not finish within {self.fix_timeout:.0f}s"
+                + (f" {more}" if more else "") + ": stopped by the runner")
+
+    def _run_prepare(self, cell: Cell, prep: _Prep) -> None:
+        image = self.spec.image(cell.image)
+        pack = self.spec.pack(cell.pack)
+        workdir = self.outdir / "prepared" / _safe(f"{cell.image}.{cell.pack or 'nopack'}")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.progress.note(f"preparing {cell.image}" + (f" with {cell.pack}" if cell.pack else ""))
+        t_prep = time.monotonic()
+        try:
+            got: Prepared | BaseException = self.executor.prepare(image, pack, workdir, prep.stop)
+        except BaseException as exc:  # remembered: every cell of this key reports it
+            got = exc
+        if prep.timed_out_at is not None:
+            got = FixTimeout(self._fix_timeout_reason(cell))
+        prep.result = got
+        prep.done.set()
+        what = "prepared" if not isinstance(got, BaseException) else "could not prepare"
+        self.progress.note(f"{what} {cell.image}" + (f" with {cell.pack}" if cell.pack else "")
+                           + f" in {time.monotonic() - t_prep:.0f}s")
+        self._prep_report[f"{cell.image}.{cell.pack or 'nopack'}"] = {
+            "seconds": round(time.monotonic() - t_prep, 3),
+            "ok": not isinstance(got, BaseException),
+            "error": str(got) if isinstance(got, BaseException) else None,
+            "base": str(got.base) if isinstance(got, Prepared) else None,
+            "info": got.info if isinstance(got, Prepared) else {},
+        }
 
     def _run_one(self, cell: Cell, host: str | None) -> CellResult:
         cell_dir = self.outdir / "cells" / _safe(cell.id)
@@ -351,6 +398,8 @@ class Runner:
                 lab_setup=dict(out.lab_setup),
                 proof=out.proof,
             )
+        except FixTimeout as exc:
+            result = CellResult(cell, "timeout", reason=str(exc), host=host)
         except Interrupted as exc:
             result = CellResult(cell, "incomplete", reason=f"interrupted: {exc or 'the run was stopped'}", host=host)
         except H2KError as exc:  # the engine refused or failed with a cause a person can act on
@@ -391,6 +440,32 @@ class Runner:
                 if t0 is not None and not timed_out and now - t0 > cell.timeout + self.watchdog_grace:
                     self._running[cid] = (t0, ev, True)
                     ev.set()
+            for prep in self._preps.values():
+                if (not prep.done.is_set() and prep.timed_out_at is None and prep.started is not None
+                        and now - prep.started > self.fix_timeout):
+                    prep.timed_out_at = now
+                    prep.stop.set()
+
+    def _only_hung_fixes_left(self, alive: list[threading.Thread]) -> bool:
+        """Every live worker runs a fix that overran and ignored its stop for the grace period.
+
+        Their cells are reported ``timeout`` now (the workers are daemon threads, stuck in
+        the executor); cells never started are reported skipped.
+        """
+        now = time.monotonic()
+        with self._lock:
+            hung = {k: p for k, p in self._preps.items()
+                    if not p.done.is_set() and p.timed_out_at is not None and now - p.timed_out_at > self.watchdog_grace}
+            if not alive or not all(any(p.owner is t for p in hung.values()) for t in alive):
+                return False
+            by_id = {c.id: c for c in self.cells}
+            for cid in list(self._running):
+                cell = by_id[cid]
+                if (cell.image, cell.pack) in hung:
+                    self._results[cid] = CellResult(cell, "timeout",
+                                                    reason=self._fix_timeout_reason(cell, "and did not stop"))
+                    self._running.pop(cid)
+            return True
 
     def run(self) -> RunResults:
         """Run every cell; returns the final results (also written to ``outdir``)."""
@@ -411,6 +486,9 @@ class Runner:
                 break
             alive[0].join(timeout=0.2)  # short joins keep signal handlers responsive
             self._watchdog()
+            if self._only_hung_fixes_left(alive):
+                self.progress.note("a shared fix hung and ignored its stop; writing the report without it")
+                break
             if self._stop.is_set():
                 if stop_deadline is None:
                     stop_deadline = time.monotonic() + self.stop_grace

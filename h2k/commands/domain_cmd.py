@@ -11,6 +11,7 @@ import sys
 import tempfile
 
 from h2k import domain, libvirt_xml
+from h2k.commands.argtypes import positive_int
 from h2k.errors import CheckFailed, InputError
 from h2k.facts import WindowsFacts
 from h2k.image import DiskImage, open_image
@@ -41,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mac", action="append", metavar="MAC",
                    help="MAC address to keep from the source VM; repeat for several NICs (one NIC each, in order); "
                         "replaces the MACs from --metadata")
-    p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB")
-    p.add_argument("--cpus", type=int, help="virtual CPUs")
+    p.add_argument("--memory", type=positive_int, metavar="MIB", help="memory in MiB")
+    p.add_argument("--cpus", type=positive_int, help="virtual CPUs")
     p.add_argument("--virtio-iso", metavar="ISO", help="VirtIO driver ISO to attach as a CD-ROM (bootstrap)")
     p.add_argument("--nvram", metavar="FILE", help="the VM's UEFI VARS file (made from the template if missing; keep it from bootstrap to final)")
     p.add_argument("--domain-type", choices=("kvm", "qemu"), help="override the KVM/TCG decision of 'h2k accel'")
@@ -82,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     image = os.path.abspath(args.image)
     if not os.path.isfile(image):
         raise InputError(f"{args.image}: no such disk image")
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise InputError(f"-o {args.output}: no such folder {os.path.dirname(os.path.abspath(args.output))}")
     name = args.name or domain._safe_name(os.path.splitext(os.path.basename(image))[0]) or "guest"
     # Cheap checks before any inspection (a libguestfs launch).
     buses = domain.BOOTSTRAP_BUSES if args.stage == "bootstrap" else domain.FINAL_BUSES

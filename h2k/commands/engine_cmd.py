@@ -161,9 +161,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
     image = open_image(args.image)  # the front door, once for both pipelines
     try:
-        report = rollback_image(image)
+        report = rollback_image(image, force=args.force)
     except NotWindows as exc:  # no NTFS at all: the Linux pipeline's journal, if any
-        result = _linux("rollback_image", exc, any_os=True)(image)
+        result = _linux("rollback_image", exc, any_os=True)(image, force=args.force)
         show(result, args.json)
         return 0
     show(report, args.json)
@@ -225,8 +225,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "rollback", help="undo h2k fix runs on a disk from the journals inside it",
         description="Restore every hive and BCD the fixes changed from their in-guest backups (checked "
         "byte-identical by SHA-256), remove or restore the files written, and remove backups and journals. "
-        "The image is changed in place.",
+        "The image is changed in place. A fix or a rollback that was interrupted (Ctrl-C, a crash) is finished "
+        "by running rollback again. Exits 4, changing nothing, when a hive or file changed since the fix "
+        "(Windows booted and wrote to it), naming what changed; 3 when there is nothing to roll back (the "
+        "image is then opened read-only).",
     )
     p.add_argument("image", help="a disk written by h2k fix (the overlay, the copy, or an --in-place image)")
+    p.add_argument("--force", action="store_true",
+                   help="restore the state before the fix even where the guest changed since (those changes are lost)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_rollback)

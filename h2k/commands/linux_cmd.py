@@ -2,7 +2,7 @@
 
 ``h2k inspect|fix|verify`` hand non-Windows disks to the same functions
 (``h2k.linux``); this command skips the Windows probe and needs no driver pack.
-Exit codes: 0 ok, 1 verify failed, 2 engine error, 3 bad input.
+Exit codes: 0 ok, 1 verify failed, 2 engine error, 3 bad input, 4 rollback refused (changed since the fix).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from h2k.linux import rollback_image
 
-    show(rollback_image(args.image), args.json)
+    show(rollback_image(args.image, force=args.force), args.json)
     return 0
 
 
@@ -77,7 +77,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
     sp.set_defaults(func=cmd_verify)
 
-    sp = lsub.add_parser("rollback", help="undo the last fix on IMAGE (the overlay/output fix made) from its journal")
+    sp = lsub.add_parser("rollback", help="undo the last fix on IMAGE (the overlay/output fix made) from its journal",
+                         description="Restore the files the last fix changed and reinstate removed packages. An "
+                         "interrupted fix or rollback is finished by running rollback again. Exits 4, changing "
+                         "nothing, when a file the fix wrote changed since; 3 when there is nothing to roll back.")
     sp.add_argument("image", help="the fixed disk")
+    sp.add_argument("--force", action="store_true",
+                    help="restore the files even where they changed since the fix (those changes are lost)")
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
     sp.set_defaults(func=cmd_rollback)

@@ -7,8 +7,9 @@
 * ``qemu-img measure`` gives the bytes the output needs; the output's file
   system must have them free before anything is written.
 * Output goes to a hidden temporary file next to OUT and is renamed into
-  place only after qemu-img succeeded and the SHA-256 was taken; any failure
-  (full disk, killed, Ctrl-C) removes it.
+  place only after qemu-img succeeded, the SHA-256 was taken and the file was
+  fsynced; any failure (full disk, Ctrl-C, SIGTERM) removes it and stops
+  qemu-img.
 * Zeroes are not written (``-S 4k``, qemu-img's default made explicit), so
   raw output is sparse and qcow2 output only holds allocated clusters.
 """
@@ -114,7 +115,7 @@ def convert_disk(
         t2 = time.monotonic()
         digest = sha256_file(tmp) if checksum else ""
         t3 = time.monotonic()
-        os.replace(tmp, output)
+        sync_and_rename(tmp, output)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -127,6 +128,21 @@ def convert_disk(
         bytes_on_disk=st.st_blocks * 512, sha256=digest, seconds=time.monotonic() - t0,
         chain=[layer.path for layer in chain.layers], qemu_seconds=t2 - t1, checksum_seconds=t3 - t2,
     )
+
+
+def sync_and_rename(tmp: Path, output: Path) -> None:
+    """fsync ``tmp`` (its data on disk before its name says it is complete), rename it to ``output``, fsync the folder."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, output)
+    dfd = os.open(output.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _run_with_progress(cmd: list[str], progress: Progress | None, on_percent: Callable[[float], None] | None) -> None:
@@ -162,6 +178,8 @@ def _run_with_progress(cmd: list[str], progress: Progress | None, on_percent: Ca
         if rc < 0:
             import signal
 
+            if -rc == signal.SIGINT:  # Ctrl-C reached qemu-img too (same process group): an interrupt, not a failure
+                raise KeyboardInterrupt
             last = last or f"killed by {signal.Signals(-rc).name}"
             if -rc == signal.SIGXFSZ:
                 last = "the output file hit the file size limit (SIGXFSZ)"

@@ -24,24 +24,26 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from h2k import overlay
 from h2k.errors import H2KError, InputError
-from h2k.journal import host_journal_path
+from h2k.journal import COMPLETE, DONE, INTENT, RUNNING, GuestJournal, host_journal_path
 from h2k.linux import initrd as initrdlib
 from h2k.linux.facts import LinuxFacts
-from h2k.linux.inspect import DEVICE_NAME, VIRTIO_MODULES, inspect_handle, open_linux
+from h2k.linux.inspect import VIRTIO_MODULES, inspect_handle, open_linux
 from h2k.linux.journal import GUEST_BACKUP_DIR, GUEST_JOURNAL_DIR, FileChange, LinuxJournal, PackageRemoval
 from h2k.progress import Progress
 
 # Old-initramfs modules worth keeping explicitly: storage controllers, block/md, file systems.
 KEEP_PATH = re.compile(r"/kernel/(drivers/(ata|scsi|block|nvme|md|message/fusion|mmc/host)|fs)/")
 APPLIANCE_CONF = "/etc/initramfs-tools/conf.d/zz-hyper2kvm-appliance"
+POLICY_RC_D = "/usr/sbin/policy-rc.d"
 ROOT_OK = re.compile(r"^(UUID=|PARTUUID=|LABEL=|PARTLABEL=|/dev/mapper/|/dev/disk/by-|ZFS=)")
 
 
@@ -129,30 +131,47 @@ def keep_modules(facts: LinuxFacts, paths: dict[str, dict[str, str]]) -> list[st
 
 
 class _Session:
-    """Changes to one launched guest, each backed up and journaled."""
+    """Changes to one launched guest, each backed up and journaled before it is made.
 
-    def __init__(self, g, journal: LinuxJournal, report: LinuxFixReport) -> None:
+    The journal (:mod:`h2k.linux.journal`) is written and synced in the guest
+    before the first change; each file is recorded (state intent, its backup
+    planned) and its backup synced before the file changes.
+    """
+
+    def __init__(self, g, journal: LinuxJournal, report: LinuxFixReport, host_journal: Path | None = None) -> None:
         self.g = g
         self.journal = journal
         self.report = report
+        self.host_journal = host_journal  # in place: mirrored next to the image while the run goes on
+        self.log: GuestJournal | None = None
         self.backup_root = f"{GUEST_BACKUP_DIR}/{journal.run_id}"
         self._backed_up: dict[str, FileChange] = {}
+
+    def persist(self) -> None:
+        """Make the journal as it is now durable in the guest (starting it before the first change)."""
+        if self.log is None:
+            self.journal.state = RUNNING
+            self.g.mkdir_p(GUEST_JOURNAL_DIR)
+            self.log = GuestJournal(self.g, self.journal, self.journal.guest_path(), self.host_journal)
+        self.log.save()
 
     def sha(self, path: str) -> str | None:
         return self.g.checksum("sha256", path) if self.g.is_file(path) else None
 
     def begin(self, path: str, why: str) -> FileChange:
-        """Back ``path`` up (once per run) before it changes; return its journal record."""
+        """Journal ``path`` and back it up (once per run, synced) before it changes; return its record."""
         if path in self._backed_up:
             return self._backed_up[path]
-        rec = FileChange(path=path, action="created", why=why)
+        rec = FileChange(path=path, action="created", why=why, state=INTENT)
         if self.g.is_file(path):
-            backup = self.backup_root + path
-            self.g.mkdir_p(os.path.dirname(backup))
-            self.g.cp_a(path, backup)
-            rec.action, rec.backup, rec.sha256_before = "modified", backup, self.sha(path)
+            rec.action, rec.backup, rec.sha256_before = "modified", self.backup_root + path, self.sha(path)
         self._backed_up[path] = rec
         self.journal.files.append(rec)
+        self.persist()
+        if rec.backup:
+            self.g.mkdir_p(os.path.dirname(rec.backup))
+            self.g.cp_a(path, rec.backup)
+            self.g.sync()  # the copy is on disk before the file changes
         return rec
 
     def finish(self, path: str) -> None:
@@ -160,6 +179,7 @@ class _Session:
         rec.sha256_after = self.sha(path)
         if rec.sha256_after is None:
             rec.action = "deleted"
+        rec.state = DONE  # saved with the next step (whose save syncs this change first)
 
     def write(self, path: str, text: str, why: str) -> None:
         self.begin(path, why)
@@ -234,27 +254,34 @@ def remove_vmware_tools(sess: _Session, facts: LinuxFacts) -> None:
         sess.report.notes.append(f"VMware tools {', '.join(pkgs)} found; removal is implemented for dpkg only")
         return
     g = sess.g
-    g.mkdir_p(sess.backup_root)
     for pkg in pkgs:
         tar = f"{sess.backup_root}/package-{pkg}.tar"
+        removal = PackageRemoval(pkg, tar, "VMware tools have no use on KVM and fight qemu-ga", state=INTENT)
+        sess.journal.packages.append(removal)
+        sess.persist()
+        g.mkdir_p(sess.backup_root)
         # The package's own files (not directories) plus dpkg's records, so rollback can put it back.
         listing = f"/var/lib/hyper2kvm/.{pkg}.list"
         sess.run(
             f"{{ dpkg-query -L {shlex.quote(pkg)} | while read -r f; do [ -d \"$f\" ] || [ ! -e \"$f\" ] || echo \"$f\"; done; "
             f"ls -d /var/lib/dpkg/info/{pkg}.* /var/lib/dpkg/info/{pkg}:* 2>/dev/null; echo /var/lib/dpkg/status; }} > {listing}"
         )
-        sess.run(f"tar -cpf {tar} --no-recursion -P -T {listing} && rm -f {listing}")
+        # The tar gets its name only once it is whole and on disk: rollback unpacks it only then.
+        sess.run(f"tar -cpf {tar}.part --no-recursion -P -T {listing} && rm -f {listing} && sync && mv {tar}.part {tar}")
+        g.sync()
         # policy-rc.d 101: maintainer scripts must not try to stop services in the appliance.
-        had_policy = g.exists("/usr/sbin/policy-rc.d")
+        had_policy = g.exists(POLICY_RC_D)
         if not had_policy:
-            g.write("/usr/sbin/policy-rc.d", b"#!/bin/sh\nexit 101\n")
-            g.chmod(0o755, "/usr/sbin/policy-rc.d")
+            sess.begin(POLICY_RC_D, "temporary, while dpkg runs in the appliance: services must not be started")
+            g.write(POLICY_RC_D, b"#!/bin/sh\nexit 101\n")
+            g.chmod(0o755, POLICY_RC_D)
         try:
             sess.run(f"DEBIAN_FRONTEND=noninteractive dpkg --purge {shlex.quote(pkg)}")
         finally:
             if not had_policy:
-                g.rm_f("/usr/sbin/policy-rc.d")
-        sess.journal.packages.append(PackageRemoval(pkg, tar, "VMware tools have no use on KVM and fight qemu-ga"))
+                g.rm_f(POLICY_RC_D)
+                sess.finish(POLICY_RC_D)
+        removal.state = DONE
         sess.report.actions.append(f"removed VMware tools package {pkg} (files kept in {tar})")
 
 
@@ -316,8 +343,8 @@ def fix_initramfs(sess: _Session, facts: LinuxFacts, tmp: Path) -> None:
         if facts.initramfs_modules_setting == "dep":
             conf += "MODULES=list\n"
         g.mkdir_p(os.path.dirname(APPLIANCE_CONF))
+        sess.begin(APPLIANCE_CONF, "temporary, for regeneration in the libguestfs appliance")  # a crash may leave it
         g.write(APPLIANCE_CONF, conf.encode())
-        appliance_override = True
         try:
             sess.run("update-initramfs -u -k all")
             for k in facts.kernels:
@@ -325,8 +352,9 @@ def fix_initramfs(sess: _Session, facts: LinuxFacts, tmp: Path) -> None:
                     sess.begin(f"/boot/initrd.img-{k.version}", why)
                     sess.run(f"update-initramfs -c -k {shlex.quote(k.version)}")
         finally:
-            if appliance_override and g.exists(APPLIANCE_CONF):
+            if g.exists(APPLIANCE_CONF):
                 g.rm(APPLIANCE_CONF)
+            sess.finish(APPLIANCE_CONF)
     elif tool == "dracut":
         conf = "/etc/dracut.conf.d/90-hyper2kvm-virtio.conf"
         sess.write(conf, f'# hyper2kvm: VirtIO drivers for KVM, and the old machine\'s storage drivers\nadd_drivers+=" {" ".join(wanted)} "\n', why)
@@ -398,8 +426,12 @@ def fix_grub(sess: _Session, facts: LinuxFacts) -> None:
 # --------------------------------------------------------------------------- entry points
 
 
-def fix_handle(g, root: str, image: str, report: LinuxFixReport, tmp: Path, progress: Progress) -> LinuxJournal | None:
-    """Inspect and fix the launched, mounted guest; write the journal in it. None: nothing to do."""
+def fix_handle(g, root: str, image: str, report: LinuxFixReport, tmp: Path, progress: Progress,
+               host_journal: Callable[[str], Path] | None = None) -> LinuxJournal | None:
+    """Inspect and fix the launched, mounted guest, journalling in it as it goes. None: nothing to do.
+
+    ``host_journal``: run id -> where to mirror the journal on the host while the run goes on (in place).
+    """
     facts = inspect_handle(g, root, image, tmp)
     if not facts.kernels:
         raise InputError(f"{image}: no kernel found in the guest")
@@ -410,7 +442,7 @@ def fix_handle(g, root: str, image: str, report: LinuxFixReport, tmp: Path, prog
         return None
     journal = LinuxJournal(run_id=LinuxJournal.new_run_id(), image=image)
     report.run_id = journal.run_id
-    sess = _Session(g, journal, report)
+    sess = _Session(g, journal, report, host_journal(journal.run_id) if host_journal else None)
     progress.step("fstab / crypttab")
     fix_tables(sess, facts)
     progress.step("VMware tools, pinned MACs")
@@ -420,8 +452,8 @@ def fix_handle(g, root: str, image: str, report: LinuxFixReport, tmp: Path, prog
     fix_initramfs(sess, facts, tmp)
     progress.step("boot loader")
     fix_grub(sess, facts)
-    g.mkdir_p(GUEST_JOURNAL_DIR)
-    g.write(journal.guest_path(), journal.to_json().encode())
+    journal.state = COMPLETE
+    sess.persist()  # syncs the last step's writes before saying so
     return journal
 
 
@@ -440,17 +472,27 @@ def fix_image(
         report = LinuxFixReport(image=str(image), output=str(target.final))
         progress = Progress(f"fix {image.name}", 6)
         g, root = open_linux(target.disk, readonly=False)
+        mirror = (lambda run: host_journal_path(image, run)) if in_place else None
         try:
             progress.step("launched; inspecting")
             with tempfile.TemporaryDirectory(prefix="h2k-linux-fix-") as tmp:
-                journal = fix_handle(g, root, str(image), report, Path(tmp), progress)
+                journal = fix_handle(g, root, str(image), report, Path(tmp), progress, mirror)
             g.umount_all()
             g.shutdown()
+        except BaseException as exc:
+            if in_place and report.run_id and host_journal_path(image, report.run_id).exists():
+                hint = f"{image} was partly changed: 'h2k rollback {image}' undoes it"
+                if isinstance(exc, H2KError):
+                    exc.args = (f"{exc}; {hint}",)
+                else:
+                    print(f"h2k: {hint}", file=sys.stderr)
+            raise
         finally:
-            g.close()
+            g.close()  # after an interrupt too: unmounts and syncs before the appliance stops
     if journal is not None:
         report.journal = str(journal_path := host_journal_path(target.final, journal.run_id))
-        journal_path.write_text(journal.to_json())
+        if not in_place:  # (in place, the mirror is already there)
+            journal_path.write_text(journal.to_json())
     progress.done()
     report.seconds = time.monotonic() - t0
     return report

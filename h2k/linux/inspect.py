@@ -14,6 +14,7 @@ from pathlib import Path
 from h2k import accel
 from h2k.image import DiskImage, as_image
 from h2k.errors import InputError
+from h2k.inspect import launch_error
 from h2k.linux import initrd as initrdlib
 from h2k.linux.facts import Kernel, LinuxFacts, MountEntry, PinnedMac
 
@@ -40,9 +41,13 @@ def open_linux(image: DiskImage | str | Path, *, readonly: bool):
     disk = as_image(image)  # the front door: InputError for a missing, unreadable or hostile image
     accel.apply_libguestfs_env()
     g = guestfs.GuestFS(python_return_dict=True)
+    g.set_pgroup(True)  # as h2k.inspect.open_guest: Ctrl-C stops h2k between steps, not the appliance mid-write
     try:
         g.add_drive_opts(disk.path, format=disk.format, readonly=readonly)
-        g.launch()
+        try:
+            g.launch()
+        except RuntimeError as exc:
+            raise launch_error(disk.given, exc) from None
         roots = g.inspect_os()
         linux = [r for r in roots if g.inspect_get_type(r) == "linux"]
         if not linux:

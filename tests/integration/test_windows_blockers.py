@@ -8,6 +8,7 @@ dirty-hive disk also carries ghost NICs, checked on the same fix.
 
 from __future__ import annotations
 
+import shutil
 import struct
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from h2k import accel, hivelog
 from h2k.driverpack import open_pack
 from h2k.facts import WindowsFacts
 from h2k.fix import FixReport, fix_image
+from h2k.journal import host_journal_path
 from h2k.overlay import convert, sha256_file
 from h2k.plan import build_plan
 from h2k.registry import decode, find_key, find_value
@@ -139,6 +141,7 @@ def dirty(tmp_path_factory, pack_dir) -> Dirty:
     fixed = tmp / "fixed.qcow2"
     report = fix_image(src, lambda f: build_plan(f, pack, "virtio-blk"), output=fixed)
     rolled = convert(fixed, tmp / "rolled.qcow2")
+    shutil.copyfile(report.journal, host_journal_path(rolled, report.run_id))  # the copy keeps its journal beside it
     rb = rollback_image(rolled)
 
     backup_rel = next(h.backup_path for h in report_journal(report).hives if h.name == "SYSTEM")

@@ -25,6 +25,7 @@ from h2k.changes import FileCopy, FileWrite, RegDeleteKey, RegValue
 from h2k.driverpack import open_pack
 from h2k.facts import WindowsFacts
 from h2k.fix import ENGINE_CHANGES, FixReport, fix_image
+from h2k.journal import host_journal_path
 from h2k.overlay import convert, sha256_file
 from h2k.plan import build_plan
 from h2k.rollback import rollback_image
@@ -131,6 +132,9 @@ def run(request, tmp_path_factory, pack_dir) -> Run:
     again = convert(fixed, tmp / "again.qcow2")
     second = fix_image(again, planner, in_place=True, ems=True)
     rolled = convert(again, tmp / "rolled.qcow2")
+    # The copy travels with the journal beside it (so rollback opens it read-write at once; without
+    # one it looks read-only first: tests/hostile/test_crash_rollback.py covers that launch).
+    shutil.copyfile(report.journal, host_journal_path(rolled, report.run_id))
     rb = rollback_image(rolled)
 
     paths = sorted({c.dest for c in plan.changes if isinstance(c, (FileCopy, FileWrite))})

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from h2k import accel, cpio
+from h2k.errors import InputError
 
 
 def test_env_override_wins(monkeypatch):
@@ -24,7 +25,7 @@ def test_env_override_wins(monkeypatch):
     assert d.is_kvm and "LIBGUESTFS_BACKEND_SETTINGS" not in d.libguestfs_env()
     assert d.libvirt_domain_type() == "kvm"
     monkeypatch.setenv("H2K_ACCEL", "fast")
-    with pytest.raises(ValueError, match="H2K_ACCEL"):
+    with pytest.raises(InputError, match="H2K_ACCEL"):
         accel.decide(refresh=True, announce=False)
 
 

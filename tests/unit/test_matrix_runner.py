@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,46 @@ def test_stop_leaves_a_valid_partial_report(tmp_path):
     assert disk.to_dict()["counts"] == runner.final.to_dict()["counts"] and disk.extra["in_progress"] is False
 
 
+class HungFix(Scripted):
+    """The fix of image 'a' hangs: until told to stop (``obeys``), or for good (it ignores its stop event)."""
+
+    def __init__(self, obeys: bool):
+        super().__init__()
+        self.obeys = obeys
+        self.stopped = threading.Event()
+        self.never = threading.Event()
+
+    def prepare(self, image, pack, workdir, stop):
+        if image.name != "a":
+            return super().prepare(image, pack, workdir, stop)
+        if self.obeys:
+            stop.wait(60)
+            self.stopped.set()
+            raise Interrupted("prepare stopped")
+        self.never.wait(60)  # a fix stuck in C code: never looks at ``stop``
+        raise AssertionError("unreachable in the test's time")
+
+
+@pytest.mark.parametrize("obeys", [True, False], ids=["fix-stops", "fix-ignores-its-stop"])
+def test_a_hung_shared_fix_times_its_cells_out_and_the_run_goes_on(tmp_path, obeys):
+    spec = make_spec(images=("a", "b"))
+    cells = expand(spec)
+    ex = HungFix(obeys)
+    t0 = time.monotonic()
+    results = Runner(spec, cells, ex, tmp_path, jobs=2, fix_timeout=1.0, watchdog_grace=1.0).run()
+    assert time.monotonic() - t0 < 30  # not the 60 s the fix would hang
+    by = {r.cell.id: r for r in results.cells}
+    for cid, r in by.items():
+        if cid.startswith("a."):
+            assert r.verdict == "timeout" and "shared fix of a did not finish within 1s" in r.reason, r
+            assert ("did not stop" in r.reason) == (not obeys)
+        else:
+            assert r.verdict == "passed", r
+    assert ex.stopped.is_set() == obeys
+    assert load_results(tmp_path / "results.json").by_id()["a.bios.virtio-blk.virtio-net"].verdict == "timeout"
+    ex.never.set()
+
+
 # --- through the command line, with the executor in its own module ---------------------
 
 EXECUTOR_MODULE = textwrap.dedent(
@@ -321,3 +362,40 @@ def test_list_shards_partition_the_shipped_nightly():
     all_ids = {line.split("\t")[0] for line in run() if line}
     parts = [{line.split("\t")[0] for line in run("--shard", f"{i}/3") if line} for i in (1, 2, 3)]
     assert set().union(*parts) == all_ids and sum(map(len, parts)) == len(all_ids)
+
+
+def test_a_missing_image_is_bad_input_before_anything_runs(cli_env):
+    tmp, m, env = cli_env
+    out = tmp / "out"
+    p = subprocess.run(h2k("matrix", "run", str(m), "-o", str(out), "--image-path", f"a={tmp / 'nope.qcow2'}",
+                           "--executor", "h2k_test_executors:FromFile"), env=env, capture_output=True, text=True)
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("h2k: error: ")]
+    assert p.returncode == 3 and len(errors) == 1 and "nope.qcow2 does not exist" in errors[0], p.stderr
+    assert not out.exists() and not (tmp / "ran.log").exists()  # no cell ran, no report folder
+
+
+def test_a_second_run_into_the_same_folder_is_refused(cli_env):
+    tmp, m, env = cli_env
+    (tmp / "verdicts.json").write_text("{}")
+    out = tmp / "out"
+    first = subprocess.Popen(h2k("matrix", "run", str(m), "-o", str(out), "-j", "2",
+                                 "--executor", "h2k_test_executors:Blocking"),
+                             env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stderr:  # the first run holds the folder once a cell started
+            if "| start " in line:
+                break
+        second = subprocess.run(h2k("matrix", "run", str(m), "-o", str(out), "--executor",
+                                    "h2k_test_executors:FromFile"), env=env, capture_output=True, text=True)
+        errors = [ln for ln in second.stderr.splitlines() if ln.startswith("h2k: error: ")]
+        assert second.returncode == 3 and len(errors) == 1, second.stderr
+        assert f"another h2k matrix run (pid {first.pid})" in errors[0]
+        assert not (tmp / "ran.log").exists()
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.stderr.read()
+        assert first.wait(60) == 130
+    # once the first run is over, the folder is free again
+    p = subprocess.run(h2k("matrix", "run", str(m), "-o", str(out), "--executor", "h2k_test_executors:FromFile"),
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
