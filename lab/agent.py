@@ -151,8 +151,8 @@ class AgentClient:
     def osinfo(self) -> dict[str, Any]:
         return self.execute("guest-get-osinfo")
 
-    def interfaces(self) -> list[dict[str, Any]]:
-        return self.execute("guest-network-get-interfaces")
+    def interfaces(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+        return self.execute("guest-network-get-interfaces", timeout=timeout)
 
     def devices(self) -> list[dict[str, Any]]:
         return self.execute("guest-get-devices")

@@ -466,6 +466,10 @@ def _corroborate(bus: SignalBus, scorer: Scorer, first: Decision, until: float,
             return d
 
 
+# One guest-network-get-interfaces query; an unanswered one is asked again while time is left.
+INTERFACES_TIMEOUT = 10.0
+
+
 class AgentChecker:
     """Runs the guest-agent checks in a thread and reports them as Signals on the bus:
     ("agent", "ok") once ping and OS info answered (the "agent" evidence; devices first when
@@ -588,7 +592,17 @@ class AgentChecker:
         addrs: dict[str, list[str]] = {}
         delay = 0.25
         while not addrs:
-            self.result["interfaces"] = client.interfaces()
+            try:
+                self.result["interfaces"] = client.interfaces(timeout=INTERFACES_TIMEOUT)
+            except agentmod.AgentTimeout:
+                # A guest busy bringing its network up (or a starved TCG vCPU) may leave one
+                # query unanswered: that is no verdict while time is left. Resynchronise, so a
+                # late reply cannot be taken for the next command's, and ask again.
+                self.result["interface_query_timeouts"] = self.result.get("interface_query_timeouts", 0) + 1
+                if not self._current(boot) or self._left() <= 1:
+                    raise
+                client.sync(timeout=min(10.0, max(0.1, self._left())))
+                continue
             addrs = agentmod.ipv4_addresses(self.result["interfaces"])
             if addrs or not self._current(boot):
                 break
