@@ -308,7 +308,7 @@ class Scorer:
                 return self._fail(f"no bootable device ({where}: {ev.text!r})", f"{where}-failure")
             detail = ev.data.get("detail")
             return self._fail(f"{ev.name}: {detail or ev.text}", f"{where}-failure",
-                              data={"line": ev.text, "crash": ev.name in CRASH_PATTERNS})
+                              data={"line": ev.text, "pattern": ev.name, "crash": ev.name in CRASH_PATTERNS})
         if ev.kind == "evidence":
             if ev.name == "ems" and "machine_info" in ev.data:
                 self.machine_info = ev.data["machine_info"]
@@ -357,6 +357,11 @@ def with_reboots(decision: Decision, reboots: int) -> Decision:
 
 # Console failures that announce a crash QMP may still report with more detail.
 CRASH_PATTERNS = {"kernel-panic"}
+# Console failures whose own message names the culprit a few lines further on: initramfs-tools
+# prints "Gave up waiting for root file system device", a list of common problems, then
+# "ALERT!  /dev/sda2 does not exist" in the same burst. The verdict waits (as for a crash,
+# CORROBORATE_SECONDS at most) for that line so that it names the root.
+NAMED_LATER_BY = {"root-wait-gave-up": "root-missing"}
 # How long a console crash waits for the stronger QMP GUEST_PANICKED (same crash, ms apart).
 CORROBORATE_SECONDS = 0.5
 
@@ -428,7 +433,28 @@ def _score(bus: SignalBus, scorer: Scorer, deadline: float, on_signal: Callable[
         if d is not None:
             if (d.data.get("crash") or d.signal.startswith("qmp-panic")) and corroborate > 0:
                 return _corroborate(bus, scorer, d, min(deadline, time.monotonic() + corroborate), on_signal)
+            if d.data.get("pattern") in NAMED_LATER_BY and corroborate > 0:
+                return _named_later(bus, scorer, d, min(deadline, time.monotonic() + corroborate), on_signal)
             return d
+
+
+def _named_later(bus: SignalBus, scorer: Scorer, first: Decision, until: float,
+                 on_signal: Callable[[Signal], None] | None) -> Decision:
+    """``first`` with the detail the same console message gives a few lines later, if it comes in time."""
+    wanted = NAMED_LATER_BY[first.data["pattern"]]
+    while True:
+        sig = bus.get(until - time.monotonic())
+        if sig is None:
+            return first
+        if on_signal:
+            on_signal(sig)
+        ev = sig.data.get("event") if sig.source in ("console", "firmware") else None
+        if ev is not None and ev.kind == "failure" and ev.name == wanted:
+            detail = ev.data.get("detail") or ev.text
+            first.reason += f"; {wanted}: {detail}"
+            first.data = {**first.data, "named": {wanted: detail}, "line2": ev.text}
+            scorer.decision = first
+            return first
 
 
 def _corroborate(bus: SignalBus, scorer: Scorer, first: Decision, until: float,

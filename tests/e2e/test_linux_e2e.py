@@ -82,8 +82,9 @@ def test_unfixed_guest_fails_on_virtio_naming_its_root(tmp_path):
     assert result.verdict == "failed", result.one_line()
     # decided by the initramfs' own line on the console, not by the deadline or the agent
     assert result.signal == "console-failure" and result.reason.startswith("root-wait-gave-up"), result.one_line()
-    # the root it waited for is the one GRUB's config names by device (the lab stops at the first
-    # failure line; initramfs-tools' "ALERT! /dev/sda2 does not exist" follows it by milliseconds)
+    # the verdict names the root it waited for (initramfs-tools' "ALERT! /dev/sda2 does not exist",
+    # a few lines after the one that decided), the one GRUB's config names by device
+    assert result.reason.endswith("root-missing: /dev/sda2"), result.one_line()
     assert "root=/dev/sda2 " in console
     assert linux_guest.LOGIN_PROMPT not in console
 

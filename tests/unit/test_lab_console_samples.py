@@ -4,6 +4,7 @@ evidence, and that it is decided at the line that names it, not later in the str
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,8 @@ FAILURES = [
      {"dracut-could-not-boot", "root-missing", "dracut-shell"}),
     ("kernel_vfs_no_root.txt", "kernel-panic", b"Kernel panic - not syncing: VFS",
      {"kernel-panic", "vfs-no-root"}),
+    ("initramfs_tools_root_missing.txt", "root-wait-gave-up", b"Gave up waiting for root file system device",
+     {"root-wait-gave-up", "root-missing", "initramfs-shell"}),
     ("systemd_emergency_fstab.txt", "systemd-emergency", b"Reached target emergency.target - Emergency Mode",
      {"systemd-emergency"}),
 ]
@@ -104,3 +107,18 @@ def test_systemd_emergency_mode_is_named_by_its_target_and_by_sulogin():
     # The kmsg copy and the status line of the target, then sulogin's banner.
     assert lines[-1] == "You are in emergency mode."
     assert len([x for x in lines if "Emergency Mode" in x]) == 2
+
+
+def test_the_verdict_names_the_root_initramfs_tools_gave_up_on():
+    """initramfs-tools says "Gave up waiting for root file system device" (the verdict's line) and names
+    the root four lines later, in the same burst: the scorer waits for that line (at most
+    CORROBORATE_SECONDS) so the reason says which root never appeared."""
+    from lab.scoring import SignalBus, score
+
+    expect = Expect.for_os("linux")
+    bus, scanner = SignalBus(), ConsoleScanner(expect)
+    for ev in [*scanner.feed(sample("initramfs_tools_root_missing.txt")), *scanner.finish()]:
+        bus.put(Signal("console", ev.kind, {"event": ev}))
+    d = score(bus, Scorer(expect), deadline=time.monotonic() + 5)
+    assert d.verdict == "failed" and d.signal == "console-failure", d
+    assert d.reason == "root-wait-gave-up: Gave up waiting for root file system device; root-missing: /dev/sda2"
