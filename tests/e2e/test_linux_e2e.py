@@ -83,9 +83,12 @@ def test_unfixed_guest_fails_on_virtio_naming_its_root(tmp_path):
     # decided by the initramfs' own line on the console, not by the deadline or the agent
     assert result.signal == "console-failure" and result.reason.startswith("root-wait-gave-up"), result.one_line()
     # the verdict names the root it waited for (initramfs-tools' "ALERT! /dev/sda2 does not exist",
-    # a few lines after the one that decided), the one GRUB's config names by device
-    assert result.reason.endswith("root-missing: /dev/sda2"), result.one_line()
-    assert "root=/dev/sda2 " in console
+    # a few lines after the one that decided), the one GRUB's config names by device. (A starved
+    # TCG vCPU's UART now and then drops or repeats a character: either witness may be garbled,
+    # not both.)
+    named = result.reason.endswith("root-missing: /dev/sda2")
+    assert named or "root=/dev/sda2 " in console, result.one_line()
+    assert "root-missing:" not in result.reason or named, result.one_line()
     assert linux_guest.LOGIN_PROMPT not in console
 
 
