@@ -315,7 +315,9 @@ def test_interrupt_mid_boot_leaves_no_domain_or_files(libvirt_host, tmp_path, si
     assert seen[0] not in names  # destroyed
     assert os.listdir(private_tmp) == []  # agent bridge socket, temp dir: gone
     assert_nothing_on_the_host(libvirt_host)  # kernel and initramfs volumes deleted
-    assert proc.returncode == 130 and err.strip().splitlines() == ["h2k: interrupted"], (proc.returncode, err)
+    name = signal.Signals(signum).name
+    assert (proc.returncode, err.strip().splitlines()) == (
+        128 + signum, [f"h2k: interrupted ({name}); temporary files removed"]), (proc.returncode, err)
 
 
 def host_firmware(secure: bool) -> str:
