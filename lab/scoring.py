@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lab import agent as agentmod
 from lab import stopcodes
@@ -438,16 +438,22 @@ def _score(bus: SignalBus, scorer: Scorer, deadline: float, on_signal: Callable[
             return d
 
 
+def _signals_until(bus: SignalBus, until: float, on_signal: Callable[[Signal], None] | None) -> Iterator[Signal]:
+    """The bus's signals until ``until`` (monotonic), each shown to ``on_signal`` first."""
+    while True:
+        sig = bus.get(until - time.monotonic())
+        if sig is None:
+            return
+        if on_signal:
+            on_signal(sig)
+        yield sig
+
+
 def _named_later(bus: SignalBus, scorer: Scorer, first: Decision, until: float,
                  on_signal: Callable[[Signal], None] | None) -> Decision:
     """``first`` with the detail the same console message gives a few lines later, if it comes in time."""
     wanted = NAMED_LATER_BY[first.data["pattern"]]
-    while True:
-        sig = bus.get(until - time.monotonic())
-        if sig is None:
-            return first
-        if on_signal:
-            on_signal(sig)
+    for sig in _signals_until(bus, until, on_signal):
         ev = sig.data.get("event") if sig.source in ("console", "firmware") else None
         if ev is not None and ev.kind == "failure" and ev.name == wanted:
             detail = ev.data.get("detail") or ev.text
@@ -455,17 +461,13 @@ def _named_later(bus: SignalBus, scorer: Scorer, first: Decision, until: float,
             first.data = {**first.data, "named": {wanted: detail}, "line2": ev.text}
             scorer.decision = first
             return first
+    return first
 
 
 def _corroborate(bus: SignalBus, scorer: Scorer, first: Decision, until: float,
                  on_signal: Callable[[Signal], None] | None) -> Decision:
     """The same crash seen by the other witness, ms apart: QMP names it best, the console says why."""
-    while True:
-        sig = bus.get(until - time.monotonic())
-        if sig is None:
-            return first
-        if on_signal:
-            on_signal(sig)
+    for sig in _signals_until(bus, until, on_signal):
         if first.signal.startswith("qmp-panic"):
             if sig.source in ("console", "firmware"):
                 ev = sig.data["event"]
@@ -490,6 +492,7 @@ def _corroborate(bus: SignalBus, scorer: Scorer, first: Decision, until: float,
             d.data = {**first.data, **d.data}
             scorer.decision = d
             return d
+    return first
 
 
 # One guest-network-get-interfaces query; an unanswered one is asked again while time is left.
