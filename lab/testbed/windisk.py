@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import shutil
 import struct
 import subprocess
@@ -108,7 +107,10 @@ class WindowsRecipe:
     # sysprep /generalize /oobe: specialize and OOBE run at the next boot).
     setup: str = "complete"
     setup_complete: str | None = None  # an existing %WINDIR%\Setup\Scripts\SetupComplete.cmd (text)
-    uefi_fallback: bool = True  # \EFI\Boot\bootx64.efi on the ESP (a copy of bootmgfw.efi)
+    # \EFI\Boot\bootx64.efi on the ESP: "copy" (of bootmgfw.efi, as Setup leaves it), "stale" (an
+    # older build's boot manager: bootmgfw.efi was serviced, the removable-media copy was not) or
+    # "none" (a VM that booted through its NVRAM entry).
+    uefi_fallback: str = "copy"
     kind: str = "windows"
 
     @property
@@ -213,6 +215,7 @@ VARIANTS: dict[str, Recipe] = {
             hiberboot=1,
             # Fast Startup on, but shut down fully: hiberfil.sys holds no resumable image.
             cleared_hiberfil=True,
+            uefi_fallback="stale",
             hostname="DESKTOP-H2K11",
             ip_address="192.168.122.61",
             nic_guid="{e7f8a9b0-3333-4c5d-8e9f-a0b1c2d3e4f5}",
@@ -273,7 +276,7 @@ exit /b 0
 """
 VARIANTS["sysprep-uefi"] = dataclasses.replace(
     VARIANTS["win2022-uefi"], name="sysprep-uefi", setup="generalized", setup_complete=TEMPLATE_SETUP_COMPLETE,
-    uefi_fallback=False, hostname="WIN2022-TPL", nic_guid="{3c4d5e6f-5555-4a7b-8c9d-1e2f3a4b5c6d}",
+    uefi_fallback="none", hostname="WIN2022-TPL", nic_guid="{3c4d5e6f-5555-4a7b-8c9d-1e2f3a4b5c6d}",
     disk_guid="{5b7c9d1e-2f3a-4b5c-8d6e-7f8091a2b3c4}", loader_guid="{f4e3d2c1-8b7a-11ec-9c8d-000c29ee4f55}",
 )
 
@@ -780,8 +783,12 @@ def _build_windows(r: WindowsRecipe, out: Path) -> None:
                 efi = _pe(r, "Windows Boot Manager", pe_mod.SUBSYSTEM_EFI_APPLICATION)
                 boot_files["/EFI/Microsoft/Boot/bootmgfw.efi"] = efi
                 boot_files["/EFI/Microsoft/Boot/BCD"] = bcd.read_bytes()
-                if r.uefi_fallback:
+                if r.uefi_fallback == "copy":
                     boot_files["/EFI/Boot/bootx64.efi"] = efi
+                elif r.uefi_fallback == "stale":
+                    boot_files["/EFI/Boot/bootx64.efi"] = pe_mod.make_pe(
+                        r.arch, os_version=(10, 0), subsystem=pe_mod.SUBSYSTEM_EFI_APPLICATION,
+                        description="Windows Boot Manager (phony, hyper2kvm test bed, an older build)")
             g.mount(f"{dev}{sysp.number}", "/")
             _write_tree(g, boot_files, tmp)
             g.umount_all()

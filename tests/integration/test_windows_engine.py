@@ -89,6 +89,9 @@ def extract(images: dict[str, Path], facts: WindowsFacts, paths: list[str], dest
                 g.mount_ro(boot, mp_boot)
                 g.download(g.case_sensitive_path(f"{mp_boot}{facts.bcd_path}"), str(d / "BCD"))
                 info["boot_files"] = sorted(g.find(mp_boot))
+                # Every file of the boot volume by content (a handful: boot manager(s), BCD, backups).
+                info["boot_hashes"] = {p.lower(): g.checksum("sha256", f"{mp_boot}/{p}")
+                                       for p in info["boot_files"] if g.is_file(f"{mp_boot}/{p}")}
             else:
                 g.download(g.case_sensitive_path(f"{mp_root}{facts.bcd_path}"), str(d / "BCD"))
             info["config_files"] = sorted(g.ls(g.case_sensitive_path(f"{mp_root}/Windows/System32/config")))
@@ -169,6 +172,9 @@ def test_facts_match_the_recipe(run: Run) -> None:
     assert any(s.name.lower() == r.storage_service and s.start == 0 for s in f.storage_drivers)
     assert any(r.ip_address in n.addresses and not n.dhcp for n in f.nics)
     assert f.blockers == []
+    # The ESP's removable-media loader against bootmgfw.efi, by content (BIOS: not looked at).
+    fallback = {"copy": "same", "stale": "differs", "none": "missing"}[r.uefi_fallback]
+    assert f.uefi_fallback == (fallback if r.firmware == "uefi" else None)
 
 
 def _live(run: Run, key: str) -> str:
@@ -269,6 +275,31 @@ def test_rollback_is_byte_identical(run: Run) -> None:
     assert rolled["guest_root"] == source["guest_root"]  # /hyper2kvm removed
     assert rolled["config_files"] == source["config_files"]  # hive backups removed
     assert rolled.get("boot_files") == source.get("boot_files")
+    assert rolled.get("boot_hashes") == source.get("boot_hashes")  # a replaced UEFI fallback loader too
+
+
+BOOTMGFW, FALLBACK = "/efi/microsoft/boot/bootmgfw.efi", "/efi/boot/bootx64.efi"
+
+
+def test_uefi_fallback_loader_is_the_boot_manager(run: Run) -> None:
+    """Fresh NVRAM boots \\EFI\\BOOT\\BOOTX64.EFI: after the fix it is bootmgfw.efi's bytes. A stale one
+    (win11-uefi: an older build's boot manager) is replaced and kept under the run's backup folder
+    on the ESP; a loader that already is a copy (win2022-uefi) is not touched."""
+    r = windisk.VARIANTS[run.name]
+    if r.firmware != "uefi":
+        assert run.report.uefi_fallback is None and run.facts.uefi_fallback is None
+        return
+    source, fixed = run.info["source"]["boot_hashes"], run.info["fixed"]["boot_hashes"]
+    assert fixed[FALLBACK] == fixed[BOOTMGFW] == source[BOOTMGFW]
+    backup_dir = f"/hyper2kvm/backup/{run.report.run_id}".lower()  # the hashes are keyed by lower-case paths
+    backups = {p: h for p, h in fixed.items() if p.startswith(backup_dir + "/")}
+    if r.uefi_fallback == "stale":
+        assert source[FALLBACK] != source[BOOTMGFW]
+        assert backups == {backup_dir + FALLBACK: source[FALLBACK]}
+        assert "was not Windows' boot manager (backed up)" in run.report.uefi_fallback
+    else:
+        assert r.uefi_fallback == "copy" and fixed[FALLBACK] == source[FALLBACK]
+        assert backups == {} and run.report.uefi_fallback is None
 
 
 def test_source_untouched(run: Run) -> None:
