@@ -89,9 +89,10 @@ def extract(images: dict[str, Path], facts: WindowsFacts, paths: list[str], dest
                 g.mount_ro(boot, mp_boot)
                 g.download(g.case_sensitive_path(f"{mp_boot}{facts.bcd_path}"), str(d / "BCD"))
                 info["boot_files"] = sorted(g.find(mp_boot))
-                # Every file of the boot volume by content (a handful: boot manager(s), BCD, backups).
-                info["boot_hashes"] = {p.lower(): g.checksum("sha256", f"{mp_boot}/{p}")
-                                       for p in info["boot_files"] if g.is_file(f"{mp_boot}/{p}")}
+                # Every file of the boot volume by content (a handful: boot manager(s), BCD, backups); find()
+                # names them from the mount point: "/EFI/...".
+                info["boot_hashes"] = {p.lower(): g.checksum("sha256", f"{mp_boot}{p}")
+                                       for p in info["boot_files"] if g.is_file(f"{mp_boot}{p}")}
             else:
                 g.download(g.case_sensitive_path(f"{mp_root}{facts.bcd_path}"), str(d / "BCD"))
             info["config_files"] = sorted(g.ls(g.case_sensitive_path(f"{mp_root}/Windows/System32/config")))
